@@ -1,0 +1,317 @@
+// The ToDi CPU kernel. This file is compiled once per instruction set with
+// CPU_CAPABILITY set to DEFAULT, AVX2 or AVX512 (see CMakeLists.txt), which
+// selects the width of at::vec::Vectorized; everything here lives in a
+// namespace named after the capability so the copies never collide.
+//
+// Per row: (1) online log-sum-exp of z/T and s/T, (2) loss and the row sums
+// U = sum u, V = sum v, (3) the gradients, which need U and V. The row is
+// walked in chunks of kChunk entries that are first converted to the
+// accumulation type in a small buffer (it stays in L1), so the math below is
+// written once for every input dtype and has no scalar tail: the buffer is
+// padded to whole vectors with -inf, which the masking already ignores.
+#include "todi_cpu_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "todi_ext/todi_math.h"
+
+#ifndef CPU_CAPABILITY
+#error "CPU_CAPABILITY must be defined (DEFAULT, AVX2 or AVX512)"
+#endif
+
+namespace todi_ext::math {
+// The vector specializations the shared math needs.
+template <class T>
+struct Ops<at::vec::Vectorized<T>> {
+  static at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
+};
+}  // namespace todi_ext::math
+
+namespace todi_ext::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// 1024 entries: the z, s and gradient buffers of a chunk (3 x 4 KiB in
+// float32) stay in a 32 KiB L1 with room for the input stream.
+constexpr int64_t kChunk = 1024;
+
+template <class T>
+T hsum(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T total = 0;
+  for (int i = 0; i < Vectorized<T>::size(); ++i) total += lanes[i];
+  return total;
+}
+
+// Max of the lanes; a NaN lane wins, as in torch.max.
+template <class T>
+T hmax(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T best = lanes[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) {
+    if (std::isnan(lanes[i]) || lanes[i] > best) best = lanes[i];
+  }
+  return best;
+}
+
+// Converts n entries of src (any supported dtype) to acc_t, padding the
+// buffer with -inf up to a whole number of vectors. Returns the padded count.
+template <class acc_t>
+int64_t load_chunk(const void* src, c10::ScalarType dtype, int64_t n, acc_t* dst) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      at::vec::convert(static_cast<const float*>(src), dst, n);
+      break;
+    case c10::ScalarType::Double:
+      at::vec::convert(static_cast<const double*>(src), dst, n);
+      break;
+    case c10::ScalarType::BFloat16:
+      at::vec::convert(static_cast<const c10::BFloat16*>(src), dst, n);
+      break;
+    case c10::ScalarType::Half:
+      at::vec::convert(static_cast<const c10::Half*>(src), dst, n);
+      break;
+    default:
+      TORCH_CHECK(false, "todi_ext: unsupported dtype ", dtype);
+  }
+  constexpr int64_t width = Vectorized<acc_t>::size();
+  const int64_t padded = (n + width - 1) / width * width;
+  std::fill(dst + n, dst + padded, -std::numeric_limits<acc_t>::infinity());
+  return padded;
+}
+
+template <class acc_t>
+void store_chunk(const acc_t* src, int64_t n, void* dst, c10::ScalarType dtype) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      at::vec::convert(src, static_cast<float*>(dst), n);
+      break;
+    case c10::ScalarType::Double:
+      at::vec::convert(src, static_cast<double*>(dst), n);
+      break;
+    case c10::ScalarType::BFloat16:
+      at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n);
+      break;
+    case c10::ScalarType::Half:
+      at::vec::convert(src, static_cast<c10::Half*>(dst), n);
+      break;
+    default:
+      TORCH_CHECK(false, "todi_ext: unsupported dtype ", dtype);
+  }
+}
+
+template <class T>
+void fill_row(void* dst, c10::ScalarType dtype, int64_t offset, int64_t n, T value) {
+  alignas(64) T buffer[kChunk];
+  std::fill(buffer, buffer + kChunk, value);
+  const int64_t elem = c10::elementSize(dtype);
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t count = std::min(kChunk, n - start);
+    store_chunk(buffer, count, static_cast<char*>(dst) + (offset + start) * elem, dtype);
+  }
+}
+
+const void* row_ptr(const RowMatrix& m, int64_t row, int64_t col) {
+  return static_cast<const char*>(m.data) +
+         (row * m.row_stride + col) * static_cast<int64_t>(c10::elementSize(m.dtype));
+}
+
+template <class acc_t>
+struct RowChunk {
+  alignas(64) acc_t z[kChunk];
+  alignas(64) acc_t s[kChunk];
+  alignas(64) acc_t grad[kChunk];
+};
+
+// Pass 1: log-sum-exp of z/T and s/T over the row.
+template <class acc_t>
+void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
+                      math::LogSumExp<acc_t>& lse_z, math::LogSumExp<acc_t>& lse_s) {
+  using Vec = Vectorized<acc_t>;
+  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
+  for (int64_t start = 0; start < p.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, p.vocab - start);
+    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    for (int which = 0; which < 2; ++which) {
+      acc_t* x = which == 0 ? c.z : c.s;
+      Vec vmax(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t i = 0; i < padded; i += Vec::size()) {
+        vmax = at::vec::maximum(vmax, Vec::loadu(x + i) * inv_t);
+      }
+      const acc_t chunk_max = hmax(vmax);
+      acc_t chunk_sum = 0;
+      if (chunk_max != -std::numeric_limits<acc_t>::infinity()) {
+        const Vec shift(chunk_max);
+        Vec vsum(acc_t(0));
+        for (int64_t i = 0; i < padded; i += Vec::size()) {
+          vsum = vsum + (Vec::loadu(x + i) * inv_t - shift).exp();
+        }
+        chunk_sum = hsum(vsum);
+      }
+      (which == 0 ? lse_z : lse_s).merge(chunk_max, chunk_sum);
+    }
+  }
+}
+
+// Terms of one vector of entries, zeroed where either logit is +-inf (those
+// entries are left out of the sum, so they carry neither loss nor weight).
+template <class acc_t>
+math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const Vectorized<acc_t>& inv_t,
+                                                 const Vectorized<acc_t>& lse_z, const Vectorized<acc_t>& lse_s,
+                                                 const Vectorized<acc_t>& beta) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zv = Vec::loadu(z);
+  const Vec sv = Vec::loadu(s);
+  const Vec inf(std::numeric_limits<acc_t>::infinity());
+  const Vec skip = (zv.abs() == inf) | (sv.abs() == inf);
+  auto t = math::todi_entry(sv * inv_t - lse_s, zv * inv_t - lse_z, beta);
+  const Vec zero(acc_t(0));
+  t.loss = Vec::blendv(t.loss, zero, skip);
+  t.u = Vec::blendv(t.u, zero, skip);
+  t.v = Vec::blendv(t.v, zero, skip);
+  return t;
+}
+
+template <class acc_t>
+void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c) {
+  using Vec = Vectorized<acc_t>;
+  acc_t* loss_out = static_cast<acc_t*>(p.loss) + row;
+  const int64_t out_offset = row * p.vocab;
+  const bool want_gs = p.grad_student.data != nullptr;
+  const bool want_gt = p.grad_teacher.data != nullptr;
+
+  if (p.labels != nullptr && p.labels[row] == p.ignore_index) {
+    *loss_out = 0;  // skipped position: no loss, exactly-zero gradient
+    if (want_gs) fill_row<acc_t>(p.grad_student.data, p.grad_student.dtype, out_offset, p.vocab, 0);
+    if (want_gt) fill_row<acc_t>(p.grad_teacher.data, p.grad_teacher.dtype, out_offset, p.vocab, 0);
+    return;
+  }
+
+  math::LogSumExp<acc_t> lse_z, lse_s;
+  row_log_sum_exps(p, row, c, lse_z, lse_s);
+  const acc_t lz = lse_z.value();
+  const acc_t ls = lse_s.value();
+  if (!math::is_finite(lz) || !math::is_finite(ls)) {
+    // NaN, +inf, or a row that is all -inf: the distribution is undefined.
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    *loss_out = nan;
+    if (want_gs) fill_row<acc_t>(p.grad_student.data, p.grad_student.dtype, out_offset, p.vocab, nan);
+    if (want_gt) fill_row<acc_t>(p.grad_teacher.data, p.grad_teacher.dtype, out_offset, p.vocab, nan);
+    return;
+  }
+
+  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
+  const Vec beta(static_cast<acc_t>(p.beta));
+  const Vec lse_zv(lz), lse_sv(ls);
+
+  // Pass 2: loss and the weight sums.
+  Vec loss_acc(acc_t(0)), u_acc(acc_t(0)), v_acc(acc_t(0));
+  for (int64_t start = 0; start < p.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, p.vocab - start);
+    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    for (int64_t i = 0; i < padded; i += Vec::size()) {
+      const auto t = masked_terms(c.z + i, c.s + i, inv_t, lse_zv, lse_sv, beta);
+      loss_acc = loss_acc + t.loss;
+      u_acc = u_acc + t.u;
+      v_acc = v_acc + t.v;
+    }
+  }
+  *loss_out = hsum(loss_acc);
+  if (!want_gs && !want_gt) return;
+
+  // Pass 3: gradients. Recomputing the terms costs a few exps per entry but
+  // needs no row-sized scratch; the row is still in L2 from pass 2.
+  const Vec u_sum(hsum(u_acc)), v_sum(hsum(v_acc));
+  const int64_t elem_gs = want_gs ? c10::elementSize(p.grad_student.dtype) : 0;
+  const int64_t elem_gt = want_gt ? c10::elementSize(p.grad_teacher.dtype) : 0;
+  for (int64_t start = 0; start < p.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, p.vocab - start);
+    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    if (want_gs) {
+      for (int64_t i = 0; i < padded; i += Vec::size()) {
+        const auto t = masked_terms(c.z + i, c.s + i, inv_t, lse_zv, lse_sv, beta);
+        math::log_softmax_grad(t.u, t.q, u_sum, inv_t).store(c.grad + i);
+      }
+      store_chunk(c.grad, n, static_cast<char*>(p.grad_student.data) + (out_offset + start) * elem_gs,
+                  p.grad_student.dtype);
+    }
+    if (want_gt) {
+      for (int64_t i = 0; i < padded; i += Vec::size()) {
+        const auto t = masked_terms(c.z + i, c.s + i, inv_t, lse_zv, lse_sv, beta);
+        math::log_softmax_grad(t.v, t.p, v_sum, inv_t).store(c.grad + i);
+      }
+      store_chunk(c.grad, n, static_cast<char*>(p.grad_teacher.data) + (out_offset + start) * elem_gt,
+                  p.grad_teacher.dtype);
+    }
+  }
+}
+
+// Rows per parallel task: enough entries (~32k) that scheduling is noise.
+int64_t grain_rows(int64_t vocab) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
+}
+
+template <class acc_t>
+void forward_rows(const ForwardParams& p) {
+  at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
+    RowChunk<acc_t> chunk;
+    for (int64_t row = begin; row < end; ++row) forward_row(p, row, chunk);
+  });
+}
+
+template <class acc_t>
+void scale_rows(const ScaleRowsParams& p) {
+  using Vec = Vectorized<acc_t>;
+  at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t buffer[kChunk];
+    const int64_t out_elem = c10::elementSize(p.out.dtype);
+    for (int64_t row = begin; row < end; ++row) {
+      const Vec scale_v(p.scale_dtype == c10::ScalarType::Double
+                            ? static_cast<acc_t>(static_cast<const double*>(p.scale)[row])
+                            : static_cast<acc_t>(static_cast<const float*>(p.scale)[row]));
+      for (int64_t start = 0; start < p.vocab; start += kChunk) {
+        const int64_t n = std::min(kChunk, p.vocab - start);
+        const int64_t padded = load_chunk(row_ptr(p.grad, row, start), p.grad.dtype, n, buffer);
+        for (int64_t i = 0; i < padded; i += Vec::size()) (Vec::loadu(buffer + i) * scale_v).store(buffer + i);
+        store_chunk(buffer, n, static_cast<char*>(p.out.data) + (row * p.vocab + start) * out_elem, p.out.dtype);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void todi_forward_kernel(const ForwardParams& params) {
+  if (params.double_math) {
+    forward_rows<double>(params);
+  } else {
+    forward_rows<float>(params);
+  }
+}
+
+void scale_rows_kernel(const ScaleRowsParams& params) {
+  if (params.grad.dtype == c10::ScalarType::Double || params.scale_dtype == c10::ScalarType::Double) {
+    scale_rows<double>(params);
+  } else {
+    scale_rows<float>(params);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace todi_ext::cpu

@@ -1,0 +1,68 @@
+// Interface between the CPU op (todi_cpu.cpp) and the CPU kernel, which is
+// compiled once per instruction set (DEFAULT, AVX2, AVX512; see
+// CMakeLists.txt) the way ATen compiles its own kernels, so one wheel runs
+// everywhere and still uses the widest vectors the machine has.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace todi_ext::cpu {
+
+// A (rows, vocab) matrix whose rows are contiguous but may be strided.
+struct RowMatrix {
+  const void* data = nullptr;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  int64_t row_stride = 0;  // in elements
+};
+
+// An output (rows, vocab) matrix, contiguous; data == nullptr: not wanted.
+struct OutMatrix {
+  void* data = nullptr;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+};
+
+struct ForwardParams {
+  RowMatrix student;
+  RowMatrix teacher;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  const int64_t* labels = nullptr;  // (rows,) or nullptr for "no labels"
+  int64_t ignore_index = -100;
+  double beta = 1.0;
+  double inv_temperature = 1.0;
+  bool double_math = false;  // accumulate in float64 (float64 inputs)
+  void* loss = nullptr;      // (rows,), float32, or float64 with double_math
+  OutMatrix grad_student;    // dD/dz per row
+  OutMatrix grad_teacher;    // dD/ds per row
+};
+
+struct ScaleRowsParams {
+  RowMatrix grad;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  const void* scale = nullptr;  // (rows,)
+  c10::ScalarType scale_dtype = c10::ScalarType::Float;
+  OutMatrix out;
+};
+
+using ForwardKernel = void (*)(const ForwardParams&);
+using ScaleRowsKernel = void (*)(const ScaleRowsParams&);
+
+#define TODI_DECLARE_CPU_KERNELS(capability)                 \
+  namespace capability {                                     \
+  void todi_forward_kernel(const ForwardParams& params);     \
+  void scale_rows_kernel(const ScaleRowsParams& params);     \
+  }
+
+TODI_DECLARE_CPU_KERNELS(DEFAULT)
+#if defined(TODI_EXT_HAVE_AVX2)
+TODI_DECLARE_CPU_KERNELS(AVX2)
+#endif
+#if defined(TODI_EXT_HAVE_AVX512)
+TODI_DECLARE_CPU_KERNELS(AVX512)
+#endif
+#undef TODI_DECLARE_CPU_KERNELS
+
+}  // namespace todi_ext::cpu

@@ -1,0 +1,107 @@
+// Per-element ToDi math, shared by every backend.
+//
+// The CPU kernel instantiates these templates with at::vec::Vectorized<float>
+// (and plain float/double for reductions); the CUDA kernel instantiates them
+// with float in device code. Keeping the formulas here is what makes the
+// backends compute the same thing. Definitions: ../shared/spec/todi.md.
+//
+// Notation for one position (row) and vocabulary entry i:
+//   log q_i = z_i / T - lse_z      (student)     log p_i = s_i / T - lse_s (teacher)
+//   r_i = log p_i - log q_i,  a_i = sigmoid(beta * r_i)  (stop-gradient)
+//   D   = sum_i r_i * (a_i p_i - (1 - a_i) q_i)
+//   u_i = dD/dlog q_i = (1 - a_i) q_i (1 - r_i) - a_i p_i
+//   v_i = dD/dlog p_i = a_i p_i (r_i + 1) - (1 - a_i) q_i
+//   dD/dz_j = (u_j - q_j * sum u) / T      dD/ds_j = (v_j - p_j * sum v) / T
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TODI_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TODI_HOST_DEVICE inline
+#endif
+
+namespace todi_ext::math {
+
+// Elementwise functions a value type must provide. Scalars are defined here;
+// a backend adds specializations for its vector types.
+template <class F>
+struct Ops;
+
+template <>
+struct Ops<float> {
+  static TODI_HOST_DEVICE float exp(float x) { return ::expf(x); }
+  static TODI_HOST_DEVICE float log(float x) { return ::logf(x); }
+};
+
+template <>
+struct Ops<double> {
+  static TODI_HOST_DEVICE double exp(double x) { return ::exp(x); }
+  static TODI_HOST_DEVICE double log(double x) { return ::log(x); }
+};
+
+// Everything one vocabulary entry contributes.
+template <class F>
+struct EntryTerms {
+  F loss;  // r * (a p - (1 - a) q)
+  F u;     // dD / dlog q
+  F v;     // dD / dlog p
+  F p;     // teacher probability
+  F q;     // student probability
+};
+
+template <class F>
+TODI_HOST_DEVICE EntryTerms<F> todi_entry(F log_p, F log_q, F beta) {
+  using O = Ops<F>;
+  const F one(1);
+  const F p = O::exp(log_p);
+  const F q = O::exp(log_q);
+  const F r = log_p - log_q;
+  // exp overflowing to inf gives a = 0 and underflowing gives a = 1: the exact
+  // limits of the sigmoid, so no clamping is needed.
+  const F a = one / (one + O::exp(F(0) - beta * r));
+  const F ap = a * p;
+  const F bq = (one - a) * q;
+  return {r * (ap - bq), bq * (one - r) - ap, ap * (r + one) - bq, p, q};
+}
+
+// Gradient of sum_i f_i with respect to a logit x_j when f depends on x only
+// through log_softmax(x / T): (w_j - prob_j * sum_i w_i) / T, where
+// w_i = df_i / dlog prob_i.
+template <class F>
+TODI_HOST_DEVICE F log_softmax_grad(F weight, F prob, F weight_sum, F inv_temperature) {
+  return (weight - prob * weight_sum) * inv_temperature;
+}
+
+// Online log-sum-exp: a running (max, sum of exp(x - max)) pair.
+// merge() folds in another pair. -inf entries contribute nothing; a NaN or
+// +inf anywhere makes the result non-finite, which the kernels turn into a
+// NaN row, as log_softmax would.
+template <class T>
+struct LogSumExp {
+  T max = -std::numeric_limits<T>::infinity();
+  T sum = T(0);
+
+  TODI_HOST_DEVICE void merge(T other_max, T other_sum) {
+    if (other_max == -std::numeric_limits<T>::infinity()) {
+      return;  // nothing to add; also avoids exp(-inf - -inf) = NaN
+    }
+    if (other_max > max) {
+      sum = sum * Ops<T>::exp(max - other_max) + other_sum;
+      max = other_max;
+    } else {  // also taken when either max is NaN, which then propagates
+      sum = sum + other_sum * Ops<T>::exp(other_max - max);
+    }
+  }
+
+  TODI_HOST_DEVICE T value() const { return max + Ops<T>::log(sum); }
+};
+
+template <class T>
+TODI_HOST_DEVICE bool is_finite(T x) {
+  return x - x == T(0);  // false for inf and NaN; works in device code too
+}
+
+}  // namespace todi_ext::math

@@ -1,0 +1,76 @@
+#include "todi_op_common.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace todi_ext {
+namespace {
+
+bool is_logit_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+}  // namespace
+
+at::Tensor as_rows(const at::Tensor& x, int64_t vocab) {
+  at::Tensor rows = x.reshape({-1, vocab});  // a view whenever strides allow
+  if (rows.stride(1) != 1 && vocab > 1) rows = rows.contiguous();
+  return rows;
+}
+
+at::ScalarType math_dtype(const at::Tensor& student, const at::Tensor& teacher) {
+  return (student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                            const std::optional<at::Tensor>& labels, double beta, double temperature) {
+  TORCH_CHECK_TYPE(is_logit_dtype(student_logits.scalar_type()),
+                   "student_logits must be float32, bfloat16, float16 or float64, got ",
+                   student_logits.scalar_type());
+  TORCH_CHECK_TYPE(is_logit_dtype(teacher_logits.scalar_type()),
+                   "teacher_logits must be float32, bfloat16, float16 or float64, got ",
+                   teacher_logits.scalar_type());
+  TORCH_CHECK_VALUE(student_logits.dim() >= 1 && student_logits.size(-1) > 0,
+                    "student_logits must have shape (..., V) with V >= 1, got ", student_logits.sizes());
+  TORCH_CHECK_VALUE(teacher_logits.sizes() == student_logits.sizes(),
+                    "teacher_logits must have the shape of student_logits ", student_logits.sizes(), ", got ",
+                    teacher_logits.sizes());
+  TORCH_CHECK_VALUE(teacher_logits.device() == student_logits.device(), "teacher_logits is on ",
+                    teacher_logits.device(), " but student_logits is on ", student_logits.device());
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(std::isfinite(beta), "beta must be finite, got ", beta);
+
+  RowsView view;
+  view.vocab = student_logits.size(-1);
+  view.rows = student_logits.numel() / view.vocab;
+  view.student = as_rows(student_logits, view.vocab);
+  view.teacher = as_rows(teacher_logits, view.vocab);
+  if (labels.has_value()) {
+    const at::Tensor& l = *labels;
+    TORCH_CHECK_TYPE(!at::isFloatingType(l.scalar_type()) && !at::isComplexType(l.scalar_type()) &&
+                         l.scalar_type() != at::kBool,
+                     "labels must be an integer tensor, got ", l.scalar_type());
+    TORCH_CHECK_VALUE(l.sizes() == student_logits.sizes().slice(0, student_logits.dim() - 1),
+                      "labels must have shape ", student_logits.sizes().slice(0, student_logits.dim() - 1),
+                      " (student_logits without its last dimension), got ", l.sizes());
+    TORCH_CHECK_VALUE(l.device() == student_logits.device(), "labels is on ", l.device(),
+                      " but student_logits is on ", student_logits.device());
+    view.labels = l.reshape({-1}).to(at::kLong).contiguous();
+  }
+  return view;
+}
+
+void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& row_scale) {
+  TORCH_CHECK_TYPE(is_logit_dtype(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
+  TORCH_CHECK_TYPE(row_scale.scalar_type() == at::kFloat || row_scale.scalar_type() == at::kDouble,
+                   "row_scale must be float32 or float64, got ", row_scale.scalar_type());
+  TORCH_CHECK_VALUE(grad.dim() >= 1 && row_scale.sizes() == grad.sizes().slice(0, grad.dim() - 1),
+                    "row_scale must have shape ", grad.sizes().slice(0, std::max<int64_t>(grad.dim() - 1, 0)),
+                    " (grad without its last dimension), got ", row_scale.sizes());
+  TORCH_CHECK_VALUE(row_scale.device() == grad.device(), "row_scale is on ", row_scale.device(),
+                    " but grad is on ", grad.device());
+}
+
+}  // namespace todi_ext

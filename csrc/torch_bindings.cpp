@@ -1,0 +1,60 @@
+// The hub of the extension: every op schema, and the Python module entry.
+// Backends register their kernels for these schemas in their own files
+// (cpu/todi_cpu.cpp, cuda/...); fake and autograd registrations are in
+// python/todi_ext/ops.py.
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace todi_ext::cpu {
+const char* kernel_capability();
+}
+
+TORCH_LIBRARY(todi_ext, m) {
+  // Per-position ToDi divergence over the last dimension, and (when asked)
+  // its gradients for a unit loss weight per position, written by the same
+  // pass so the backward only has to scale them. Ignored positions get 0.
+  m.def(
+      "todi_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, float beta, "
+      "float temperature, int ignore_index, bool student_grad, bool teacher_grad) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  // out[..., :] = grad[..., :] * row_scale[...], in grad's dtype with
+  // float32 (or float64) arithmetic: the backward of todi_forward.
+  m.def("scale_rows(Tensor grad, Tensor row_scale) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  namespace py = pybind11;
+  py::dict info;
+  info["version"] = TODI_EXT_VERSION;
+  info["torch_version"] = TODI_EXT_TORCH_VERSION;
+#if defined(TODI_EXT_WITH_CUDA)
+  info["cuda_version"] = TODI_EXT_CUDA_VERSION;
+  info["cuda_archs"] = std::vector<std::string>{TODI_EXT_CUDA_ARCHS};
+#else
+  info["cuda_version"] = py::none();
+  info["cuda_archs"] = std::vector<std::string>{};
+#endif
+#if defined(_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["cpu_capabilities_compiled"] = std::vector<std::string>{TODI_EXT_CPU_CAPABILITIES};
+  info["cpu_capability"] = todi_ext::cpu::kernel_capability();
+  info["cpu_threads"] = at::get_num_threads();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "todi_ext compiled kernels; the ops are registered under torch.ops.todi_ext";
+  m.def("build_info", &build_info, "How this extension was built");
+}

@@ -1,0 +1,14 @@
+"""todi_ext: fused CPU/CUDA kernels for the ToDi distillation loss.
+
+    loss = todi_ext.todi_loss(student_logits, teacher_logits, labels)
+
+See README.md for the exact semantics.
+"""
+
+from ._load import build_info  # loads the compiled ops first; raises a clear ImportError on mismatch
+from . import ops  # noqa: F401  (fake and autograd registrations)
+from . import reference
+from .loss import ToDiLoss, todi_loss
+
+__version__ = build_info()["version"]
+__all__ = ["todi_loss", "ToDiLoss", "reference", "build_info", "__version__"]

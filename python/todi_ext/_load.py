@@ -1,0 +1,39 @@
+"""Loads the compiled module, checking first that it matches the installed torch.
+
+A C++ extension built against one torch release fails to load under another
+with an undefined-symbol traceback; this turns that into a message that says
+what to do.
+"""
+
+import torch
+
+from . import _build_config
+
+_REBUILD = (
+    "Rebuild it against the installed torch: "
+    "pip install --no-build-isolation --no-deps --force-reinstall <path to the todi_ext source>"
+)
+
+if torch.__version__ != _build_config.TORCH_VERSION:
+    raise ImportError(
+        f"todi_ext was built against torch {_build_config.TORCH_VERSION}, but torch {torch.__version__} "
+        f"is installed. {_REBUILD}"
+    )
+
+try:
+    from . import _C
+except ImportError as exc:  # e.g. undefined symbols from a torch with the same version string
+    raise ImportError(
+        f"todi_ext's compiled module failed to load with torch {torch.__version__} "
+        f"(built against {_build_config.TORCH_VERSION}): {exc}. {_REBUILD}"
+    ) from exc
+
+
+def build_info() -> dict:
+    """How the compiled module was built.
+
+    Keys: version, torch_version, cuda_version (None without CUDA kernels),
+    cuda_archs, openmp, cpu_capabilities_compiled, cpu_capability (the kernel
+    copy in use on this machine), cpu_threads.
+    """
+    return dict(_C.build_info())

@@ -1,0 +1,99 @@
+"""Argument checks of the public API, shared by the kernel path, the eager
+reference and the fake (meta) implementations, so every entry point rejects
+bad input with the same message that names the argument."""
+
+import math
+import numbers
+
+import torch
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_logits(student_logits, teacher_logits):
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16 (or float64), got {x.dtype}")
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
+        raise ValueError(
+            f"student_logits must have shape (..., V) with V >= 1, got {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(
+            f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}; "
+            "move both to one device"
+        )
+
+
+def check_labels(labels, student_logits):
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (e.g. torch.int64), got {labels.dtype}")
+    positions = tuple(student_logits.shape[:-1])
+    if tuple(labels.shape) != positions:
+        raise ValueError(
+            f"labels must have shape {positions} (student_logits without its last dimension), "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != student_logits.device:
+        raise ValueError(f"labels is on {labels.device} but student_logits is on {student_logits.device}")
+
+
+def _check_real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_scalars(beta, temperature, ignore_index, reduction="mean"):
+    _check_real("beta", beta)
+    _check_real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction="mean"):
+    check_logits(student_logits, teacher_logits)
+    check_labels(labels, student_logits)
+    check_scalars(beta, temperature, ignore_index, reduction)
+
+
+def loss_dtype(student_logits, teacher_logits):
+    """float32, or float64 when either input is float64 (the math's precision)."""
+    if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
+        return torch.float64
+    return torch.float32
+
+
+def reduce_positions(per_position, labels, ignore_index, reduction):
+    """Applies `reduction` to per-position losses that are already 0 where skipped.
+
+    "mean" divides by the number of counted positions, and by 1 when none
+    counts, so an all-ignored batch gives 0 with a zero gradient, never NaN.
+    No host synchronisation: the count stays a tensor.
+    """
+    if reduction == "none":
+        return per_position
+    total = per_position.sum()
+    if reduction == "sum":
+        return total
+    if labels is None:
+        return total / max(per_position.numel(), 1)
+    count = (labels != ignore_index).sum().clamp_(min=1)
+    return total / count.to(total.dtype)

@@ -1,0 +1,81 @@
+"""The public ToDi loss: todi_loss and the ToDiLoss module."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validation, ops
+
+
+def todi_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """ToDi distillation loss between student and teacher next-token logits.
+
+    Args:
+        student_logits: (..., V) float32, bfloat16 or float16 (float64 is
+            accepted and computed in float64).
+        teacher_logits: same shape; any of those dtypes.
+        labels: (...) integer tensor, already shifted like Hugging Face
+            labels; positions equal to ``ignore_index`` are skipped. None:
+            every position counts.
+        beta: sharpness of the sigmoid weight a = sigmoid(beta * (log p - log q)).
+        temperature: both logits are divided by it; no T^2 factor is applied.
+        reduction: "mean" (over counted positions; 0 when none counts),
+            "sum", or "none" (one value per position, 0 where skipped).
+
+    Returns:
+        float32 (float64 for float64 inputs): a scalar, or shape (...) for "none".
+        Gradients reach student_logits (and teacher_logits, if it requires
+        grad) in their own dtype.
+    """
+    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    grad_on = torch.is_grad_enabled()
+    per_position, _, _ = ops.todi_forward(
+        student_logits,
+        teacher_logits,
+        labels,
+        float(beta),
+        float(temperature),
+        int(ignore_index),
+        grad_on and student_logits.requires_grad,
+        grad_on and teacher_logits.requires_grad,
+    )
+    return _validation.reduce_positions(per_position, labels, ignore_index, reduction)
+
+
+class ToDiLoss(torch.nn.Module):
+    """Module form of :func:`todi_loss`: ``ToDiLoss(...)(student_logits, teacher_logits, labels)``."""
+
+    def __init__(self, beta: float = 1.0, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        _validation.check_scalars(beta, temperature, ignore_index, reduction)
+        self.beta = beta
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return todi_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            beta=self.beta,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, temperature={self.temperature}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )
