@@ -1,0 +1,81 @@
+"""Shared helpers: random logits, the float64 oracle, per-dtype tolerances."""
+
+import pytest
+import torch
+
+import todi_ext
+from todi_ext import reference
+
+# Per input dtype: (loss rtol, loss atol, gradient norm-wise relative error).
+# The loss is computed in float32 from inputs that are exact in float32, so it
+# matches float64 to float32 accuracy whatever the input dtype; gradients are
+# returned in the input dtype, so bf16 loses ~3 decimal digits to rounding.
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-6, 2e-5),
+    torch.bfloat16: (2e-5, 1e-6, 1e-2),
+    torch.float16: (2e-5, 1e-6, 2e-3),
+    torch.float64: (1e-10, 1e-12, 1e-10),
+}
+
+
+def make_logits(shape, dtype=torch.float32, scale=3.0, seed=0):
+    """Random logits (never zeros), rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def make_labels(shape, ignore_fraction=0.3, ignore_index=-100, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 1000, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_fraction] = ignore_index
+    return labels
+
+
+def loss_and_grads(loss_fn, student, teacher, labels=None, teacher_grad=False, cotangent_seed=2, **kwargs):
+    """Calls loss_fn on leaf copies and back-propagates (a random cotangent for reduction="none").
+
+    Returns (loss, student.grad, teacher.grad or None).
+    """
+    s = student.detach().clone().requires_grad_(True)
+    t = teacher.detach().clone().requires_grad_(teacher_grad)
+    loss = loss_fn(s, t, labels, **kwargs)
+    if loss.dim() == 0:
+        loss.backward()
+    else:
+        g = torch.Generator().manual_seed(cotangent_seed)
+        loss.backward(torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype) + 0.5)
+    return loss.detach(), s.grad, t.grad if teacher_grad else None
+
+
+def oracle(student, teacher, labels=None, teacher_grad=False, **kwargs):
+    """The eager reference on exact float64 copies of the inputs."""
+    return loss_and_grads(reference.todi_loss, student.double(), teacher.double(), labels, teacher_grad, **kwargs)
+
+
+def assert_close_to_oracle(student, teacher, labels=None, teacher_grad=False, dtype=None, tol_scale=1.0, **kwargs):
+    """tol_scale widens the tolerances, e.g. for logits of large magnitude, whose
+    float32 log-probabilities carry an absolute error of ~eps * |logit|."""
+    dtype = dtype or student.dtype
+    loss_rtol, loss_atol, grad_tol = (t * tol_scale for t in TOLERANCES[dtype])
+    loss, gs, gt = loss_and_grads(todi_ext.todi_loss, student, teacher, labels, teacher_grad, **kwargs)
+    ref_loss, ref_gs, ref_gt = oracle(student, teacher, labels, teacher_grad, **kwargs)
+    assert loss.dtype == (torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_rtol, atol=loss_atol)
+    assert gs.dtype == student.dtype and gs.shape == student.shape
+    assert_grad_close(gs, ref_gs, grad_tol)
+    if teacher_grad:
+        assert gt.dtype == teacher.dtype
+        assert_grad_close(gt, ref_gt, TOLERANCES[teacher.dtype][2] * tol_scale)
+    return loss, gs, gt
+
+
+def assert_grad_close(grad, ref, tol):
+    assert torch.isfinite(grad).all(), "gradient has non-finite entries"
+    err = (grad.double() - ref).norm()
+    scale = ref.norm()
+    assert err <= tol * scale + 1e-12, f"gradient relative error {float(err / scale):.3e} > {tol:.1e}"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
