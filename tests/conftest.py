@@ -24,9 +24,9 @@ def make_logits(shape, dtype=torch.float32, scale=3.0, seed=0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def make_labels(shape, ignore_fraction=0.3, ignore_index=-100, seed=1):
+def make_labels(shape, ignore_fraction=0.3, ignore_index=-100, seed=1, num_classes=1000):
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 1000, shape, generator=g)
+    labels = torch.randint(0, num_classes, shape, generator=g)
     labels[torch.rand(shape, generator=g) < ignore_fraction] = ignore_index
     return labels
 

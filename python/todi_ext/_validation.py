@@ -53,7 +53,7 @@ def check_labels(labels, student_logits):
 def _check_real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not (-math.inf < value < math.inf):  # False for NaN too; math.isfinite breaks torch.compile graphs
         raise ValueError(f"{name} must be finite, got {value}")
 
 

@@ -97,3 +97,17 @@ def _todi_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_
 torch.library.register_autograd(
     "todi_ext::todi_forward", _todi_forward_backward, setup_context=_todi_forward_setup_context
 )
+
+
+def _scale_rows_backward(ctx, grad_out):
+    # scale_rows is only differentiated when the ToDi gradient itself is
+    # (double backward). The saved per-row gradients are not differentiable
+    # functions of the logits here, so refuse rather than return a partial,
+    # silently wrong second derivative.
+    raise RuntimeError(
+        "todi_ext: double backward (create_graph=True through todi_loss) is not supported; "
+        "the ToDi gradient is computed in closed form without second derivatives"
+    )
+
+
+torch.library.register_autograd("todi_ext::scale_rows", _scale_rows_backward)
