@@ -71,6 +71,10 @@ def _todi_forward_setup_context(ctx, inputs, output):
     ctx.student_grad = student_grad
     ctx.teacher_grad = teacher_grad
     ctx.save_for_backward(grad_student, grad_teacher)
+    # The gradient outputs are never differentiated; without this, autograd
+    # would materialise an (N, V) zero tensor for each of them in backward.
+    ctx.mark_non_differentiable(grad_student, grad_teacher)
+    ctx.set_materialize_grads(False)
 
 
 def _missing_grad(name, flag):
@@ -83,6 +87,8 @@ def _missing_grad(name, flag):
 def _todi_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
     grad_student, grad_teacher = ctx.saved_tensors
     out_student = out_teacher = None
+    if grad_loss is None:  # the loss was not used
+        return out_student, out_teacher, None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         if not ctx.student_grad:
             raise _missing_grad("student_logits", "student_grad")
