@@ -85,6 +85,8 @@ def _missing_grad(name, flag):
 
 
 def _todi_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise _double_backward_error()
     grad_student, grad_teacher = ctx.saved_tensors
     out_student = out_teacher = None
     if grad_loss is None:  # the loss was not used
@@ -105,15 +107,19 @@ torch.library.register_autograd(
 )
 
 
-def _scale_rows_backward(ctx, grad_out):
-    # scale_rows is only differentiated when the ToDi gradient itself is
-    # (double backward). The saved per-row gradients are not differentiable
-    # functions of the logits here, so refuse rather than return a partial,
-    # silently wrong second derivative.
-    raise RuntimeError(
+def _double_backward_error():
+    # The saved per-row gradients are not differentiable functions of the
+    # logits here, so refuse rather than return a partial, silently wrong
+    # second derivative.
+    return RuntimeError(
         "todi_ext: double backward (create_graph=True through todi_loss) is not supported; "
         "the ToDi gradient is computed in closed form without second derivatives"
     )
+
+
+def _scale_rows_backward(ctx, grad_out):
+    # scale_rows is only differentiated when the ToDi gradient itself is.
+    raise _double_backward_error()
 
 
 torch.library.register_autograd("todi_ext::scale_rows", _scale_rows_backward)
