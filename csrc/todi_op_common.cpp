@@ -13,10 +13,21 @@ bool is_logit_dtype(at::ScalarType t) {
 
 }  // namespace
 
-at::Tensor as_rows(const at::Tensor& x, int64_t vocab) {
-  at::Tensor rows = x.reshape({-1, vocab});  // a view whenever strides allow
-  if (rows.stride(1) != 1 && vocab > 1) rows = rows.contiguous();
-  return rows;
+at::Tensor with_unit_vocab_stride(const at::Tensor& x) {
+  const bool unit_stride = x.dim() == 0 || x.stride(-1) == 1 || x.size(-1) == 1;
+  if (unit_stride && x.dim() - 1 <= RowLayout::kMaxDims) return x;
+  return x.contiguous().view({-1, x.size(-1)});
+}
+
+RowLayout row_layout(const at::Tensor& x) {
+  TORCH_INTERNAL_ASSERT(x.dim() >= 1 && x.dim() - 1 <= RowLayout::kMaxDims);
+  RowLayout layout;
+  layout.dims = static_cast<int>(x.dim() - 1);
+  for (int d = 0; d < layout.dims; ++d) {
+    layout.sizes[d] = x.size(d);
+    layout.strides[d] = x.stride(d);
+  }
+  return layout;
 }
 
 at::ScalarType math_dtype(const at::Tensor& student, const at::Tensor& teacher) {
@@ -45,8 +56,8 @@ RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& 
   RowsView view;
   view.vocab = student_logits.size(-1);
   view.rows = student_logits.numel() / view.vocab;
-  view.student = as_rows(student_logits, view.vocab);
-  view.teacher = as_rows(teacher_logits, view.vocab);
+  view.student = with_unit_vocab_stride(student_logits);
+  view.teacher = with_unit_vocab_stride(teacher_logits);
   if (labels.has_value()) {
     const at::Tensor& l = *labels;
     TORCH_CHECK_TYPE(!at::isFloatingType(l.scalar_type()) && !at::isComplexType(l.scalar_type()) &&

@@ -117,7 +117,7 @@ def test_large_logits(dtype):
 
 @pytest.mark.parametrize(
     "layout",
-    ["vocab_strided", "row_slice", "every_other_row", "expanded"],
+    ["vocab_strided", "row_slice", "every_other_row", "expanded", "shifted_3d", "nine_leading_dims"],
 )
 def test_non_contiguous_inputs(layout):
     base_s, base_t = make_logits((12, 700)), make_logits((12, 700), seed=6)
@@ -127,8 +127,13 @@ def test_non_contiguous_inputs(layout):
         student, teacher = base_s[:, :613], base_t[:, 87:]
     elif layout == "every_other_row":
         student, teacher = base_s.view(3, 4, 700)[:, ::2], base_t.view(3, 4, 700)[:, 1::2]
-    else:  # one teacher row broadcast to every position (stride 0)
+    elif layout == "expanded":  # one teacher row broadcast to every position (stride 0)
         student, teacher = base_s, base_t[:1].expand(12, 700)
+    elif layout == "shifted_3d":  # logits[:, :-1] of a (B, L, V) batch, as in a training loop
+        student, teacher = base_s.view(3, 4, 700)[:, :-1], base_t.view(3, 4, 700)[:, 1:]
+    else:  # more leading dimensions than the kernels index directly: copied first
+        student = base_s[:4].view(2, 1, 1, 1, 1, 1, 1, 1, 2, 700)[..., ::2, :]
+        teacher = base_t[:4].view(2, 1, 1, 1, 1, 1, 1, 1, 2, 700)[..., 1::2, :]
     assert not student.is_contiguous() or not teacher.is_contiguous()
     labels = make_labels(student.shape[:-1])
     assert_close_to_oracle(student, teacher, labels, reduction="none", dtype=torch.float32)

@@ -40,8 +40,8 @@ const char* kernel_capability() { return kernels().capability; }
 
 namespace {
 
-RowMatrix row_matrix(const at::Tensor& rows) {
-  return RowMatrix{rows.const_data_ptr(), rows.scalar_type(), rows.stride(0)};
+RowMatrix row_matrix(const at::Tensor& x) {
+  return RowMatrix{x.const_data_ptr(), x.scalar_type(), row_layout(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cpu(const at::Tensor& student_logits,
@@ -80,11 +80,11 @@ at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& row_scale) {
   const int64_t vocab = grad.size(-1);
   at::Tensor out = at::empty(grad.sizes(), grad.options());
   if (grad.numel() == 0) return out;
-  const at::Tensor rows = as_rows(grad, vocab);
+  const at::Tensor rows = with_unit_vocab_stride(grad);
   const at::Tensor scale = row_scale.reshape({-1}).contiguous();
   ScaleRowsParams p;
   p.grad = row_matrix(rows);
-  p.rows = rows.size(0);
+  p.rows = grad.numel() / vocab;
   p.vocab = vocab;
   p.scale = scale.const_data_ptr();
   p.scale_dtype = scale.scalar_type();

@@ -127,7 +127,7 @@ void fill_row(void* dst, c10::ScalarType dtype, int64_t offset, int64_t n, T val
 
 const void* row_ptr(const RowMatrix& m, int64_t row, int64_t col) {
   return static_cast<const char*>(m.data) +
-         (row * m.row_stride + col) * static_cast<int64_t>(c10::elementSize(m.dtype));
+         (m.layout.row_offset(row) + col) * static_cast<int64_t>(c10::elementSize(m.dtype));
 }
 
 template <class acc_t>

@@ -8,13 +8,15 @@
 
 #include <cstdint>
 
+#include "todi_ext/row_layout.h"
+
 namespace todi_ext::cpu {
 
-// A (rows, vocab) matrix whose rows are contiguous but may be strided.
+// A (..., vocab) input whose rows are contiguous but may sit anywhere.
 struct RowMatrix {
   const void* data = nullptr;
   c10::ScalarType dtype = c10::ScalarType::Float;
-  int64_t row_stride = 0;  // in elements
+  RowLayout layout;
 };
 
 // An output (rows, vocab) matrix, contiguous; data == nullptr: not wanted.
