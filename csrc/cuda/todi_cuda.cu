@@ -1,0 +1,161 @@
+// CUDA implementations of the todi_ext ops: checks (shared with the CPU op),
+// output allocation, launch configuration. Kernels: todi_cuda_kernel.cuh.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
+#include "todi_cuda_kernel.cuh"
+#include "todi_op_common.h"
+
+namespace todi_ext::cuda {
+namespace {
+
+Dtype dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Dtype::kFloat;
+    case at::kDouble: return Dtype::kDouble;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    case at::kHalf: return Dtype::kHalf;
+    default: TORCH_CHECK_TYPE(false, "todi_ext: unsupported dtype ", t);
+  }
+}
+
+// Threads per row: about 16 entries per thread, 32..512. (Untuned: see README.md.)
+int threads_for(int64_t vocab) {
+  int threads = kWarp;
+  while (threads < kMaxThreads && threads * 16 < vocab) threads *= 2;
+  return threads;
+}
+
+// TODI_EXT_CUDA_ROW_CACHE=0 turns the shared-memory row cache off (for A/B runs).
+bool row_cache_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("TODI_EXT_CUDA_ROW_CACHE");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return allowed;
+}
+
+int max_dynamic_smem(int device) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes - 2 * 1024;  // leave room for the static reduction scratch
+}
+
+unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, INT_MAX)); }
+
+template <class A, class T>
+void launch_typed(const ForwardArgs& args, int device, cudaStream_t stream) {
+  const int threads = threads_for(args.vocab);
+  const int64_t cache_bytes = 2 * ((args.vocab + 7) / 8) * 8 * static_cast<int64_t>(sizeof(T));
+  if (row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
+    auto kernel = todi_forward_kernel<A, T, true>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cache_bytes)));
+    kernel<<<grid_for(args.rows), threads, cache_bytes, stream>>>(args);
+  } else {
+    todi_forward_kernel<A, T, false><<<grid_for(args.rows), threads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class A>
+void launch_any(const ForwardArgs& args, cudaStream_t stream) {
+  todi_forward_kernel<A, AnyDtype, false><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cuda(const at::Tensor& student_logits,
+                                                                 const at::Tensor& teacher_logits,
+                                                                 const std::optional<at::Tensor>& labels,
+                                                                 double beta, double temperature,
+                                                                 int64_t ignore_index, bool student_grad,
+                                                                 bool teacher_grad) {
+  const RowsView view = check_forward_args(student_logits, teacher_logits, labels, beta, temperature);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const auto positions = student_logits.sizes().slice(0, student_logits.dim() - 1);
+  const at::ScalarType acc = math_dtype(student_logits, teacher_logits);
+  at::Tensor loss = at::empty(positions, student_logits.options().dtype(acc));
+  at::Tensor grad_student = at::empty(student_grad ? student_logits.sizes() : at::IntArrayRef{0}, student_logits.options());
+  at::Tensor grad_teacher = at::empty(teacher_grad ? teacher_logits.sizes() : at::IntArrayRef{0}, teacher_logits.options());
+  if (view.rows == 0) return {loss, grad_student, grad_teacher};
+
+  ForwardArgs args{};
+  args.student = view.student.const_data_ptr();
+  args.teacher = view.teacher.const_data_ptr();
+  args.student_layout = row_layout(view.student);
+  args.teacher_layout = row_layout(view.teacher);
+  args.student_dtype = dtype_code(student_logits.scalar_type());
+  args.teacher_dtype = dtype_code(teacher_logits.scalar_type());
+  args.rows = view.rows;
+  args.vocab = view.vocab;
+  args.labels = view.labels.defined() ? view.labels.const_data_ptr<int64_t>() : nullptr;
+  args.ignore_index = ignore_index;
+  args.beta = beta;
+  args.inv_temperature = 1.0 / temperature;
+  args.loss = loss.mutable_data_ptr();
+  args.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
+  args.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr() : nullptr;
+
+  const int device = student_logits.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const bool same = student_logits.scalar_type() == teacher_logits.scalar_type();
+  if (same && args.student_dtype == Dtype::kFloat) {
+    launch_typed<float, float>(args, device, stream);
+  } else if (same && args.student_dtype == Dtype::kBFloat16) {
+    launch_typed<float, __nv_bfloat16>(args, device, stream);
+  } else if (same && args.student_dtype == Dtype::kHalf) {
+    launch_typed<float, __half>(args, device, stream);
+  } else if (same) {  // float64
+    launch_typed<double, double>(args, device, stream);
+  } else if (acc == at::kDouble) {
+    launch_any<double>(args, stream);
+  } else {
+    launch_any<float>(args, stream);
+  }
+  return {loss, grad_student, grad_teacher};
+}
+
+at::Tensor scale_rows_cuda(const at::Tensor& grad, const at::Tensor& row_scale) {
+  check_scale_rows_args(grad, row_scale);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = at::empty(grad.sizes(), grad.options());
+  if (grad.numel() == 0) return out;
+  const at::Tensor rows = with_unit_vocab_stride(grad);
+  const at::Tensor scale = row_scale.reshape({-1}).contiguous();
+  ScaleRowsArgs args{};
+  args.grad = rows.const_data_ptr();
+  args.layout = row_layout(rows);
+  args.dtype = dtype_code(grad.scalar_type());
+  args.vocab = grad.size(-1);
+  args.rows = grad.numel() / args.vocab;
+  args.scale = scale.const_data_ptr();
+  args.scale_dtype = dtype_code(scale.scalar_type());
+  args.out = out.mutable_data_ptr();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
+  const int threads = threads_for(args.vocab);
+  if (args.dtype == Dtype::kDouble || args.scale_dtype == Dtype::kDouble) {
+    scale_rows_kernel<double><<<grid_for(args.rows), threads, 0, stream>>>(args);
+  } else {
+    scale_rows_kernel<float><<<grid_for(args.rows), threads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(todi_ext, CUDA, m) {
+  m.impl("todi_forward", &todi_forward_cuda);
+  m.impl("scale_rows", &scale_rows_cuda);
+}
+
+}  // namespace todi_ext::cuda

@@ -1,0 +1,369 @@
+// The ToDi CUDA kernels. Design and its status: README.md in this folder.
+//
+// One thread block per position row (grid-stride over rows): pass 1 the
+// online log-sum-exps of z/T and s/T, pass 2 the loss and the weight sums
+// U, V, pass 3 the gradients. Block reductions are warp shuffles then one
+// warp over the per-warp partials, in a fixed order: the same inputs give
+// bitwise the same outputs. When the row pair fits in shared memory
+// (kCacheRow), pass 1 keeps it there and passes 2-3 read it from on chip, so
+// HBM sees each input once; otherwise passes 2-3 re-read global memory and
+// hit L2 as far as it holds the rows in flight.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "todi_ext/row_layout.h"
+#include "todi_ext/todi_math.h"
+
+namespace todi_ext::cuda {
+
+constexpr int kMaxThreads = 512;
+constexpr int kWarp = 32;
+
+// ---------------------------------------------------------------- elements
+// Typed element access, converting to and from the accumulation type.
+template <class T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  template <class A>
+  static __device__ __forceinline__ A load(float x) { return static_cast<A>(x); }
+  template <class A>
+  static __device__ __forceinline__ float from(A x) { return static_cast<float>(x); }
+};
+template <>
+struct Elem<double> {
+  template <class A>
+  static __device__ __forceinline__ A load(double x) { return static_cast<A>(x); }
+  template <class A>
+  static __device__ __forceinline__ double from(A x) { return static_cast<double>(x); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  template <class A>
+  static __device__ __forceinline__ A load(__nv_bfloat16 x) { return static_cast<A>(__bfloat162float(x)); }
+  template <class A>
+  static __device__ __forceinline__ __nv_bfloat16 from(A x) { return __float2bfloat16_rn(static_cast<float>(x)); }
+};
+template <>
+struct Elem<__half> {
+  template <class A>
+  static __device__ __forceinline__ A load(__half x) { return static_cast<A>(__half2float(x)); }
+  template <class A>
+  static __device__ __forceinline__ __half from(A x) { return __float2half_rn(static_cast<float>(x)); }
+};
+
+// Element type codes for inputs whose dtypes differ (student bf16 with a
+// float32 teacher, say): one generic instantiation switches per element
+// instead of compiling every dtype pair. Slower, rarely used.
+enum class Dtype : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
+
+template <class A>
+__device__ __forceinline__ A load_any(const void* p, Dtype t, int64_t i) {
+  switch (t) {
+    case Dtype::kFloat: return Elem<float>::load<A>(static_cast<const float*>(p)[i]);
+    case Dtype::kDouble: return Elem<double>::load<A>(static_cast<const double*>(p)[i]);
+    case Dtype::kBFloat16: return Elem<__nv_bfloat16>::load<A>(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return Elem<__half>::load<A>(static_cast<const __half*>(p)[i]);
+  }
+}
+
+template <class A>
+__device__ __forceinline__ void store_any(void* p, Dtype t, int64_t i, A x) {
+  switch (t) {
+    case Dtype::kFloat: static_cast<float*>(p)[i] = Elem<float>::from(x); break;
+    case Dtype::kDouble: static_cast<double*>(p)[i] = Elem<double>::from(x); break;
+    case Dtype::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = Elem<__nv_bfloat16>::from(x); break;
+    default: static_cast<__half*>(p)[i] = Elem<__half>::from(x); break;
+  }
+}
+
+// Marker for the generic, per-element-switch instantiation.
+struct AnyDtype {};
+
+// ------------------------------------------------------------- parameters
+struct ForwardArgs {
+  const void* student;
+  const void* teacher;
+  RowLayout student_layout;
+  RowLayout teacher_layout;
+  Dtype student_dtype;
+  Dtype teacher_dtype;
+  int64_t rows;
+  int64_t vocab;
+  const int64_t* labels;  // nullptr: no labels
+  int64_t ignore_index;
+  double beta;
+  double inv_temperature;
+  void* loss;          // (rows,), float32 or float64 (= acc type)
+  void* grad_student;  // contiguous (rows, vocab) in the student dtype, or nullptr
+  void* grad_teacher;  // contiguous (rows, vocab) in the teacher dtype, or nullptr
+};
+
+struct ScaleRowsArgs {
+  const void* grad;
+  RowLayout layout;
+  Dtype dtype;
+  int64_t rows;
+  int64_t vocab;
+  const void* scale;  // (rows,)
+  Dtype scale_dtype;
+  void* out;  // contiguous, grad's dtype
+};
+
+// ------------------------------------------------------------- reductions
+template <class A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <class A>
+__device__ __forceinline__ void warp_merge(math::LogSumExp<A>& l) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const A other_max = __shfl_xor_sync(0xffffffffu, l.max, offset);
+    const A other_sum = __shfl_xor_sync(0xffffffffu, l.sum, offset);
+    l.merge(other_max, other_sum);
+  }
+}
+
+// Sums kN values over the block; every thread gets the totals. `scratch`
+// holds kN * 32 values. Fixed order: deterministic.
+template <int kN, class A>
+__device__ __forceinline__ void block_sum(A (&v)[kN], A* scratch) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+#pragma unroll
+  for (int k = 0; k < kN; ++k) v[k] = warp_sum(v[k]);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) scratch[k * kWarp + warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kN; ++k) {
+    A x = lane < warps ? scratch[k * kWarp + lane] : A(0);
+    v[k] = warp_sum(x);
+  }
+  __syncthreads();  // scratch is reused by the next reduction
+}
+
+// Merges two log-sum-exp states over the block; every thread gets the result.
+template <class A>
+__device__ __forceinline__ void block_merge(math::LogSumExp<A>& a, math::LogSumExp<A>& b, A* scratch) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  warp_merge(a);
+  warp_merge(b);
+  if (lane == 0) {
+    scratch[warp] = a.max;
+    scratch[kWarp + warp] = a.sum;
+    scratch[2 * kWarp + warp] = b.max;
+    scratch[3 * kWarp + warp] = b.sum;
+  }
+  __syncthreads();
+  math::LogSumExp<A> wa, wb;
+  if (lane < warps) {
+    wa.merge(scratch[lane], scratch[kWarp + lane]);
+    wb.merge(scratch[2 * kWarp + lane], scratch[3 * kWarp + lane]);
+  }
+  warp_merge(wa);
+  warp_merge(wb);
+  a = wa;
+  b = wb;
+  __syncthreads();
+}
+
+// ------------------------------------------------------------ row walking
+// Calls f(i, z_i, s_i) for the entries of one row this thread owns. Typed,
+// same-dtype rows use 16-byte loads for the aligned body (scalar head and
+// tail); other rows use scalar loads.
+template <class A, class T, class F>
+__device__ __forceinline__ void for_each_entry(const T* z, const T* s, int64_t vocab, F&& f) {
+  constexpr int kVec = 16 / sizeof(T);
+  const auto z_addr = reinterpret_cast<uintptr_t>(z);
+  const auto s_addr = reinterpret_cast<uintptr_t>(s);
+  int64_t head = vocab;  // all scalar unless both rows share their misalignment
+  if (z_addr % 16 == s_addr % 16 && z_addr % sizeof(T) == 0) {
+    head = static_cast<int64_t>((16 - z_addr % 16) % 16 / sizeof(T));
+    if (head > vocab) head = vocab;
+  }
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) f(i, Elem<T>::template load<A>(z[i]), Elem<T>::template load<A>(s[i]));
+  const int64_t vectors = (vocab - head) / kVec;
+  const uint4* zv = reinterpret_cast<const uint4*>(z + head);
+  const uint4* sv = reinterpret_cast<const uint4*>(s + head);
+  for (int64_t j = threadIdx.x; j < vectors; j += blockDim.x) {
+    const uint4 zw = zv[j];
+    const uint4 sw = sv[j];
+    const T* ze = reinterpret_cast<const T*>(&zw);
+    const T* se = reinterpret_cast<const T*>(&sw);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      f(head + j * kVec + k, Elem<T>::template load<A>(ze[k]), Elem<T>::template load<A>(se[k]));
+    }
+  }
+  for (int64_t i = head + vectors * kVec + threadIdx.x; i < vocab; i += blockDim.x) {
+    f(i, Elem<T>::template load<A>(z[i]), Elem<T>::template load<A>(s[i]));
+  }
+}
+
+// The row source of one instantiation: typed (T) or generic (AnyDtype).
+template <class A, class T>
+struct RowSource {
+  const T* z;
+  const T* s;
+  __device__ RowSource(const ForwardArgs& args, int64_t row)
+      : z(static_cast<const T*>(args.student) + args.student_layout.row_offset(row)),
+        s(static_cast<const T*>(args.teacher) + args.teacher_layout.row_offset(row)) {}
+  template <class F>
+  __device__ void for_each(int64_t vocab, F&& f) const { for_each_entry<A>(z, s, vocab, f); }
+  __device__ static void store(void* out, Dtype, int64_t i, A x) { static_cast<T*>(out)[i] = Elem<T>::from(x); }
+};
+
+template <class A>
+struct RowSource<A, AnyDtype> {
+  const void* z;
+  const void* s;
+  Dtype zt, st;
+  __device__ RowSource(const ForwardArgs& args, int64_t row) : zt(args.student_dtype), st(args.teacher_dtype) {
+    z = static_cast<const char*>(args.student) + args.student_layout.row_offset(row) * elem_size(zt);
+    s = static_cast<const char*>(args.teacher) + args.teacher_layout.row_offset(row) * elem_size(st);
+  }
+  static __device__ int64_t elem_size(Dtype t) { return t == Dtype::kDouble ? 8 : t == Dtype::kFloat ? 4 : 2; }
+  template <class F>
+  __device__ void for_each(int64_t vocab, F&& f) const {
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) f(i, load_any<A>(z, zt, i), load_any<A>(s, st, i));
+  }
+  __device__ static void store(void* out, Dtype t, int64_t i, A x) { store_any(out, t, i, x); }
+};
+
+// ------------------------------------------------------------------ kernels
+// T: the element type of both inputs, or AnyDtype. kCacheRow: keep the row
+// pair in dynamic shared memory (typed rows only).
+template <class A, class T, bool kCacheRow>
+__global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const ForwardArgs args) {
+  extern __shared__ __align__(16) unsigned char row_cache[];
+  __shared__ A scratch[4 * kWarp];
+  const int64_t vocab = args.vocab;
+  const A inv_t = static_cast<A>(args.inv_temperature);
+  const A beta = static_cast<A>(args.beta);
+  const A inf = std::numeric_limits<A>::infinity();
+
+  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
+    A* loss_out = static_cast<A*>(args.loss) + row;
+    const int64_t out_base = row * vocab;
+    const RowSource<A, T> global_row(args, row);
+
+    if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
+      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+        if (args.grad_student) global_row.store(args.grad_student, args.student_dtype, out_base + i, A(0));
+        if (args.grad_teacher) global_row.store(args.grad_teacher, args.teacher_dtype, out_base + i, A(0));
+      }
+      if (threadIdx.x == 0) *loss_out = A(0);
+      continue;
+    }
+
+    // Pass 1: per-thread online log-sum-exps (one exp per entry each).
+    math::LogSumExp<A> lse_z, lse_s;
+    if constexpr (kCacheRow) {
+      T* cz = reinterpret_cast<T*>(row_cache);
+      T* cs = cz + ((vocab + 7) / 8) * 8;  // keeps the teacher copy 16-byte aligned
+      global_row.for_each(vocab, [&](int64_t i, A z, A s) {
+        cz[i] = Elem<T>::from(z);  // exact: z came from a T
+        cs[i] = Elem<T>::from(s);
+        lse_z.merge(z * inv_t, A(1));
+        lse_s.merge(s * inv_t, A(1));
+      });
+    } else {
+      global_row.for_each(vocab, [&](int64_t i, A z, A s) {
+        lse_z.merge(z * inv_t, A(1));
+        lse_s.merge(s * inv_t, A(1));
+      });
+    }
+    block_merge(lse_z, lse_s, scratch);  // also orders the cache writes before the reads below
+    const A lz = lse_z.value();
+    const A ls = lse_s.value();
+
+    if (!math::is_finite(lz) || !math::is_finite(ls)) {  // undefined distribution: NaN row
+      const A nan = std::numeric_limits<A>::quiet_NaN();
+      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+        if (args.grad_student) global_row.store(args.grad_student, args.student_dtype, out_base + i, nan);
+        if (args.grad_teacher) global_row.store(args.grad_teacher, args.teacher_dtype, out_base + i, nan);
+      }
+      if (threadIdx.x == 0) *loss_out = nan;
+      continue;
+    }
+
+    auto terms = [&](A z, A s) {
+      auto t = math::todi_entry(s * inv_t - ls, z * inv_t - lz, beta);
+      if (z == inf || z == -inf || s == inf || s == -inf) {  // left out of the sum
+        t.loss = A(0);
+        t.u = A(0);
+        t.v = A(0);
+      }
+      return t;
+    };
+    auto walk = [&](auto&& f) {
+      if constexpr (kCacheRow) {
+        const T* cz = reinterpret_cast<const T*>(row_cache);
+        const T* cs = cz + ((vocab + 7) / 8) * 8;
+        for_each_entry<A>(cz, cs, vocab, f);
+      } else {
+        global_row.for_each(vocab, f);
+      }
+    };
+
+    // Pass 2: loss and weight sums.
+    A sums[3] = {A(0), A(0), A(0)};
+    walk([&](int64_t, A z, A s) {
+      const auto t = terms(z, s);
+      sums[0] += t.loss;
+      sums[1] += t.u;
+      sums[2] += t.v;
+    });
+    block_sum(sums, scratch);
+    if (threadIdx.x == 0) *loss_out = sums[0];
+
+    // Pass 3: gradients.
+    if (args.grad_student || args.grad_teacher) {
+      const A u_sum = sums[1];
+      const A v_sum = sums[2];
+      walk([&](int64_t i, A z, A s) {
+        const auto t = terms(z, s);
+        if (args.grad_student) {
+          global_row.store(args.grad_student, args.student_dtype, out_base + i,
+                           math::log_softmax_grad(t.u, t.q, u_sum, inv_t));
+        }
+        if (args.grad_teacher) {
+          global_row.store(args.grad_teacher, args.teacher_dtype, out_base + i,
+                           math::log_softmax_grad(t.v, t.p, v_sum, inv_t));
+        }
+      });
+    }
+    if constexpr (kCacheRow) __syncthreads();  // the next row overwrites the cache
+  }
+}
+
+template <class A>
+__global__ void __launch_bounds__(kMaxThreads) scale_rows_kernel(const ScaleRowsArgs args) {
+  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
+    const A scale = load_any<A>(args.scale, args.scale_dtype, row);
+    const char* in = static_cast<const char*>(args.grad);
+    const int64_t elem = args.dtype == Dtype::kDouble ? 8 : args.dtype == Dtype::kFloat ? 4 : 2;
+    const void* in_row = in + args.layout.row_offset(row) * elem;
+    for (int64_t i = threadIdx.x; i < args.vocab; i += blockDim.x) {
+      store_any(args.out, args.dtype, row * args.vocab + i, load_any<A>(in_row, args.dtype, i) * scale);
+    }
+  }
+}
+
+}  // namespace todi_ext::cuda
