@@ -43,7 +43,8 @@ def loss_and_grads(loss_fn, student, teacher, labels=None, teacher_grad=False, c
         loss.backward()
     else:
         g = torch.Generator().manual_seed(cotangent_seed)
-        loss.backward(torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype) + 0.5)
+        weights = torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5
+        loss.backward(weights.to(device=loss.device, dtype=loss.dtype))
     return loss.detach(), s.grad, t.grad if teacher_grad else None
 
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import todi_ext
@@ -58,3 +59,39 @@ def test_import_against_another_torch_version_gives_a_clear_error():
     assert "built against torch " + torch.__version__ in out.stderr
     assert "torch 1.0.0 is installed" in out.stderr
     assert "pip install --no-build-isolation" in out.stderr
+
+
+def _fatbin_archs(path):
+    """The SM architectures of the cubins in an ELF shared object's .nv_fatbin section."""
+    import struct
+
+    data = open(path, "rb").read()
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab_offset = sections[shstrndx][4]
+    by_name = {data[strtab_offset + s[0] :].split(b"\0", 1)[0].decode(): s for s in sections}
+    section = by_name[".nv_fatbin"]
+    blob = data[section[4] : section[4] + section[5]]
+    archs, pos = set(), 0
+    while pos + 16 <= len(blob):
+        magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", blob, pos)
+        if magic != 0xBA55ED50:  # fatbin header magic
+            break
+        entry, end = pos + header_size, pos + header_size + fat_size
+        while entry < end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", blob, entry)
+            arch = struct.unpack_from("<I", blob, entry + 28)[0]
+            archs.add(("sm_" if kind == 2 else "compute_") + str(arch))
+            entry += entry_header + payload
+        pos = end
+    return archs
+
+
+@pytest.mark.skipif(todi_ext.build_info()["cuda_version"] is None, reason="built without CUDA kernels")
+def test_cuda_build_registers_every_op_and_carries_its_architectures():
+    for op in ("todi_forward", "scale_rows"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CUDA")
+    archs = _fatbin_archs(todi_ext._load._C.__file__)
+    for arch in todi_ext.build_info()["cuda_archs"]:
+        assert arch in archs, f"{arch} not in the module's fatbin ({sorted(archs)})"

@@ -156,7 +156,7 @@ struct RowScratch {
     const bool gt = params.grad_teacher.data != nullptr;
     const int64_t arrays = (gs ? 2 : 0) + (gt ? 2 : 0);
     if (arrays == 0) return;
-    storage = std::make_unique_for_overwrite<acc_t[]>(arrays * padded);
+    storage.reset(new acc_t[arrays * padded]);  // uninitialised: pass 2 writes before pass 3 reads
     acc_t* next = storage.get();
     if (gs) {
       u = next, next += padded;

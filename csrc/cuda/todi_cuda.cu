@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <mutex>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -45,13 +47,32 @@ bool row_cache_allowed() {
   return allowed;
 }
 
+constexpr int kMaxDevices = 64;
+
 int max_dynamic_smem(int device) {
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes - 2 * 1024;  // leave room for the static reduction scratch
+  static std::array<int, kMaxDevices> cached{};  // 0: not queried yet
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "todi_ext: device index ", device, " out of range");
+  if (cached[device] == 0) {
+    int bytes = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cached[device] = bytes - 2 * 1024;  // leave room for the static reduction scratch
+  }
+  return cached[device];
 }
 
 unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, INT_MAX)); }
+
+// Raises a kernel's dynamic shared-memory limit to the device's maximum,
+// once per device: the first call may not happen inside CUDA graph capture
+// of a cold process, and repeating it would be wasted host work.
+template <class Kernel>
+void allow_max_dynamic_smem(Kernel kernel, int device) {
+  static std::array<std::once_flag, kMaxDevices> once;
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "todi_ext: device index ", device, " out of range");
+  std::call_once(once[device], [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem(device)));
+  });
+}
 
 template <class A, class T>
 void launch_typed(const ForwardArgs& args, int device, cudaStream_t stream) {
@@ -59,7 +80,7 @@ void launch_typed(const ForwardArgs& args, int device, cudaStream_t stream) {
   const int64_t cache_bytes = 2 * ((args.vocab + 7) / 8) * 8 * static_cast<int64_t>(sizeof(T));
   if (row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
     auto kernel = todi_forward_kernel<A, T, true>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cache_bytes)));
+    allow_max_dynamic_smem(kernel, device);
     kernel<<<grid_for(args.rows), threads, cache_bytes, stream>>>(args);
   } else {
     todi_forward_kernel<A, T, false><<<grid_for(args.rows), threads, 0, stream>>>(args);

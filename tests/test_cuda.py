@@ -1,0 +1,185 @@
+"""The CUDA kernels: parity with the float64 reference and with the CPU kernel,
+opcheck, torch.compile, CUDA graphs, devices. Skipped without a GPU."""
+
+import pytest
+import torch
+
+import todi_ext
+from todi_ext import reference
+
+from conftest import TOLERANCES, assert_close_to_oracle, assert_grad_close, loss_and_grads, make_labels, make_logits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Covers both kernel variants: rows that fit the shared-memory row cache
+# (small V; bf16 up to ~57k) and rows streamed from global memory.
+VOCABS = [1, 7, 4096, 32000, 50257, 128256, 151936, 262144]
+
+
+def cuda(*tensors):
+    return [t.cuda() if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_matches_reference(dtype, vocab):
+    rows = 5 if vocab > 100000 else 13  # odd row counts
+    student, teacher = cuda(make_logits((rows, vocab), dtype), make_logits((rows, vocab), dtype, seed=3))
+    labels = make_labels((rows,)).cuda()
+    assert_close_to_oracle(student, teacher, labels, reduction="none", temperature=2.0, teacher_grad=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_cpu_kernel(dtype, reduction):
+    student, teacher = make_logits((4, 9, 3001), dtype), make_logits((4, 9, 3001), dtype, seed=5)
+    teacher[0, :2, :50] = float("-inf")
+    labels = make_labels((4, 9))
+    cpu = loss_and_grads(todi_ext.todi_loss, student, teacher, labels, True, reduction=reduction, beta=2.0)
+    gpu = loss_and_grads(todi_ext.todi_loss, *cuda(student, teacher, labels), True, reduction=reduction, beta=2.0)
+    loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=loss_rtol, atol=loss_atol)
+    for g_gpu, g_cpu in zip(gpu[1:], cpu[1:]):
+        assert_grad_close(g_gpu.cpu(), g_cpu.double(), grad_tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinite_entries_ignored_rows_and_large_logits(dtype):
+    student = make_logits((9, 50257), dtype, scale=40.0)
+    teacher = make_logits((9, 50257), dtype, scale=40.0, seed=2)
+    student[:, 50000:] = float("-inf")
+    teacher[3, ::5] = float("-inf")
+    labels = torch.tensor([0, -100, 2, 3, -100, 5, 6, 7, 8])
+    loss, grad, _ = assert_close_to_oracle(*cuda(student, teacher, labels), reduction="none", tol_scale=10.0)
+    assert (grad[labels.cuda() == -100] == 0).all()
+    assert (grad[:, 50000:] == 0).all()
+
+
+def test_undefined_rows_are_nan_only_there():
+    student, teacher = make_logits((4, 1000)), make_logits((4, 1000), seed=1)
+    student[1] = float("-inf")
+    teacher[2, 10] = float("nan")
+    loss = todi_ext.todi_loss(*cuda(student, teacher), reduction="none").cpu()
+    assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("layout", ["shifted_3d", "vocab_strided", "odd_row_offset"])
+def test_non_contiguous_inputs(layout):
+    base_s, base_t = make_logits((3, 6, 5001)).cuda(), make_logits((3, 6, 5001), seed=1).cuda()
+    if layout == "shifted_3d":
+        student, teacher = base_s[:, :-1], base_t[:, 1:]
+    elif layout == "vocab_strided":
+        student, teacher = base_s[0].t(), base_t[0].t()
+    else:  # rows start at odd element offsets: the 16-byte loads must fall back
+        student, teacher = base_s[..., 1:], base_t[..., :-1]
+    assert_close_to_oracle(student, teacher, reduction="none", dtype=torch.float32)
+
+
+def test_mixed_dtypes():
+    student = make_logits((5, 20000), torch.bfloat16).cuda()
+    teacher = make_logits((5, 20000), torch.float32, seed=4).cuda()
+    assert_close_to_oracle(student, teacher, reduction="none", teacher_grad=True)
+
+
+def test_empty_input():
+    student = torch.empty(0, 128, device="cuda", requires_grad=True)
+    loss = todi_ext.todi_loss(student, torch.empty(0, 128, device="cuda"))
+    loss.backward()
+    assert loss.item() == 0 and student.grad.shape == (0, 128)
+
+
+def test_deterministic():
+    student, teacher = cuda(make_logits((64, 70000), torch.bfloat16), make_logits((64, 70000), torch.bfloat16, seed=1))
+    runs = [loss_and_grads(todi_ext.todi_loss, student, teacher, reduction="none") for _ in range(3)]
+    for loss, grad, _ in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+def test_64_bit_offsets():
+    # 8200 x 262144 entries > 2^31: offsets must not wrap. Check the first and last rows.
+    n, v = 8200, 262144
+    g = torch.Generator(device="cuda").manual_seed(0)
+    student = torch.empty(n, v, dtype=torch.bfloat16, device="cuda").normal_(0, 3, generator=g).requires_grad_()
+    teacher = torch.empty(n, v, dtype=torch.bfloat16, device="cuda").normal_(0, 3, generator=g)
+    loss = todi_ext.todi_loss(student, teacher, reduction="none")
+    loss.sum().backward()
+    rows = [0, n - 1]
+    ref_loss, ref_grad, _ = loss_and_grads(
+        reference.todi_loss, student[rows].detach().double(), teacher[rows].double(), reduction="sum"
+    )
+    torch.testing.assert_close(loss[rows].sum().double(), ref_loss, rtol=2e-5, atol=1e-6)
+    assert_grad_close(student.grad[rows], ref_grad, TOLERANCES[torch.bfloat16][2])
+
+
+@pytest.mark.parametrize("grads", [(False, False), (True, False), (True, True)])
+def test_opcheck(grads):
+    student = make_logits((3, 5, 1029)).cuda().requires_grad_(grads[0])
+    teacher = make_logits((3, 5, 1029), seed=1).cuda().requires_grad_(grads[1])
+    labels = make_labels((3, 5)).cuda()
+    torch.library.opcheck(torch.ops.todi_ext.todi_forward.default, (student, teacher, labels, 1.5, 2.0, -100, *grads))
+    torch.library.opcheck(torch.ops.todi_ext.scale_rows.default, (student.detach(), torch.rand(3, 5, device="cuda")))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def step(z, s, labels):
+        return todi_ext.todi_loss(z, s, labels, temperature=2.0) * 0.5
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for n in (37, 64):
+        z, s, labels = cuda(make_logits((n, 32000), torch.bfloat16), make_logits((n, 32000), torch.bfloat16, seed=1), make_labels((n,)))
+        eager = loss_and_grads(step, z, s, labels)
+        comp = loss_and_grads(compiled, z, s, labels)
+        torch.testing.assert_close(comp[0], eager[0])
+        torch.testing.assert_close(comp[1], eager[1])
+
+
+def test_cuda_graph_capture_and_replay():
+    z = make_logits((32, 32000), torch.bfloat16).cuda().requires_grad_()
+    s = make_logits((32, 32000), torch.bfloat16, seed=1).cuda()
+    labels = make_labels((32,)).cuda()
+
+    def step():
+        z.grad = None
+        loss = todi_ext.todi_loss(z, s, labels)
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up on a side stream, as the CUDA graphs docs ask
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    z.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = todi_ext.todi_loss(z, s, labels)
+        static_loss.backward()
+    # new inputs, in place, then replay
+    with torch.no_grad():
+        s.copy_(make_logits((32, 32000), torch.bfloat16, seed=9).cuda())
+    graph.replay()
+    expected_loss, expected_grad, _ = loss_and_grads(todi_ext.todi_loss, z.detach(), s, labels)
+    torch.testing.assert_close(static_loss, expected_loss)
+    torch.testing.assert_close(z.grad, expected_grad)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    student = make_logits((7, 5000)).to("cuda:1")
+    teacher = make_logits((7, 5000), seed=1).to("cuda:1")
+    loss, grad, _ = assert_close_to_oracle(student, teacher, reduction="none")
+    assert loss.device == torch.device("cuda:1") and grad.device == torch.device("cuda:1")
+
+
+def test_mixed_devices_are_rejected():
+    student = make_logits((3, 10)).cuda()
+    with pytest.raises(ValueError, match="teacher_logits is on cpu"):
+        todi_ext.todi_loss(student, make_logits((3, 10)))
+    with pytest.raises(ValueError, match="labels is on cpu"):
+        todi_ext.todi_loss(student, student.clone(), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="teacher_logits is on cpu"):  # the op's own C++ check
+        torch.ops.todi_ext.todi_forward(student, make_logits((3, 10)), None, 1.0, 1.0, -100, False, False)
