@@ -1,23 +1,33 @@
-"""Latency and peak memory of todi_ext against the eager PyTorch reference.
+"""Latency and peak memory of todi_ext against eager PyTorch, torch.compile and Liger-Kernel.
 
-For each shape (N positions x V vocabulary) and dtype, every implementation is
-first checked against the eager reference on the same inputs (a mismatch is
-reported, not timed), then timed for forward (student requiring grad, as in
-training), backward, and forward+backward, and its peak extra memory for
-forward+backward is measured in a fresh process (CPU: the rise of the
-process's resident-set high-water mark, VmHWM, above its size with the inputs; CUDA: the caching
-allocator's peak above the inputs).
+Implementations, on the same inputs in one run:
+  todi_ext     the fused kernel (CUDA or CPU)
+  eager        todi_ext.reference.todi_loss, the eager PyTorch formula
+  compile      torch.compile of that eager formula
+  liger_jsd    Liger-Kernel's JSD (beta 0.5) on log_softmax inputs      } CUDA only, when liger_kernel
+  liger_kl     Liger-Kernel's KL divergence on log_softmax inputs      } imports: a different divergence
+                                                                          of the same memory-traffic class
+  floor        (CUDA) bytes that must move - read student and teacher once, write the
+               gradient once - over a device-to-device copy bandwidth measured in this run
 
-    python benchmarks/bench.py                 # default shapes on the local device
-    python benchmarks/bench.py --quick         # a short run
-    python benchmarks/bench.py --shapes 2048x32000 --dtype float32 --out results/
+Every implementation is first checked against an eager float64 computation of
+its own divergence (a mismatch is reported and not timed). Then forward
+(student requiring grad, as in training), backward and forward+backward are
+timed: median and min-max over the repeats; on CUDA with CUDA events,
+rotating between input sets so the L2 cache does not flatter anyone. Peak
+extra memory is the memory above the inputs during one forward+backward: on
+CPU the rise of the resident-set high-water mark in a fresh process per
+implementation, on CUDA the caching allocator's peak. An out-of-memory run is
+reported as OOM.
 
-Writes bench-<device>.json and bench-<device>.md under --out.
+Writes bench-<device>.json (machine, versions, every number),
+bench-<device>.md and bench-<device>-{latency,memory,speedup}.png under --out.
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -26,23 +36,79 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import todi_ext
 from todi_ext import reference
 
-IMPLEMENTATIONS = {
-    "todi_ext": todi_ext.todi_loss,
-    "eager": reference.todi_loss,
-}
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import plot  # noqa: E402  (benchmarks/plot.py)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOSS_KWARGS = dict(temperature=2.0, beta=1.0)  # the paper's released setting
 DEFAULT_SHAPES = {
-    "cpu": ["256x32000", "1024x32000", "2048x32000", "1024x50257"],
-    "cuda": ["1024x32000", "4096x32000", "8192x32000", "4096x128256", "8192x128256"],
+    "cpu": [f"{n}x{v}" for n in (256, 1024, 2048) for v in (32000, 50257)],
+    "cuda": [f"{n}x{v}" for n in (1024, 4096, 8192, 16384) for v in (32000, 50257, 128256, 151936, 262144)],
 }
-QUICK_SHAPES = {"cpu": ["256x32000", "1024x32000"], "cuda": ["4096x32000"]}
-LOSS_KWARGS = dict(temperature=2.0, beta=1.0)  # the paper's setting
+QUICK_SHAPES = {"cpu": ["256x32000", "1024x32000"], "cuda": ["4096x32000", "8192x128256"]}
+DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16", "float32"]}
 
 
+# ------------------------------------------------------------ implementations
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+    except Exception as exc:  # not installed, or no GPU/triton
+        return None, f"{type(exc).__name__}: {exc}"
+    return (LigerJSD, LigerKLDIVLoss), None
+
+
+def _jsd_rows(z, s, temperature):
+    log_q, log_p = F.log_softmax(z / temperature, -1), F.log_softmax(s / temperature, -1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - math.log(2)
+    return 0.5 * (log_p.exp() * (log_p - log_m)).sum(-1) + 0.5 * (log_q.exp() * (log_q - log_m)).sum(-1)
+
+
+def _fkl_rows(z, s, temperature):
+    log_q, log_p = F.log_softmax(z / temperature, -1), F.log_softmax(s / temperature, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def make_implementations(device):
+    """name -> (loss_fn(student, teacher, labels), float64 check fn or None, note)."""
+    T = LOSS_KWARGS["temperature"]
+
+    def todi_check(z, s, labels):
+        return reference.todi_loss(z, s, labels, **LOSS_KWARGS)
+
+    impls = {
+        "todi_ext": (lambda z, s, y: todi_ext.todi_loss(z, s, y, **LOSS_KWARGS), todi_check, ""),
+        "eager": (lambda z, s, y: reference.todi_loss(z, s, y, **LOSS_KWARGS), todi_check, ""),
+    }
+    compiled = torch.compile(reference.todi_loss)
+    impls["compile"] = (lambda z, s, y: compiled(z, s, y, **LOSS_KWARGS), todi_check, "torch.compile of eager")
+    if device == "cuda":
+        liger, why = _liger()
+        if liger is None:
+            impls["liger_jsd"] = (None, None, f"not run: liger_kernel did not import ({why})")
+        else:
+            jsd, kl = liger[0](beta=0.5), liger[1](reduction="batchmean", log_target=True)
+            # Liger takes log-probabilities: the log_softmax is part of its cost.
+            impls["liger_jsd"] = (
+                lambda z, s, y: jsd((z / T).log_softmax(-1), (s / T).log_softmax(-1)),
+                lambda z, s, y: _jsd_rows(z, s, T).mean(),
+                "different divergence (JSD, beta 0.5)",
+            )
+            impls["liger_kl"] = (
+                lambda z, s, y: kl((z / T).log_softmax(-1), (s / T).log_softmax(-1)),
+                lambda z, s, y: _fkl_rows(z, s, T).mean(),
+                "different divergence (forward KL)",
+            )
+    return impls
+
+
+# --------------------------------------------------------------------- inputs
 def parse_shape(text):
     n, v = text.lower().split("x")
     return int(n), int(v)
@@ -50,60 +116,108 @@ def parse_shape(text):
 
 def make_inputs(n, v, dtype, device, seed=0):
     """Student and teacher logits filled in place (no temporaries, so the
-    memory baseline is exactly the inputs), and labels with ~10% ignored."""
+    memory baseline is exactly the inputs), labels with ~10% ignored."""
     g = torch.Generator(device=device).manual_seed(seed)
     student = torch.empty(n, v, dtype=dtype, device=device).normal_(0, 3, generator=g)
     teacher = torch.empty(n, v, dtype=dtype, device=device).normal_(0, 3, generator=g)
     labels = torch.randint(0, v, (n,), device=device, generator=g)
     labels[torch.rand(n, device=device, generator=g) < 0.1] = -100
-    return student, teacher, labels
+    return student.requires_grad_(), teacher, labels
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def input_sets(n, v, dtype, device):
+    """On CUDA, enough input sets that they do not fit in L2 together (at
+    least 2, about 4x the L2 size), memory permitting; one set on CPU."""
+    if device != "cuda":
+        return [make_inputs(n, v, dtype, device)]
+    set_bytes = 2 * n * v * dtype.itemsize
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    count = max(2, min(8, math.ceil(4 * l2 / set_bytes)))
+    free = torch.cuda.mem_get_info()[0]
+    count = max(1, min(count, int(0.3 * free // max(set_bytes, 1))))
+    return [make_inputs(n, v, dtype, device, seed=k) for k in range(count)]
 
 
-def forward(fn, student, teacher, labels):
-    return fn(student, teacher, labels, **LOSS_KWARGS)
+# -------------------------------------------------------------------- checks
+def check(fn, check_fn, student, teacher, labels):
+    """Loss and gradient of fn against check_fn on float64 copies of the inputs."""
+    s = student.detach().clone().requires_grad_()
+    loss = fn(s, teacher, labels)
+    loss.backward()
+    s64 = student.detach().double().requires_grad_()
+    ref = check_fn(s64, teacher.double(), labels)
+    ref.backward()
+    loss_err = float((loss.double() - ref).abs() / ref.abs().clamp_min(1e-12))
+    grad_err = float((s.grad.double() - s64.grad).norm() / s64.grad.norm().clamp_min(1e-30))
+    # float32 math on inputs of this dtype; gradients rounded to the input dtype.
+    tol = {torch.float32: 1e-4}.get(student.dtype, 2e-2)
+    return {"loss_rel_err": loss_err, "grad_rel_err": grad_err, "ok": loss_err < tol and grad_err < tol}
 
 
-def time_phases(fn, student, teacher, labels, device, repeats, warmup):
-    """Median and spread (min, max) in ms of forward, backward and forward+backward."""
+# -------------------------------------------------------------------- timing
+def _summary(samples):
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "n": len(samples)}
+
+
+def time_cpu(fn, sets, repeats, warmup):
     samples = {"forward": [], "backward": [], "forward+backward": []}
+    student, teacher, labels = sets[0]
     for i in range(warmup + repeats):
         student.grad = None
-        sync(device)
         t0 = time.perf_counter()
-        loss = forward(fn, student, teacher, labels)
-        sync(device)
+        loss = fn(student, teacher, labels)
         t1 = time.perf_counter()
         loss.backward()
-        sync(device)
         t2 = time.perf_counter()
         del loss
         if i >= warmup:
             samples["forward"].append((t1 - t0) * 1e3)
             samples["backward"].append((t2 - t1) * 1e3)
             samples["forward+backward"].append((t2 - t0) * 1e3)
-    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in samples.items()}
+    return {k: _summary(v) for k, v in samples.items()}
 
 
-def check_against_reference(fn, student, teacher, labels):
-    """Loss and gradient of fn vs the eager reference on the same inputs."""
-    results = []
-    for f in (fn, reference.todi_loss):
-        s = student.detach().clone().requires_grad_()
-        loss = forward(f, s, teacher, labels)
+def time_cuda(fn, sets, repeats, warmup):
+    events = []
+    for i in range(warmup + repeats):
+        student, teacher, labels = sets[i % len(sets)]
+        student.grad = None
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        e[0].record()
+        loss = fn(student, teacher, labels)
+        e[1].record()
         loss.backward()
-        results.append((loss.detach().double(), s.grad.double()))
-    (loss, grad), (ref_loss, ref_grad) = results
-    loss_err = float((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12))
-    grad_err = float((grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30))
-    tol = 1e-4 if student.dtype == torch.float32 else 2e-2
-    return {"loss_rel_err": loss_err, "grad_rel_err": grad_err, "ok": loss_err < tol and grad_err < tol}
+        e[2].record()
+        del loss
+        if i >= warmup:
+            events.append(e)
+    torch.cuda.synchronize()
+    samples = {
+        "forward": [a.elapsed_time(b) for a, b, _ in events],
+        "backward": [b.elapsed_time(c) for _, b, c in events],
+        "forward+backward": [a.elapsed_time(c) for a, _, c in events],
+    }
+    return {k: _summary(v) for k, v in samples.items()}
 
 
+def copy_bandwidth_gbs(device, nbytes=1 << 30):
+    """Device-to-device copy bandwidth, bytes read plus written per second."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+# -------------------------------------------------------------------- memory
 def _proc_status_bytes(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -112,35 +226,142 @@ def _proc_status_bytes(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_worker(impl, n, v, dtype_name, device):
-    """Runs in a fresh process: peak extra bytes of one forward+backward."""
-    student, teacher, labels = make_inputs(n, v, DTYPES[dtype_name], device)
-    student.requires_grad_()
+def peak_memory_worker(impl, n, v, dtype_name):
+    """Runs in a fresh process: peak extra bytes of one CPU forward+backward."""
+    fn = make_implementations("cpu")[impl][0]
+    student, teacher, labels = make_inputs(n, v, DTYPES[dtype_name], "cpu")
+    if impl == "compile":  # compile outside the measurement (the compiler's memory is not the loss's)
+        fn(student, teacher, labels).backward()
+        student.grad = None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the resident-set high-water mark (VmHWM) to the current size
+    base = _proc_status_bytes("VmRSS")
+    fn(student, teacher, labels).backward()
+    print(json.dumps({"peak_extra_bytes": max(_proc_status_bytes("VmHWM") - base, 0)}))
+
+
+def peak_memory(impl, fn, sets, device, dtype_name):
+    student, teacher, labels = sets[0]
     if device == "cuda":
+        student.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the resident-set high-water mark (VmHWM) to the current size
-        base = _proc_status_bytes("VmRSS")
-    forward(IMPLEMENTATIONS[impl], student, teacher, labels).backward()
-    if device == "cuda":
+        fn(student, teacher, labels).backward()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _proc_status_bytes("VmHWM")
-    print(json.dumps({"peak_extra_bytes": max(peak - base, 0)}))
-
-
-def measure_peak_memory(impl, n, v, dtype_name, device):
-    cmd = [sys.executable, __file__, "--memory-worker", impl, str(n), str(v), dtype_name, device]
+        return torch.cuda.max_memory_allocated() - base
+    n, v = student.shape
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", impl, str(n), str(v), dtype_name]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         if "out of memory" in out.stderr.lower() or out.returncode in (-9, 137):
             return "OOM"
         raise RuntimeError(f"memory worker failed for {impl} {n}x{v}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# ------------------------------------------------------------------- running
+class Progress:
+    """A live progress bar on a terminal, one line per step otherwise."""
+
+    def __init__(self, total):
+        self.total, self.done, self.tty = total, 0, sys.stdout.isatty()
+
+    def start(self, label):
+        bar = "#" * (20 * self.done // max(self.total, 1))
+        text = f"[{bar:<20}] {self.done}/{self.total} {label}"
+        print(("\r" + text.ljust(100)) if self.tty else text, end="" if self.tty else " ... ", flush=True)
+
+    def finish(self, result):
+        self.done += 1
+        if self.tty:
+            print(f" {result}".ljust(40), end="\n" if self.done == self.total else "", flush=True)
+        else:
+            print(result, flush=True)
+
+
+def run_one(impl, fn, check_fn, sets, device, dtype_name, repeats):
+    student, teacher, labels = sets[0]
+    row = {"check": check(fn, check_fn, student, teacher, labels)}
+    if not row["check"]["ok"]:
+        return row, "MISMATCH (not timed)"
+    timer = time_cuda if device == "cuda" else time_cpu
+    row["latency"] = timer(fn, sets, repeats, warmup=2 if device == "cuda" else 1)
+    row["peak_extra_bytes"] = peak_memory(impl, fn, sets, device, dtype_name)
+    return row, f"{row['latency']['forward+backward']['median_ms']:.2f} ms, {plot.fmt_bytes(row['peak_extra_bytes'])}"
+
+
+def run(args):
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)[device]
+    dtypes = args.dtype or DEFAULT_DTYPES[device]
+    repeats = args.repeats or ((3 if args.quick else 5) if device == "cpu" else (10 if args.quick else 20))
+    impls = make_implementations(device)
+    if args.impl:
+        impls = {k: v for k, v in impls.items() if k in args.impl}
+    bandwidth = copy_bandwidth_gbs(device) if device == "cuda" else None
+    results = []
+    progress = Progress(len(shapes) * len(dtypes) * len(impls))
+    print(f"[bench] device={device} dtypes={dtypes} shapes={shapes} impls={list(impls)} repeats={repeats}", flush=True)
+    if bandwidth:
+        print(f"[bench] device-to-device copy bandwidth: {bandwidth:.0f} GB/s (read + write)", flush=True)
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for shape in shapes:
+            n, v = parse_shape(shape)
+            try:
+                sets = input_sets(n, v, dtype, device)
+            except torch.OutOfMemoryError:
+                sets = None
+            for impl, (fn, check_fn, note) in impls.items():
+                progress.start(f"{impl} N={n} V={v} {dtype_name}")
+                row = {"impl": impl, "N": n, "V": v, "dtype": dtype_name, "note": note}
+                if fn is None:
+                    row["error"], status = "not run", note
+                elif sets is None:
+                    row["error"], status = "OOM", "OOM (inputs)"
+                else:
+                    try:
+                        extra, status = run_one(impl, fn, check_fn, sets, device, dtype_name, repeats)
+                        row.update(extra)
+                    except torch.OutOfMemoryError:
+                        row["error"], status = "OOM", "OOM"
+                    finally:
+                        if device == "cuda":
+                            for s, _, _ in sets:
+                                s.grad = None
+                            torch.cuda.empty_cache()
+                progress.finish(status)
+                results.append(row)
+            if bandwidth:
+                grad_bytes = n * v * dtype.itemsize
+                floor_ms = 3 * grad_bytes / (bandwidth * 1e9) * 1e3
+                results.append({"impl": "floor", "N": n, "V": v, "dtype": dtype_name,
+                                "note": "read student + teacher once, write the gradient once, at the copy bandwidth",
+                                "floor_ms": floor_ms})
+            del sets
+    add_ratios(results)
+    return {"machine": machine_info(device), "loss_kwargs": LOSS_KWARGS, "copy_bandwidth_gbs": bandwidth,
+            "repeats": repeats, "results": results}
+
+
+def add_ratios(rows):
+    """Ratios measured in this run: speed-up and memory vs eager, time over the floor."""
+    index = {(r["impl"], r["N"], r["V"], r["dtype"]): r for r in rows}
+    for r in rows:
+        if "latency" not in r:
+            continue
+        key = (r["N"], r["V"], r["dtype"])
+        eager = index.get(("eager",) + key)
+        if r["impl"] != "eager" and eager and "latency" in eager:
+            r["speedup_vs_eager"] = {k: eager["latency"][k]["median_ms"] / r["latency"][k]["median_ms"] for k in r["latency"]}
+            if isinstance(r.get("peak_extra_bytes"), int) and isinstance(eager.get("peak_extra_bytes"), int):
+                r["memory_fraction_of_eager"] = r["peak_extra_bytes"] / max(eager["peak_extra_bytes"], 1)
+        floor = index.get(("floor",) + key)
+        if floor:
+            r["times_floor"] = r["latency"]["forward+backward"]["median_ms"] / floor["floor_ms"]
 
 
 def machine_info(device):
@@ -161,125 +382,44 @@ def machine_info(device):
         info["cpu_model"] = platform.processor()
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-        info["driver"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        info["driver"] = smi.stdout.strip()
     return info
-
-
-def run(args):
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)[device]
-    repeats = args.repeats or (3 if args.quick else 5)
-    rows = []
-    print(f"[bench] device={device} dtype={args.dtype} shapes={shapes} repeats={repeats}", flush=True)
-    total = len(shapes) * len(IMPLEMENTATIONS)
-    step = 0
-    for shape in shapes:
-        n, v = parse_shape(shape)
-        student, teacher, labels = make_inputs(n, v, DTYPES[args.dtype], device)
-        student.requires_grad_()
-        for impl, fn in IMPLEMENTATIONS.items():
-            step += 1
-            print(f"[bench {step}/{total}] {impl:9s} N={n} V={v} {args.dtype} ...", end=" ", flush=True)
-            row = {"impl": impl, "N": n, "V": v, "dtype": args.dtype}
-            try:
-                row["check"] = check_against_reference(fn, student, teacher, labels)
-                if row["check"]["ok"]:
-                    row["latency"] = time_phases(fn, student, teacher, labels, device, repeats, warmup=1)
-                    row["peak_extra_bytes"] = measure_peak_memory(impl, n, v, args.dtype, device)
-                    print(
-                        f"fwd+bwd {row['latency']['forward+backward']['median_ms']:.1f} ms, "
-                        f"peak extra {fmt_bytes(row['peak_extra_bytes'])}",
-                        flush=True,
-                    )
-                else:
-                    print(f"MISMATCH {row['check']} (not timed)", flush=True)
-            except torch.OutOfMemoryError:
-                row["error"] = "OOM"
-                print("OOM", flush=True)
-            rows.append(row)
-        del student, teacher, labels
-    add_ratios(rows)
-    return {"machine": machine_info(device), "loss_kwargs": LOSS_KWARGS, "results": rows}
-
-
-def add_ratios(rows):
-    """Speed-up and memory ratio of todi_ext over eager, measured in this run."""
-    by_key = {(r["impl"], r["N"], r["V"]): r for r in rows}
-    for r in rows:
-        eager = by_key.get(("eager", r["N"], r["V"]))
-        if r["impl"] == "eager" or not eager or "latency" not in r or "latency" not in eager:
-            continue
-        r["speedup_vs_eager"] = {
-            k: eager["latency"][k]["median_ms"] / r["latency"][k]["median_ms"] for k in r["latency"]
-        }
-        if isinstance(r.get("peak_extra_bytes"), int) and isinstance(eager.get("peak_extra_bytes"), int):
-            r["memory_fraction_of_eager"] = r["peak_extra_bytes"] / max(eager["peak_extra_bytes"], 1)
-
-
-def fmt_bytes(b):
-    return b if isinstance(b, str) else f"{b / 2**20:.0f} MiB"
-
-
-def markdown(report):
-    m = report["machine"]
-    where = m.get("gpu") or m.get("cpu_model")
-    lines = [
-        f"# todi_ext benchmark ({m['device']}: {where}, {m['cpu_threads']} threads)",
-        "",
-        f"{m['date']}, torch {m['torch']}, todi_ext {m['todi_ext']['version']}, "
-        f"CPU kernel {m['todi_ext']['cpu_capability']}; loss kwargs {report['loss_kwargs']}.",
-        "Latency: median of the timed repeats (min-max in brackets), ms. Peak extra: memory above the inputs during one forward+backward, fresh process.",
-        "",
-        "| N | V | dtype | impl | forward | backward | fwd+bwd | peak extra | speed-up fwd+bwd | memory vs eager |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["results"]:
-        if "latency" not in r:
-            status = r.get("error") or f"MISMATCH {r.get('check')}"
-            lines.append(f"| {r['N']} | {r['V']} | {r['dtype']} | {r['impl']} | {status} | | | | | |")
-            continue
-        lat = r["latency"]
-        cell = lambda k: f"{lat[k]['median_ms']:.1f} ({lat[k]['min_ms']:.1f}-{lat[k]['max_ms']:.1f})"
-        speed = f"{r['speedup_vs_eager']['forward+backward']:.1f}x" if "speedup_vs_eager" in r else ""
-        mem = f"{r['memory_fraction_of_eager']:.2f}" if "memory_fraction_of_eager" in r else ""
-        lines.append(
-            f"| {r['N']} | {r['V']} | {r['dtype']} | {r['impl']} | {cell('forward')} | {cell('backward')} | "
-            f"{cell('forward+backward')} | {fmt_bytes(r['peak_extra_bytes'])} | {speed} | {mem} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (about a minute on 2 CPU cores)")
-    parser.add_argument("--shapes", nargs="+", help="NxV shapes, e.g. 2048x32000 (default depends on the device)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="logits dtype (default float32)")
-    parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, --quick 3)")
-    parser.add_argument("--out", default="benchmarks/out", help="folder for bench-<device>.json/.md")
-    parser.add_argument("--memory-worker", nargs=5, metavar=("IMPL", "N", "V", "DTYPE", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats (under 2 minutes on 2 CPU cores)")
+    parser.add_argument("--shapes", nargs="+", metavar="NxV", help="e.g. 2048x32000 (default: per device, see DEFAULT_SHAPES)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 float32 on CUDA")
+    parser.add_argument("--impl", nargs="+", help="only these implementations (todi_ext eager compile liger_jsd liger_kl)")
+    parser.add_argument("--repeats", type=int, help="timed repeats (default CPU 5, CUDA 20; --quick 3 / 10)")
+    parser.add_argument("--out", default="benchmarks/out", help="output folder (default benchmarks/out)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--memory-worker", nargs=4, metavar=("IMPL", "N", "V", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
-        impl, n, v, dtype_name, device = args.memory_worker
-        peak_memory_worker(impl, int(n), int(v), dtype_name, device)
+        impl, n, v, dtype_name = args.memory_worker
+        peak_memory_worker(impl, int(n), int(v), dtype_name)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     report = run(args)
     os.makedirs(args.out, exist_ok=True)
-    device = report["machine"]["device"]
-    with open(os.path.join(args.out, f"bench-{device}.json"), "w") as f:
+    stem = os.path.join(args.out, f"bench-{report['machine']['device']}")
+    with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(os.path.join(args.out, f"bench-{device}.md"), "w") as f:
+    table = plot.markdown(report)
+    with open(stem + ".md", "w") as f:
         f.write(table)
+    written = [stem + ".json", stem + ".md"]
+    if not args.no_plots:
+        written += plot.plots(report, stem)
     print()
     print(table)
-    print(f"[bench] wrote {args.out}/bench-{device}.json and .md")
+    print("[bench] wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""Tables and plots of a bench.py report; also re-plots a saved report:
+
+    python benchmarks/plot.py benchmarks/results/bench-cpu.json
+"""
+
+import json
+import os
+import sys
+
+IMPL_ORDER = ["todi_ext", "compile", "eager", "liger_jsd", "liger_kl", "floor"]
+
+
+def fmt_bytes(b):
+    if isinstance(b, str) or b is None:
+        return b or ""
+    return f"{b / 2**20:.0f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+
+
+def _cell(lat, key):
+    x = lat[key]
+    return f"{x['median_ms']:.2f} ({x['min_ms']:.2f}-{x['max_ms']:.2f})"
+
+
+def markdown(report):
+    m = report["machine"]
+    where = m.get("gpu") or m.get("cpu_model")
+    extra = f", driver {m['driver']}" if m.get("driver") else ""
+    bw = report.get("copy_bandwidth_gbs")
+    lines = [
+        f"# todi_ext benchmark: {m['device']} ({where}{extra}, {m['cpu_threads']} CPU threads)",
+        "",
+        f"{m['date']}; torch {m['torch']} (CUDA {m['torch_cuda']}); todi_ext {m['todi_ext']['version']}, "
+        f"CPU kernel {m['todi_ext']['cpu_capability']}; loss {report['loss_kwargs']}; {report['repeats']} timed repeats."
+        + (f" Copy bandwidth {bw:.0f} GB/s (read + write)." if bw else ""),
+        "",
+        "Latency in ms: median (min-max). Peak extra: memory above the inputs during one forward+backward. "
+        "Speed-up and memory are relative to eager at the same shape, measured in this run.",
+        "",
+        "| N | V | dtype | impl | forward | backward | fwd+bwd | peak extra | speed-up (fwd+bwd) | memory vs eager | x floor | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        head = f"| {r['N']} | {r['V']} | {r['dtype']} | {r['impl']} |"
+        if r["impl"] == "floor":
+            lines.append(f"{head} | | {r['floor_ms']:.2f} | | | | 1.00 | {r['note']} |")
+        elif "latency" not in r:
+            status = r.get("error") or f"MISMATCH {r.get('check')}"
+            lines.append(f"{head} {status} | | | | | | | {r.get('note', '')} |")
+        else:
+            lat = r["latency"]
+            speed = f"{r['speedup_vs_eager']['forward+backward']:.1f}x" if "speedup_vs_eager" in r else ""
+            mem = f"{r['memory_fraction_of_eager']:.2f}" if "memory_fraction_of_eager" in r else ""
+            floor = f"{r['times_floor']:.2f}" if "times_floor" in r else ""
+            lines.append(
+                f"{head} {_cell(lat, 'forward')} | {_cell(lat, 'backward')} | {_cell(lat, 'forward+backward')} | "
+                f"{fmt_bytes(r['peak_extra_bytes'])} | {speed} | {mem} | {floor} | {r.get('note', '')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _series(report, dtype, n, impl, value):
+    pts = []
+    for r in report["results"]:
+        if r["impl"] == impl and r["dtype"] == dtype and r["N"] == n:
+            y = value(r)
+            if isinstance(y, (int, float)):
+                pts.append((r["V"], y))
+    return sorted(pts)
+
+
+def plots(report, stem):
+    """Writes <stem>-latency.png, -memory.png and -speedup.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    dtypes = sorted({r["dtype"] for r in results})
+    ns = sorted({r["N"] for r in results})
+    impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in results)]
+    device = report["machine"]["device"]
+    where = report["machine"].get("gpu") or report["machine"].get("cpu_model")
+    kinds = {
+        "latency": ("forward+backward (ms, median)", lambda r: r["latency"]["forward+backward"]["median_ms"]
+                    if "latency" in r else r.get("floor_ms"), True, impls),
+        "memory": ("peak extra memory (MiB)", lambda r: r["peak_extra_bytes"] / 2**20
+                   if isinstance(r.get("peak_extra_bytes"), int) else None, True, [i for i in impls if i != "floor"]),
+        "speedup": ("speed-up over eager, forward+backward", lambda r: r.get("speedup_vs_eager", {}).get("forward+backward"),
+                    False, [i for i in impls if i not in ("eager", "floor")]),
+    }
+    paths = []
+    for kind, (ylabel, value, logy, names) in kinds.items():
+        fig, axes = plt.subplots(len(dtypes), len(ns), figsize=(4 * len(ns), 3.4 * len(dtypes)), squeeze=False)
+        for i, dtype in enumerate(dtypes):
+            for j, n in enumerate(ns):
+                ax = axes[i][j]
+                for impl in names:
+                    pts = _series(report, dtype, n, impl, value)
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                                linestyle="--" if impl == "floor" else "-", label=impl)
+                ax.set_title(f"N={n}, {dtype}", fontsize=9)
+                ax.set_xlabel("vocabulary V")
+                if logy:
+                    ax.set_yscale("log")
+                if j == 0:
+                    ax.set_ylabel(ylabel, fontsize=8)
+                ax.grid(True, alpha=0.3)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper right", fontsize=8)
+        fig.suptitle(f"todi_ext vs eager PyTorch, {device} ({where})", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+        path = f"{stem}-{kind}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            rep = json.load(f)
+        stem = os.path.splitext(path)[0]
+        print("\n".join(plots(rep, stem)))
