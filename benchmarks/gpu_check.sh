@@ -39,7 +39,7 @@ echo "== tests"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
 
 echo "== memcheck"
-# Row-cached (V=1000), streamed (bf16 V=70000, odd offsets), generic mixed-dtype path, and scale_rows.
+# Row-cached (V=1000), streamed (bf16 V=70000, odd offsets), generic mixed-dtype path, and scale_grad_ (reduction "none").
 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" - > "$OUT/memcheck.log" 2>&1 <<'PYEOF'
 import torch, todi_ext
 for shape, dt_s, dt_t, sl in [((7, 1000), torch.bfloat16, torch.bfloat16, slice(None)),

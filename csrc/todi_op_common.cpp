@@ -2,6 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <ATen/ops/full.h>
+
+#include <algorithm>
 #include <cmath>
 
 namespace todi_ext {
@@ -73,15 +76,52 @@ RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& 
   return view;
 }
 
-void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& row_scale) {
+ReductionPlan plan_reduction(c10::string_view reduction, const RowsView& view, int64_t ignore_index,
+                             const at::TensorOptions& math_options) {
+  ReductionPlan plan;
+  if (reduction == "none") {
+    plan.kind = Reduction::kNone;
+  } else if (reduction == "sum") {
+    plan.kind = Reduction::kSum;
+  } else {
+    TORCH_CHECK_VALUE(reduction == "mean", "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
+    plan.kind = Reduction::kMean;
+    // An all-ignored batch divides by 1: the loss is 0 with a zero gradient.
+    plan.count = view.labels.defined()
+                     ? view.labels.ne(ignore_index).sum().to(math_options.dtype()).clamp_min_(1)
+                     : at::full({}, static_cast<double>(std::max<int64_t>(view.rows, 1)), math_options);
+    plan.grad_scale = plan.count.reciprocal();
+  }
+  return plan;
+}
+
+at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan) {
+  switch (plan.kind) {
+    case Reduction::kNone: return per_position;
+    case Reduction::kSum: return per_position.sum();
+    case Reduction::kMean: return per_position.sum().div_(plan.count);
+  }
+  TORCH_INTERNAL_ASSERT(false);
+}
+
+void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK_TYPE(is_logit_dtype(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
-  TORCH_CHECK_TYPE(row_scale.scalar_type() == at::kFloat || row_scale.scalar_type() == at::kDouble,
-                   "row_scale must be float32 or float64, got ", row_scale.scalar_type());
-  TORCH_CHECK_VALUE(grad.dim() >= 1 && row_scale.sizes() == grad.sizes().slice(0, grad.dim() - 1),
-                    "row_scale must have shape ", grad.sizes().slice(0, std::max<int64_t>(grad.dim() - 1, 0)),
-                    " (grad without its last dimension), got ", row_scale.sizes());
-  TORCH_CHECK_VALUE(row_scale.device() == grad.device(), "row_scale is on ", row_scale.device(),
-                    " but grad is on ", grad.device());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble,
+                   "scale must be float32 or float64, got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(grad.dim() >= 1, "grad must have shape (..., V), got ", grad.sizes());
+  const auto rows_shape = grad.sizes().slice(0, grad.dim() - 1);
+  TORCH_CHECK_VALUE(scale.dim() == 0 || scale.sizes() == rows_shape, "scale must be a scalar or have shape ",
+                    rows_shape, " (grad without its last dimension), got ", scale.sizes());
+  TORCH_CHECK_VALUE(scale.device() == grad.device(), "scale is on ", scale.device(), " but grad is on ",
+                    grad.device());
+  TORCH_CHECK_VALUE(grad.size(-1) <= 1 || grad.stride(-1) == 1,
+                    "grad must have unit stride along its last dimension (it is scaled in place)");
+  TORCH_CHECK_VALUE(grad.dim() - 1 <= RowLayout::kMaxDims || grad.is_contiguous(), "grad may have at most ",
+                    RowLayout::kMaxDims, " leading dimensions unless it is contiguous, got ", grad.dim() - 1);
+}
+
+at::Tensor rows_for_scaling(const at::Tensor& grad) {
+  return grad.dim() - 1 <= RowLayout::kMaxDims ? grad : grad.view({-1, grad.size(-1)});
 }
 
 }  // namespace todi_ext

@@ -37,7 +37,28 @@ RowLayout row_layout(const at::Tensor& x);
 // accumulated in and the loss is returned in.
 at::ScalarType math_dtype(const at::Tensor& student, const at::Tensor& teacher);
 
-// Checks scale_rows' arguments.
-void check_scale_rows_args(const at::Tensor& grad, const at::Tensor& row_scale);
+enum class Reduction { kNone, kSum, kMean };
+
+// How the per-position losses are reduced, and the factor the kernels apply
+// to the gradients they write so that those are the reduced loss's.
+struct ReductionPlan {
+  Reduction kind = Reduction::kMean;
+  at::Tensor count;       // mean: counted positions, at least 1 (0-dim, math dtype, on the device)
+  at::Tensor grad_scale;  // mean: 1 / count; undefined otherwise
+};
+
+// Checks `reduction` and plans it; only device ops, no host synchronisation.
+ReductionPlan plan_reduction(c10::string_view reduction, const RowsView& view, int64_t ignore_index,
+                             const at::TensorOptions& math_options);
+
+// Reduces the per-position losses (shape: the logits' leading dimensions).
+at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan);
+
+// Checks scale_grad(_)'s arguments.
+void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale);
+
+// grad itself when RowLayout can index its rows, else grad viewed as (rows, V)
+// (a contiguous grad with many leading dimensions).
+at::Tensor rows_for_scaling(const at::Tensor& grad);
 
 }  // namespace todi_ext

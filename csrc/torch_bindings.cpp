@@ -15,16 +15,22 @@ const char* kernel_capability();
 }
 
 TORCH_LIBRARY(todi_ext, m) {
-  // Per-position ToDi divergence over the last dimension, and (when asked)
-  // its gradients for a unit loss weight per position, written by the same
-  // pass so the backward only has to scale them. Ignored positions get 0.
+  // The ToDi loss over the last dimension, reduced ("none", "sum" or "mean"
+  // over counted positions), and (when asked) its gradients for an upstream
+  // gradient of 1, written by the same pass over the logits. Ignored
+  // positions count 0 and get a zero gradient.
   m.def(
       "todi_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, float beta, "
-      "float temperature, int ignore_index, bool student_grad, bool teacher_grad) "
+      "float temperature, int ignore_index, str reduction, bool student_grad, bool teacher_grad) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
-  // out[..., :] = grad[..., :] * row_scale[...], in grad's dtype with
-  // float32 (or float64) arithmetic: the backward of todi_forward.
-  m.def("scale_rows(Tensor grad, Tensor row_scale) -> Tensor");
+  // grad *= scale, in place, with float32 (float64) arithmetic: the backward
+  // of todi_forward. scale is a scalar (0-dim) or one value per row; rows
+  // whose scale is exactly 1 are not touched, so the usual loss.backward()
+  // costs no memory traffic at all.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+  // The out-of-place form, for backward passes that must keep the saved
+  // gradient (retain_graph=True) and for traced graphs (torch.compile).
+  m.def("scale_grad(Tensor grad, Tensor scale) -> Tensor");
 }
 
 namespace {

@@ -6,7 +6,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import todi_ext
 
-from conftest import make_labels, make_logits
+from todi_ext import reference
+
+from conftest import assert_grad_close, loss_and_grads, make_labels, make_logits
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -29,14 +31,16 @@ def test_gradcheck(reduction, teacher_requires_grad):
 
 
 class _RecordTodiForward(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, keep_outputs=False):
         super().__init__()
-        self.calls = []
+        self.calls, self.outputs, self.keep_outputs = [], [], keep_outputs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.todi_ext.todi_forward.default:
-            self.calls.append((args[6], args[7], out[1].numel(), out[2].numel()))
+            self.calls.append((args[7], args[8], out[1].numel(), out[2].numel()))
+            if self.keep_outputs:
+                self.outputs.append(out[1].data_ptr())  # not the tensor: a reference would force a copy
         return out
 
 
@@ -65,10 +69,33 @@ def test_gradient_is_computed_only_for_inputs_that_need_it():
 def test_backward_twice_with_retain_graph_gives_the_same_gradient():
     student = make_logits((3, 100)).requires_grad_()
     loss = todi_ext.todi_loss(student, make_logits((3, 100), seed=1))
-    loss.backward(retain_graph=True)
+    (2 * loss).backward(retain_graph=True)
     first = student.grad.clone()
     loss.backward()
-    torch.testing.assert_close(student.grad, 2 * first)
+    torch.testing.assert_close(student.grad, 1.5 * first)
+
+
+def test_backward_hands_over_the_saved_gradient_without_a_copy():
+    # The gradient is computed in the forward; without retain_graph the
+    # backward scales it in place and returns it: one (N, V) buffer in all.
+    recorder = _RecordTodiForward(keep_outputs=True)
+    student = make_logits((3, 100)).requires_grad_()
+    with recorder:
+        loss = todi_ext.todi_loss(student, make_logits((3, 100), seed=1), reduction="none")
+    (loss * torch.tensor([0.5, 1.0, 2.0])).sum().backward()
+    assert student.grad.data_ptr() == recorder.outputs[0]
+
+
+def test_two_losses_over_one_graph():
+    # The common multi-loss step: each loss is back-propagated once, together.
+    student = make_logits((4, 200)).requires_grad_()
+    teacher = make_logits((4, 200), seed=1)
+    total = 0.3 * todi_ext.todi_loss(student, teacher) + 0.7 * todi_ext.todi_loss(student, teacher, temperature=2.0)
+    total.backward()
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.double()
+    (0.3 * reference.todi_loss(s64, t64) + 0.7 * reference.todi_loss(s64, t64, temperature=2.0)).backward()
+    assert_grad_close(student.grad, s64.grad, 2e-5)
 
 
 def test_double_backward_is_refused_not_silently_wrong():
@@ -80,14 +107,32 @@ def test_double_backward_is_refused_not_silently_wrong():
 
 def test_direct_op_call_with_a_missing_flag_raises():
     student = make_logits((3, 50)).requires_grad_()
-    loss, _, _ = torch.ops.todi_ext.todi_forward(student, make_logits((3, 50)), None, 1.0, 1.0, -100, False, False)
+    loss, _, _ = torch.ops.todi_ext.todi_forward(student, make_logits((3, 50)), None, 1.0, 1.0, -100, "sum", False, False)
     with pytest.raises(RuntimeError, match="student_grad=False"):
         loss.sum().backward()
 
 
-def test_scale_rows_matches_eager():
+@pytest.mark.parametrize("per_row", [True, False])
+def test_scale_grad_in_place(per_row):
     grad = make_logits((3, 4, 1001), torch.bfloat16)
-    scale = torch.rand(3, 4) + 0.5
-    out = todi_ext.ops.scale_rows(grad, scale)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, (grad.float() * scale[..., None]).bfloat16(), rtol=0, atol=0)
+    expected = grad.clone()
+    scale = (torch.rand(3, 4) + 0.5) if per_row else torch.tensor(0.25)
+    if per_row:
+        scale[1, 2] = 1.0  # rows scaled by exactly 1 are skipped: unchanged bits
+    todi_ext.ops.scale_grad_(grad, scale)
+    ref = (expected.float() * (scale[..., None] if per_row else scale)).bfloat16()
+    assert torch.equal(grad, ref)
+    out_of_place = todi_ext.ops.scale_grad(expected.transpose(0, 1), scale.t() if per_row else scale)
+    assert out_of_place.is_contiguous() and torch.equal(out_of_place, ref.transpose(0, 1))
+
+
+def test_upstream_gradient_scales_the_result():
+    for reduction in ("mean", "sum", "none"):
+        student, teacher = make_logits((5, 300)), make_logits((5, 300), seed=1)
+        labels = make_labels((5,))
+        weight = torch.rand(()) + 0.5 if reduction != "none" else torch.rand(5) + 0.5
+        s = student.clone().requires_grad_()
+        (todi_ext.todi_loss(s, teacher, labels, reduction=reduction) * weight).sum().backward()
+        s64 = student.double().requires_grad_()
+        (reference.todi_loss(s64, teacher.double(), labels, reduction=reduction) * weight.double()).sum().backward()
+        assert_grad_close(s.grad, s64.grad, 2e-5)

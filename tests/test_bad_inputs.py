@@ -62,12 +62,13 @@ def test_module_checks_its_arguments_at_construction():
 @pytest.mark.parametrize(
     "args,exc,fragment",
     [
-        ((make_logits((3, 8)), make_logits((3, 7)), None, 1.0, 1.0, -100, False, False), ValueError, "teacher_logits must have the shape"),
-        ((make_logits((3, 8)).long(), make_logits((3, 8)), None, 1.0, 1.0, -100, False, False), TypeError, "student_logits must be"),
-        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(2, dtype=torch.long), 1.0, 1.0, -100, False, False), ValueError, "labels must have shape"),
-        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(3), 1.0, 1.0, -100, False, False), TypeError, "labels must be an integer"),
-        ((make_logits((3, 8)), make_logits((3, 8)), None, 1.0, 0.0, -100, False, False), ValueError, "temperature must be"),
-        ((make_logits((3, 8)), make_logits((3, 8)), None, float("nan"), 1.0, -100, False, False), ValueError, "beta must be finite"),
+        ((make_logits((3, 8)), make_logits((3, 7)), None, 1.0, 1.0, -100, "mean", False, False), ValueError, "teacher_logits must have the shape"),
+        ((make_logits((3, 8)).long(), make_logits((3, 8)), None, 1.0, 1.0, -100, "mean", False, False), TypeError, "student_logits must be"),
+        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(2, dtype=torch.long), 1.0, 1.0, -100, "mean", False, False), ValueError, "labels must have shape"),
+        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(3), 1.0, 1.0, -100, "mean", False, False), TypeError, "labels must be an integer"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, 1.0, 0.0, -100, "mean", False, False), ValueError, "temperature must be"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, 1.0, 1.0, -100, "avg", False, False), ValueError, "reduction must be one of"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, float("nan"), 1.0, -100, "mean", False, False), ValueError, "beta must be finite"),
     ],
 )
 def test_direct_op_calls_are_checked_in_cpp(args, exc, fragment):
@@ -77,8 +78,10 @@ def test_direct_op_calls_are_checked_in_cpp(args, exc, fragment):
         torch.ops.todi_ext.todi_forward(*args)
 
 
-def test_scale_rows_checks_its_arguments():
-    with pytest.raises(ValueError, match="row_scale must have shape"):
-        torch.ops.todi_ext.scale_rows(make_logits((3, 8)), torch.ones(4))
-    with pytest.raises(TypeError, match="row_scale must be float32"):
-        torch.ops.todi_ext.scale_rows(make_logits((3, 8)), torch.ones(3, dtype=torch.long))
+def test_scale_grad_checks_its_arguments():
+    with pytest.raises(ValueError, match="scale must be a scalar or have shape"):
+        torch.ops.todi_ext.scale_grad_(make_logits((3, 8)), torch.ones(4))
+    with pytest.raises(TypeError, match="scale must be float32"):
+        torch.ops.todi_ext.scale_grad_(make_logits((3, 8)), torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="unit stride"):
+        torch.ops.todi_ext.scale_grad_(make_logits((8, 3)).t(), torch.ones(3))

@@ -117,8 +117,14 @@ def test_opcheck(grads):
     student = make_logits((3, 5, 1029)).cuda().requires_grad_(grads[0])
     teacher = make_logits((3, 5, 1029), seed=1).cuda().requires_grad_(grads[1])
     labels = make_labels((3, 5)).cuda()
-    torch.library.opcheck(torch.ops.todi_ext.todi_forward.default, (student, teacher, labels, 1.5, 2.0, -100, *grads))
-    torch.library.opcheck(torch.ops.todi_ext.scale_rows.default, (student.detach(), torch.rand(3, 5, device="cuda")))
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(
+            torch.ops.todi_ext.todi_forward.default, (student, teacher, labels, 1.5, 2.0, -100, reduction, *grads)
+        )
+    grad = student.detach().clone()
+    torch.library.opcheck(torch.ops.todi_ext.scale_grad_.default, (grad, torch.rand(3, 5, device="cuda")))
+    torch.library.opcheck(torch.ops.todi_ext.scale_grad_.default, (grad, torch.tensor(0.5, device="cuda")))
+    torch.library.opcheck(torch.ops.todi_ext.scale_grad.default, (grad, torch.rand(3, 5, device="cuda")))
 
 
 def test_compile_fullgraph():
@@ -182,4 +188,4 @@ def test_mixed_devices_are_rejected():
     with pytest.raises(ValueError, match="labels is on cpu"):
         todi_ext.todi_loss(student, student.clone(), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="teacher_logits is on cpu"):  # the op's own C++ check
-        torch.ops.todi_ext.todi_forward(student, make_logits((3, 10)), None, 1.0, 1.0, -100, False, False)
+        torch.ops.todi_ext.todi_forward(student, make_logits((3, 10)), None, 1.0, 1.0, -100, "mean", False, False)

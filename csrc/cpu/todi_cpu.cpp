@@ -17,7 +17,7 @@ namespace todi_ext::cpu {
 
 struct Kernels {
   ForwardKernel forward;
-  ScaleRowsKernel scale_rows;
+  ScaleGradKernel scale_grad;
   const char* capability;
 };
 
@@ -26,12 +26,12 @@ const Kernels& kernels() {
   static const Kernels chosen = [] {
     const std::string best = at::get_cpu_capability();
 #if defined(TODI_EXT_HAVE_AVX512)
-    if (best == "AVX512") return Kernels{AVX512::todi_forward_kernel, AVX512::scale_rows_kernel, "AVX512"};
+    if (best == "AVX512") return Kernels{AVX512::todi_forward_kernel, AVX512::scale_grad_kernel, "AVX512"};
 #endif
 #if defined(TODI_EXT_HAVE_AVX2)
-    if (best == "AVX512" || best == "AVX2") return Kernels{AVX2::todi_forward_kernel, AVX2::scale_rows_kernel, "AVX2"};
+    if (best == "AVX512" || best == "AVX2") return Kernels{AVX2::todi_forward_kernel, AVX2::scale_grad_kernel, "AVX2"};
 #endif
-    return Kernels{DEFAULT::todi_forward_kernel, DEFAULT::scale_rows_kernel, "DEFAULT"};
+    return Kernels{DEFAULT::todi_forward_kernel, DEFAULT::scale_grad_kernel, "DEFAULT"};
   }();
   return chosen;
 }
@@ -48,12 +48,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cpu(const at::Tensor
                                                                 const at::Tensor& teacher_logits,
                                                                 const std::optional<at::Tensor>& labels,
                                                                 double beta, double temperature,
-                                                                int64_t ignore_index, bool student_grad,
-                                                                bool teacher_grad) {
+                                                                int64_t ignore_index, c10::string_view reduction,
+                                                                bool student_grad, bool teacher_grad) {
   const RowsView view = check_forward_args(student_logits, teacher_logits, labels, beta, temperature);
   const auto opts = student_logits.options();
-  const auto positions = student_logits.sizes().slice(0, student_logits.dim() - 1);
-  at::Tensor loss = at::empty(positions, opts.dtype(math_dtype(student_logits, teacher_logits)));
+  const auto math_opts = opts.dtype(math_dtype(student_logits, teacher_logits));
+  const ReductionPlan plan = plan_reduction(reduction, view, ignore_index, math_opts);
+  at::Tensor per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);
   at::Tensor grad_student = at::empty(student_grad ? student_logits.sizes() : at::IntArrayRef{0}, opts);
   at::Tensor grad_teacher =
       at::empty(teacher_grad ? teacher_logits.sizes() : at::IntArrayRef{0}, teacher_logits.options());
@@ -67,29 +68,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cpu(const at::Tensor
   p.ignore_index = ignore_index;
   p.beta = beta;
   p.inv_temperature = 1.0 / temperature;
-  p.double_math = loss.scalar_type() == at::kDouble;
-  p.loss = loss.mutable_data_ptr();
+  p.double_math = per_position.scalar_type() == at::kDouble;
+  p.loss = per_position.mutable_data_ptr();
+  p.grad_scale = plan.grad_scale.defined() ? plan.grad_scale.const_data_ptr() : nullptr;
   if (student_grad) p.grad_student = OutMatrix{grad_student.mutable_data_ptr(), grad_student.scalar_type()};
   if (teacher_grad) p.grad_teacher = OutMatrix{grad_teacher.mutable_data_ptr(), grad_teacher.scalar_type()};
   if (p.rows > 0) kernels().forward(p);
-  return {loss, grad_student, grad_teacher};
+  return {reduce_loss(per_position, plan), grad_student, grad_teacher};
 }
 
-at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& row_scale) {
-  check_scale_rows_args(grad, row_scale);
-  const int64_t vocab = grad.size(-1);
+// out is grad (in place) or a contiguous tensor of grad's shape.
+void scale_grad_into(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
+  check_scale_grad_args(grad, scale);
+  if (grad.numel() == 0) return;
+  const at::Tensor scale_values = scale.contiguous();
+  const at::Tensor rows = rows_for_scaling(grad);
+  ScaleGradParams p;
+  p.grad = rows.const_data_ptr();
+  p.out = out.is_same(grad) ? const_cast<void*>(p.grad) : out.mutable_data_ptr();
+  p.dtype = grad.scalar_type();
+  p.layout = row_layout(rows);
+  p.vocab = grad.size(-1);
+  p.rows = grad.numel() / p.vocab;
+  p.scale = scale_values.const_data_ptr();
+  p.scale_dtype = scale_values.scalar_type();
+  p.scale_per_row = scale_values.dim() > 0;
+  kernels().scale_grad(p);
+}
+
+void scale_grad_cpu_(const at::Tensor& grad, const at::Tensor& scale) { scale_grad_into(grad, scale, grad); }
+
+at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   at::Tensor out = at::empty(grad.sizes(), grad.options());
-  if (grad.numel() == 0) return out;
-  const at::Tensor rows = with_unit_vocab_stride(grad);
-  const at::Tensor scale = row_scale.reshape({-1}).contiguous();
-  ScaleRowsParams p;
-  p.grad = row_matrix(rows);
-  p.rows = grad.numel() / vocab;
-  p.vocab = vocab;
-  p.scale = scale.const_data_ptr();
-  p.scale_dtype = scale.scalar_type();
-  p.out = OutMatrix{out.mutable_data_ptr(), out.scalar_type()};
-  kernels().scale_rows(p);
+  scale_grad_into(grad, scale, out);
   return out;
 }
 
@@ -97,7 +108,8 @@ at::Tensor scale_rows_cpu(const at::Tensor& grad, const at::Tensor& row_scale) {
 
 TORCH_LIBRARY_IMPL(todi_ext, CPU, m) {
   m.impl("todi_forward", &todi_forward_cpu);
-  m.impl("scale_rows", &scale_rows_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu_);
+  m.impl("scale_grad", &scale_grad_cpu);
 }
 
 }  // namespace todi_ext::cpu

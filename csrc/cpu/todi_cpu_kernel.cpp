@@ -224,7 +224,9 @@ template <class acc_t>
 void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, const ForwardParams& p,
                     const OutMatrix& out, int64_t out_offset, acc_t* buffer) {
   using Vec = Vectorized<acc_t>;
-  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
+  // 1/T, times the reduction's factor (1/count for "mean").
+  const acc_t scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
+  const Vec inv_t(static_cast<acc_t>(p.inv_temperature) * scale);
   const Vec sum_v(weight_sum);
   const int64_t elem = c10::elementSize(out.dtype);
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
@@ -312,20 +314,25 @@ void forward_rows(const ForwardParams& p) {
 }
 
 template <class acc_t>
-void scale_rows(const ScaleRowsParams& p) {
+void scale_grad(const ScaleGradParams& p) {
   using Vec = Vectorized<acc_t>;
+  const int64_t elem = c10::elementSize(p.dtype);
   at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buffer[kChunk];
-    const int64_t out_elem = c10::elementSize(p.out.dtype);
     for (int64_t row = begin; row < end; ++row) {
-      const Vec scale_v(p.scale_dtype == c10::ScalarType::Double
-                            ? static_cast<acc_t>(static_cast<const double*>(p.scale)[row])
-                            : static_cast<acc_t>(static_cast<const float*>(p.scale)[row]));
+      const int64_t k = p.scale_per_row ? row : 0;
+      const acc_t scale = p.scale_dtype == c10::ScalarType::Double
+                              ? static_cast<acc_t>(static_cast<const double*>(p.scale)[k])
+                              : static_cast<acc_t>(static_cast<const float*>(p.scale)[k]);
+      if (p.out == p.grad && scale == acc_t(1)) continue;  // the usual loss.backward(): nothing to do
+      const Vec scale_v(scale);
+      const char* src = static_cast<const char*>(p.grad) + p.layout.row_offset(row) * elem;
+      char* dst = p.out == p.grad ? const_cast<char*>(src) : static_cast<char*>(p.out) + row * p.vocab * elem;
       for (int64_t start = 0; start < p.vocab; start += kChunk) {
         const int64_t n = std::min(kChunk, p.vocab - start);
-        const int64_t padded = load_chunk(row_ptr(p.grad, row, start), p.grad.dtype, n, buffer);
+        const int64_t padded = load_chunk(src + start * elem, p.dtype, n, buffer);
         for (int64_t i = 0; i < padded; i += Vec::size()) (Vec::loadu(buffer + i) * scale_v).store(buffer + i);
-        store_chunk(buffer, n, static_cast<char*>(p.out.data) + (row * p.vocab + start) * out_elem, p.out.dtype);
+        store_chunk(buffer, n, dst + start * elem, p.dtype);
       }
     }
   });
@@ -341,11 +348,11 @@ void todi_forward_kernel(const ForwardParams& params) {
   }
 }
 
-void scale_rows_kernel(const ScaleRowsParams& params) {
-  if (params.grad.dtype == c10::ScalarType::Double || params.scale_dtype == c10::ScalarType::Double) {
-    scale_rows<double>(params);
+void scale_grad_kernel(const ScaleGradParams& params) {
+  if (params.dtype == c10::ScalarType::Double || params.scale_dtype == c10::ScalarType::Double) {
+    scale_grad<double>(params);
   } else {
-    scale_rows<float>(params);
+    scale_grad<float>(params);
   }
 }
 

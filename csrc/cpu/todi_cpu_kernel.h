@@ -36,26 +36,32 @@ struct ForwardParams {
   double inv_temperature = 1.0;
   bool double_math = false;  // accumulate in float64 (float64 inputs)
   void* loss = nullptr;      // (rows,), float32, or float64 with double_math
+  const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
   OutMatrix grad_student;    // dD/dz per row
   OutMatrix grad_teacher;    // dD/ds per row
 };
 
-struct ScaleRowsParams {
-  RowMatrix grad;
+// out = grad * scale (rows of out contiguous). In place when out == grad,
+// and then rows whose scale is exactly 1 are skipped.
+struct ScaleGradParams {
+  const void* grad = nullptr;
+  void* out = nullptr;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  RowLayout layout;
   int64_t rows = 0;
   int64_t vocab = 0;
-  const void* scale = nullptr;  // (rows,)
+  const void* scale = nullptr;  // one value, or one per row
   c10::ScalarType scale_dtype = c10::ScalarType::Float;
-  OutMatrix out;
+  bool scale_per_row = false;
 };
 
 using ForwardKernel = void (*)(const ForwardParams&);
-using ScaleRowsKernel = void (*)(const ScaleRowsParams&);
+using ScaleGradKernel = void (*)(const ScaleGradParams&);
 
 #define TODI_DECLARE_CPU_KERNELS(capability)                 \
   namespace capability {                                     \
   void todi_forward_kernel(const ForwardParams& params);     \
-  void scale_rows_kernel(const ScaleRowsParams& params);     \
+  void scale_grad_kernel(const ScaleGradParams& params);     \
   }
 
 TODI_DECLARE_CPU_KERNELS(DEFAULT)

@@ -98,16 +98,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cuda(const at::Tenso
                                                                  const at::Tensor& teacher_logits,
                                                                  const std::optional<at::Tensor>& labels,
                                                                  double beta, double temperature,
-                                                                 int64_t ignore_index, bool student_grad,
-                                                                 bool teacher_grad) {
+                                                                 int64_t ignore_index, c10::string_view reduction,
+                                                                 bool student_grad, bool teacher_grad) {
   const RowsView view = check_forward_args(student_logits, teacher_logits, labels, beta, temperature);
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const auto positions = student_logits.sizes().slice(0, student_logits.dim() - 1);
-  const at::ScalarType acc = math_dtype(student_logits, teacher_logits);
-  at::Tensor loss = at::empty(positions, student_logits.options().dtype(acc));
+  const auto math_opts = student_logits.options().dtype(math_dtype(student_logits, teacher_logits));
+  const ReductionPlan plan = plan_reduction(reduction, view, ignore_index, math_opts);
+  at::Tensor per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);
   at::Tensor grad_student = at::empty(student_grad ? student_logits.sizes() : at::IntArrayRef{0}, student_logits.options());
   at::Tensor grad_teacher = at::empty(teacher_grad ? teacher_logits.sizes() : at::IntArrayRef{0}, teacher_logits.options());
-  if (view.rows == 0) return {loss, grad_student, grad_teacher};
+  if (view.rows == 0) return {reduce_loss(per_position, plan), grad_student, grad_teacher};
 
   ForwardArgs args{};
   args.student = view.student.const_data_ptr();
@@ -122,13 +122,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cuda(const at::Tenso
   args.ignore_index = ignore_index;
   args.beta = beta;
   args.inv_temperature = 1.0 / temperature;
-  args.loss = loss.mutable_data_ptr();
+  args.loss = per_position.mutable_data_ptr();
+  args.grad_scale = plan.grad_scale.defined() ? plan.grad_scale.const_data_ptr() : nullptr;
   args.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
   args.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr() : nullptr;
 
   const int device = student_logits.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const bool same = student_logits.scalar_type() == teacher_logits.scalar_type();
+  const at::ScalarType acc = per_position.scalar_type();
   if (same && args.student_dtype == Dtype::kFloat) {
     launch_typed<float, float>(args, device, stream);
   } else if (same && args.student_dtype == Dtype::kBFloat16) {
@@ -142,33 +144,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cuda(const at::Tenso
   } else {
     launch_any<float>(args, stream);
   }
-  return {loss, grad_student, grad_teacher};
+  return {reduce_loss(per_position, plan), grad_student, grad_teacher};
 }
 
-at::Tensor scale_rows_cuda(const at::Tensor& grad, const at::Tensor& row_scale) {
-  check_scale_rows_args(grad, row_scale);
+// out is grad (in place) or a contiguous tensor of grad's shape.
+void scale_grad_into(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
+  check_scale_grad_args(grad, scale);
+  if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
-  at::Tensor out = at::empty(grad.sizes(), grad.options());
-  if (grad.numel() == 0) return out;
-  const at::Tensor rows = with_unit_vocab_stride(grad);
-  const at::Tensor scale = row_scale.reshape({-1}).contiguous();
-  ScaleRowsArgs args{};
+  const at::Tensor scale_values = scale.contiguous();
+  const at::Tensor rows = rows_for_scaling(grad);
+  ScaleGradArgs args{};
   args.grad = rows.const_data_ptr();
+  args.out = out.is_same(grad) ? const_cast<void*>(args.grad) : out.mutable_data_ptr();
   args.layout = row_layout(rows);
   args.dtype = dtype_code(grad.scalar_type());
   args.vocab = grad.size(-1);
   args.rows = grad.numel() / args.vocab;
-  args.scale = scale.const_data_ptr();
-  args.scale_dtype = dtype_code(scale.scalar_type());
-  args.out = out.mutable_data_ptr();
+  args.scale = scale_values.const_data_ptr();
+  args.scale_dtype = dtype_code(scale_values.scalar_type());
+  args.scale_per_row = scale_values.dim() > 0;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
   const int threads = threads_for(args.vocab);
   if (args.dtype == Dtype::kDouble || args.scale_dtype == Dtype::kDouble) {
-    scale_rows_kernel<double><<<grid_for(args.rows), threads, 0, stream>>>(args);
+    scale_grad_kernel<double><<<grid_for(args.rows), threads, 0, stream>>>(args);
   } else {
-    scale_rows_kernel<float><<<grid_for(args.rows), threads, 0, stream>>>(args);
+    scale_grad_kernel<float><<<grid_for(args.rows), threads, 0, stream>>>(args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void scale_grad_cuda_(const at::Tensor& grad, const at::Tensor& scale) { scale_grad_into(grad, scale, grad); }
+
+at::Tensor scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
+  at::Tensor out = at::empty(grad.sizes(), grad.options());
+  scale_grad_into(grad, scale, out);
   return out;
 }
 
@@ -176,7 +186,8 @@ at::Tensor scale_rows_cuda(const at::Tensor& grad, const at::Tensor& row_scale) 
 
 TORCH_LIBRARY_IMPL(todi_ext, CUDA, m) {
   m.impl("todi_forward", &todi_forward_cuda);
-  m.impl("scale_rows", &scale_rows_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda_);
+  m.impl("scale_grad", &scale_grad_cuda);
 }
 
 }  // namespace todi_ext::cuda

@@ -101,19 +101,23 @@ struct ForwardArgs {
   double beta;
   double inv_temperature;
   void* loss;          // (rows,), float32 or float64 (= acc type)
+  const void* grad_scale;  // one value (acc type) multiplying the gradients ("mean": 1/count), or nullptr
   void* grad_student;  // contiguous (rows, vocab) in the student dtype, or nullptr
   void* grad_teacher;  // contiguous (rows, vocab) in the teacher dtype, or nullptr
 };
 
-struct ScaleRowsArgs {
+// out = grad * scale (rows of out contiguous). In place when out == grad,
+// and then rows whose scale is exactly 1 are skipped.
+struct ScaleGradArgs {
   const void* grad;
+  void* out;
   RowLayout layout;
   Dtype dtype;
   int64_t rows;
   int64_t vocab;
-  const void* scale;  // (rows,)
+  const void* scale;  // one value, or one per row
   Dtype scale_dtype;
-  void* out;  // contiguous, grad's dtype
+  bool scale_per_row;
 };
 
 // ------------------------------------------------------------- reductions
@@ -337,15 +341,17 @@ __global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const Forward
     if (args.grad_student || args.grad_teacher) {
       const A u_sum = sums[1];
       const A v_sum = sums[2];
+      // 1/T, times the reduction's factor (1/count for "mean").
+      const A grad_t = args.grad_scale ? inv_t * *static_cast<const A*>(args.grad_scale) : inv_t;
       walk([&](int64_t i, A z, A s) {
         const auto t = terms(z, s);
         if (args.grad_student) {
           global_row.store(args.grad_student, args.student_dtype, out_base + i,
-                           math::log_softmax_grad(t.u, t.q, u_sum, inv_t));
+                           math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
         }
         if (args.grad_teacher) {
           global_row.store(args.grad_teacher, args.teacher_dtype, out_base + i,
-                           math::log_softmax_grad(t.v, t.p, v_sum, inv_t));
+                           math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
         }
       });
     }
@@ -354,14 +360,16 @@ __global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const Forward
 }
 
 template <class A>
-__global__ void __launch_bounds__(kMaxThreads) scale_rows_kernel(const ScaleRowsArgs args) {
+__global__ void __launch_bounds__(kMaxThreads) scale_grad_kernel(const ScaleGradArgs args) {
+  const int64_t elem = args.dtype == Dtype::kDouble ? 8 : args.dtype == Dtype::kFloat ? 4 : 2;
   for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
-    const A scale = load_any<A>(args.scale, args.scale_dtype, row);
-    const char* in = static_cast<const char*>(args.grad);
-    const int64_t elem = args.dtype == Dtype::kDouble ? 8 : args.dtype == Dtype::kFloat ? 4 : 2;
-    const void* in_row = in + args.layout.row_offset(row) * elem;
+    const A scale = load_any<A>(args.scale, args.scale_dtype, args.scale_per_row ? row : 0);
+    const bool in_place = args.out == args.grad;
+    if (in_place && scale == A(1)) continue;  // the usual loss.backward(): no memory traffic at all
+    const char* src = static_cast<const char*>(args.grad) + args.layout.row_offset(row) * elem;
+    void* dst = in_place ? const_cast<char*>(src) : static_cast<char*>(args.out) + row * args.vocab * elem;
     for (int64_t i = threadIdx.x; i < args.vocab; i += blockDim.x) {
-      store_any(args.out, args.dtype, row * args.vocab + i, load_any<A>(in_row, args.dtype, i) * scale);
+      store_any(dst, args.dtype, i, load_any<A>(src, args.dtype, i) * scale);
     }
   }
 }

@@ -35,21 +35,24 @@ def todi_loss(
     Returns:
         float32 (float64 for float64 inputs): a scalar, or shape (...) for "none".
         Gradients reach student_logits (and teacher_logits, if it requires
-        grad) in their own dtype.
+        grad) in their own dtype. The result can be back-propagated once
+        (no retain_graph=True reuse): the gradient, computed in the forward,
+        is scaled in place rather than copied.
     """
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
     grad_on = torch.is_grad_enabled()
-    per_position, _, _ = ops.todi_forward(
+    loss, _, _ = ops.todi_forward(
         student_logits,
         teacher_logits,
         labels,
         float(beta),
         float(temperature),
         int(ignore_index),
+        reduction,
         grad_on and student_logits.requires_grad,
         grad_on and teacher_logits.requires_grad,
     )
-    return _validation.reduce_positions(per_position, labels, ignore_index, reduction)
+    return loss
 
 
 class ToDiLoss(torch.nn.Module):

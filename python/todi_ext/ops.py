@@ -2,11 +2,13 @@
 typed wrappers. The schemas live in csrc/torch_bindings.cpp and the kernels in
 csrc/<backend>/.
 
-todi_forward computes, per position, the loss and (when asked) its gradients
-for a unit weight in the same pass over the logits; the registered backward
-only scales those gradients by the incoming per-position weights, through the
-scale_rows op. No host synchronisation anywhere, so the ops run under
-torch.compile(fullgraph=True) and CUDA graphs.
+todi_forward computes the reduced loss and (when asked) its gradients for an
+upstream gradient of 1 in the same pass over the logits, and saves them; the
+registered backward scales them in place by the actual upstream gradient
+(scale_grad_), which skips rows whose scale is exactly 1 - so the usual
+loss.backward() costs nothing more, and the gradient is never held twice. No
+host synchronisation anywhere: the ops run under torch.compile(fullgraph=True)
+and CUDA graphs.
 """
 
 from typing import Optional, Tuple
@@ -26,47 +28,60 @@ def todi_forward(
     beta: float,
     temperature: float,
     ignore_index: int,
+    reduction: str,
     student_grad: bool,
     teacher_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-position loss (shape student_logits.shape[:-1]) and, when the flags
-    ask, dloss/dstudent_logits and dloss/dteacher_logits per position (else
-    empty tensors)."""
+    """The reduced loss and, when the flags ask, d(loss)/d(student_logits) and
+    d(loss)/d(teacher_logits) for an upstream gradient of 1 (else empty tensors)."""
     return torch.ops.todi_ext.todi_forward.default(
-        student_logits, teacher_logits, labels, beta, temperature, ignore_index, student_grad, teacher_grad
+        student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad
     )
 
 
-def scale_rows(grad: Tensor, row_scale: Tensor) -> Tensor:
-    """grad * row_scale[..., None], in grad's dtype, without a float32 copy of grad."""
-    return torch.ops.todi_ext.scale_rows.default(grad, row_scale)
+def scale_grad_(grad: Tensor, scale: Tensor) -> None:
+    """grad *= scale in place (scale: 0-dim or one value per row of grad), rows with scale 1 untouched."""
+    torch.ops.todi_ext.scale_grad_.default(grad, scale)
 
 
 @torch.library.register_fake("todi_ext::todi_forward")
 def _todi_forward_fake(
-    student_logits, teacher_logits, labels, beta, temperature, ignore_index, student_grad, teacher_grad
+    student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad
 ):
-    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index)
-    loss = student_logits.new_empty(
-        student_logits.shape[:-1], dtype=_validation.loss_dtype(student_logits, teacher_logits)
-    )
+    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    loss_shape = student_logits.shape[:-1] if reduction == "none" else ()
+    loss = student_logits.new_empty(loss_shape, dtype=_validation.loss_dtype(student_logits, teacher_logits))
     grad_student = student_logits.new_empty(student_logits.shape if student_grad else _EMPTY)
     grad_teacher = teacher_logits.new_empty(teacher_logits.shape if teacher_grad else _EMPTY)
     return loss, grad_student, grad_teacher
 
 
-@torch.library.register_fake("todi_ext::scale_rows")
-def _scale_rows_fake(grad, row_scale):
-    if tuple(row_scale.shape) != tuple(grad.shape[:-1]):
+def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad * scale as a new contiguous tensor in grad's dtype (no float32 copy of grad)."""
+    return torch.ops.todi_ext.scale_grad.default(grad, scale)
+
+
+def _check_scale(grad, scale):
+    if scale.dim() != 0 and tuple(scale.shape) != tuple(grad.shape[:-1]):
         raise ValueError(
-            f"row_scale must have shape {tuple(grad.shape[:-1])} (grad without its last dimension), "
-            f"got {tuple(row_scale.shape)}"
+            f"scale must be a scalar or have shape {tuple(grad.shape[:-1])} (grad without its last dimension), "
+            f"got {tuple(scale.shape)}"
         )
+
+
+@torch.library.register_fake("todi_ext::scale_grad_")
+def _scale_grad_inplace_fake(grad, scale):
+    _check_scale(grad, scale)
+
+
+@torch.library.register_fake("todi_ext::scale_grad")
+def _scale_grad_fake(grad, scale):
+    _check_scale(grad, scale)
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 def _todi_forward_setup_context(ctx, inputs, output):
-    _, _, _, _, _, _, student_grad, teacher_grad = inputs
+    student_grad, teacher_grad = inputs[7], inputs[8]
     _, grad_student, grad_teacher = output
     ctx.student_grad = student_grad
     ctx.teacher_grad = teacher_grad
@@ -84,42 +99,62 @@ def _missing_grad(name, flag):
     )
 
 
-def _todi_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
-    if torch.is_grad_enabled():  # backward(create_graph=True)
-        raise _double_backward_error()
-    grad_student, grad_teacher = ctx.saved_tensors
-    out_student = out_teacher = None
-    if grad_loss is None:  # the loss was not used
-        return out_student, out_teacher, None, None, None, None, None, None
-    if ctx.needs_input_grad[0]:
-        if not ctx.student_grad:
-            raise _missing_grad("student_logits", "student_grad")
-        out_student = scale_rows(grad_student, grad_loss)
-    if ctx.needs_input_grad[1]:
-        if not ctx.teacher_grad:
-            raise _missing_grad("teacher_logits", "teacher_grad")
-        out_teacher = scale_rows(grad_teacher, grad_loss)
-    return out_student, out_teacher, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "todi_ext::todi_forward", _todi_forward_backward, setup_context=_todi_forward_setup_context
-)
-
-
 def _double_backward_error():
-    # The saved per-row gradients are not differentiable functions of the
-    # logits here, so refuse rather than return a partial, silently wrong
-    # second derivative.
+    # The saved gradients are not differentiable functions of the logits
+    # here, so refuse rather than return a partial, silently wrong second
+    # derivative.
     return RuntimeError(
         "todi_ext: double backward (create_graph=True through todi_loss) is not supported; "
         "the ToDi gradient is computed in closed form without second derivatives"
     )
 
 
-def _scale_rows_backward(ctx, grad_out):
-    # scale_rows is only differentiated when the ToDi gradient itself is.
-    raise _double_backward_error()
+def _graph_is_kept():
+    """True inside a backward pass that keeps the graph (retain_graph=True)."""
+    try:
+        return torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):  # no such API, or not inside the autograd engine
+        return True  # the safe answer: never destroy what may be needed again
 
 
-torch.library.register_autograd("todi_ext::scale_rows", _scale_rows_backward)
+def _tracing(tensors):
+    """True while torch.compile / AOTAutograd traces the backward."""
+    if torch.compiler.is_compiling():
+        return True
+    is_functional = getattr(torch, "_is_functional_tensor", lambda t: False)
+    return any(type(t) is not torch.Tensor or is_functional(t) for t in tensors)
+
+
+def _todi_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise _double_backward_error()
+    nothing = (None,) * 9
+    if grad_loss is None:  # the loss was not used
+        return nothing
+    # The fast path scales the saved gradient in place and hands it over, so
+    # it is never held twice. When the graph is kept (retain_graph=True,
+    # gradcheck, jacobians) the saved gradient must survive, and a traced
+    # graph (torch.compile) may hand the op's outputs to its caller: there,
+    # write the scaled gradient to a new tensor.
+    saved = ctx.saved_tensors
+    in_place = not _graph_is_kept() and not _tracing(saved)
+    outputs = [None, None]
+    for i, (name, flag, wanted) in enumerate(
+        (("student_logits", "student_grad", ctx.student_grad), ("teacher_logits", "teacher_grad", ctx.teacher_grad))
+    ):
+        if not ctx.needs_input_grad[i]:
+            continue
+        if not wanted:
+            raise _missing_grad(name, flag)
+        if in_place:
+            scale_grad_(saved[i], grad_loss)
+            outputs[i] = saved[i]
+        else:
+            outputs[i] = scale_grad(saved[i], grad_loss)
+    return tuple(outputs) + nothing[2:]
+
+
+torch.library.register_autograd(
+    "todi_ext::todi_forward", _todi_forward_backward, setup_context=_todi_forward_setup_context
+)
+
