@@ -18,7 +18,9 @@ TORCH_LIBRARY(todi_ext, m) {
   // The ToDi loss over the last dimension, reduced ("none", "sum" or "mean"
   // over counted positions), and (when asked) its gradients for an upstream
   // gradient of 1, written by the same pass over the logits. Ignored
-  // positions count 0 and get a zero gradient.
+  // positions count 0 and get a zero gradient. The autograd registration
+  // (python/todi_ext/ops.py) saves the gradient outputs and scales them in
+  // place in backward.
   m.def(
       "todi_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, float beta, "
       "float temperature, int ignore_index, str reduction, bool student_grad, bool teacher_grad) "

@@ -35,9 +35,9 @@ def todi_loss(
     Returns:
         float32 (float64 for float64 inputs): a scalar, or shape (...) for "none".
         Gradients reach student_logits (and teacher_logits, if it requires
-        grad) in their own dtype. The result can be back-propagated once
-        (no retain_graph=True reuse): the gradient, computed in the forward,
-        is scaled in place rather than copied.
+        grad) in their own dtype. They are computed in the forward and, in
+        backward, scaled in place by the upstream gradient (a copy is made
+        only with retain_graph=True), so one gradient-sized buffer is held.
     """
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
     grad_on = torch.is_grad_enabled()

@@ -33,7 +33,11 @@ def todi_forward(
     teacher_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The reduced loss and, when the flags ask, d(loss)/d(student_logits) and
-    d(loss)/d(teacher_logits) for an upstream gradient of 1 (else empty tensors)."""
+    d(loss)/d(teacher_logits) for an upstream gradient of 1 (else empty tensors).
+
+    The gradient outputs belong to the autograd graph: backward scales them in
+    place and hands them over as the inputs' .grad. Read them before backward.
+    """
     return torch.ops.todi_ext.todi_forward.default(
         student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad
     )
