@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 
 #include <algorithm>
@@ -102,6 +103,22 @@ at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan
     case Reduction::kMean: return per_position.sum().div_(plan.count);
   }
   TORCH_INTERNAL_ASSERT(false);
+}
+
+ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                             const std::optional<at::Tensor>& labels, double beta, double temperature,
+                             int64_t ignore_index, c10::string_view reduction, bool student_grad,
+                             bool teacher_grad) {
+  ForwardSetup setup;
+  setup.view = check_forward_args(student_logits, teacher_logits, labels, beta, temperature);
+  const auto math_opts = student_logits.options().dtype(math_dtype(student_logits, teacher_logits));
+  setup.plan = plan_reduction(reduction, setup.view, ignore_index, math_opts);
+  setup.per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);
+  setup.grad_student =
+      at::empty(student_grad ? student_logits.sizes() : at::IntArrayRef{0}, student_logits.options());
+  setup.grad_teacher =
+      at::empty(teacher_grad ? teacher_logits.sizes() : at::IntArrayRef{0}, teacher_logits.options());
+  return setup;
 }
 
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale) {

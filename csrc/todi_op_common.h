@@ -54,6 +54,22 @@ ReductionPlan plan_reduction(c10::string_view reduction, const RowsView& view, i
 // Reduces the per-position losses (shape: the logits' leading dimensions).
 at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan);
 
+// Everything a backend needs before launching the forward kernel: checked
+// inputs, the reduction plan, and the outputs, allocated (the gradients
+// only when asked for; else empty).
+struct ForwardSetup {
+  RowsView view;
+  ReductionPlan plan;
+  at::Tensor per_position;  // the logits' leading shape, math dtype
+  at::Tensor grad_student;
+  at::Tensor grad_teacher;
+};
+
+ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                             const std::optional<at::Tensor>& labels, double beta, double temperature,
+                             int64_t ignore_index, c10::string_view reduction, bool student_grad,
+                             bool teacher_grad);
+
 // Checks scale_grad(_)'s arguments.
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale);
 

@@ -189,3 +189,5 @@ def test_mixed_devices_are_rejected():
         todi_ext.todi_loss(student, student.clone(), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="teacher_logits is on cpu"):  # the op's own C++ check
         torch.ops.todi_ext.todi_forward(student, make_logits((3, 10)), None, 1.0, 1.0, -100, "mean", False, False)
+    with pytest.raises(ValueError, match="teacher_logits is on cuda"):  # CPU student: the CUDA kernel may run
+        torch.ops.todi_ext.todi_forward(make_logits((3, 10)), student, None, 1.0, 1.0, -100, "mean", False, False)

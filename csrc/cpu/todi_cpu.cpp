@@ -50,14 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cpu(const at::Tensor
                                                                 double beta, double temperature,
                                                                 int64_t ignore_index, c10::string_view reduction,
                                                                 bool student_grad, bool teacher_grad) {
-  const RowsView view = check_forward_args(student_logits, teacher_logits, labels, beta, temperature);
-  const auto opts = student_logits.options();
-  const auto math_opts = opts.dtype(math_dtype(student_logits, teacher_logits));
-  const ReductionPlan plan = plan_reduction(reduction, view, ignore_index, math_opts);
-  at::Tensor per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);
-  at::Tensor grad_student = at::empty(student_grad ? student_logits.sizes() : at::IntArrayRef{0}, opts);
-  at::Tensor grad_teacher =
-      at::empty(teacher_grad ? teacher_logits.sizes() : at::IntArrayRef{0}, teacher_logits.options());
+  auto [view, plan, per_position, grad_student, grad_teacher] = prepare_forward(
+      student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad);
 
   ForwardParams p;
   p.student = row_matrix(view.student);

@@ -100,13 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cuda(const at::Tenso
                                                                  double beta, double temperature,
                                                                  int64_t ignore_index, c10::string_view reduction,
                                                                  bool student_grad, bool teacher_grad) {
-  const RowsView view = check_forward_args(student_logits, teacher_logits, labels, beta, temperature);
+  // Checks first: with inputs on mixed devices this kernel may be the one
+  // dispatched, and the error must name the argument.
+  auto [view, plan, per_position, grad_student, grad_teacher] = prepare_forward(
+      student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const auto math_opts = student_logits.options().dtype(math_dtype(student_logits, teacher_logits));
-  const ReductionPlan plan = plan_reduction(reduction, view, ignore_index, math_opts);
-  at::Tensor per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);
-  at::Tensor grad_student = at::empty(student_grad ? student_logits.sizes() : at::IntArrayRef{0}, student_logits.options());
-  at::Tensor grad_teacher = at::empty(teacher_grad ? teacher_logits.sizes() : at::IntArrayRef{0}, teacher_logits.options());
   if (view.rows == 0) return {reduce_loss(per_position, plan), grad_student, grad_teacher};
 
   ForwardArgs args{};

@@ -25,23 +25,14 @@ constexpr int kMaxThreads = 512;
 constexpr int kWarp = 32;
 
 // ---------------------------------------------------------------- elements
-// Typed element access, converting to and from the accumulation type.
+// Typed element access, converting to and from the accumulation type:
+// plain casts for float and double, intrinsics for the 16-bit types.
 template <class T>
-struct Elem;
-
-template <>
-struct Elem<float> {
+struct Elem {
   template <class A>
-  static __device__ __forceinline__ A load(float x) { return static_cast<A>(x); }
+  static __device__ __forceinline__ A load(T x) { return static_cast<A>(x); }
   template <class A>
-  static __device__ __forceinline__ float from(A x) { return static_cast<float>(x); }
-};
-template <>
-struct Elem<double> {
-  template <class A>
-  static __device__ __forceinline__ A load(double x) { return static_cast<A>(x); }
-  template <class A>
-  static __device__ __forceinline__ double from(A x) { return static_cast<double>(x); }
+  static __device__ __forceinline__ T from(A x) { return static_cast<T>(x); }
 };
 template <>
 struct Elem<__nv_bfloat16> {
