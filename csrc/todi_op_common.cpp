@@ -121,6 +121,32 @@ ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor&
   return setup;
 }
 
+ForwardParams forward_params(const ForwardSetup& setup, double beta, double temperature, int64_t ignore_index) {
+  ForwardParams p;
+  p.student = RowMatrix{setup.view.student.const_data_ptr(), setup.view.student.scalar_type(),
+                        row_layout(setup.view.student)};
+  p.teacher = RowMatrix{setup.view.teacher.const_data_ptr(), setup.view.teacher.scalar_type(),
+                        row_layout(setup.view.teacher)};
+  p.rows = setup.view.rows;
+  p.vocab = setup.view.vocab;
+  p.labels = setup.view.labels.defined() ? setup.view.labels.const_data_ptr<int64_t>() : nullptr;
+  p.ignore_index = ignore_index;
+  p.beta = beta;
+  p.inv_temperature = 1.0 / temperature;
+  p.double_math = setup.per_position.scalar_type() == at::kDouble;
+  p.loss = setup.per_position.mutable_data_ptr();
+  p.grad_scale = setup.plan.grad_scale.defined() ? setup.plan.grad_scale.const_data_ptr() : nullptr;
+  if (setup.grad_student.numel() > 0) {
+    p.grad_student = OutMatrix{setup.grad_student.mutable_data_ptr(), setup.grad_student.scalar_type()};
+  }
+  if (setup.grad_teacher.numel() > 0) {
+    p.grad_teacher = OutMatrix{setup.grad_teacher.mutable_data_ptr(), setup.grad_teacher.scalar_type()};
+  }
+  return p;
+}
+
+namespace {
+
 void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK_TYPE(is_logit_dtype(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble,
@@ -137,8 +163,25 @@ void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale) {
                     RowLayout::kMaxDims, " leading dimensions unless it is contiguous, got ", grad.dim() - 1);
 }
 
-at::Tensor rows_for_scaling(const at::Tensor& grad) {
-  return grad.dim() - 1 <= RowLayout::kMaxDims ? grad : grad.view({-1, grad.size(-1)});
+}  // namespace
+
+ScaleGradCall scale_grad_call(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
+  check_scale_grad_args(grad, scale);
+  ScaleGradCall call;
+  // A contiguous grad with more leading dimensions than RowLayout indexes is
+  // viewed as (rows, V).
+  const at::Tensor rows = grad.dim() - 1 <= RowLayout::kMaxDims ? grad : grad.view({-1, grad.size(-1)});
+  call.keep_alive[0] = rows;
+  call.keep_alive[1] = scale.contiguous();
+  ScaleGradParams& p = call.params;
+  p.grad = RowMatrix{rows.const_data_ptr(), rows.scalar_type(), row_layout(rows)};
+  p.out = out.is_same(grad) ? const_cast<void*>(p.grad.data) : out.mutable_data_ptr();
+  p.vocab = grad.size(-1);
+  p.rows = p.vocab > 0 ? grad.numel() / p.vocab : 0;
+  p.scale = call.keep_alive[1].const_data_ptr();
+  p.scale_dtype = call.keep_alive[1].scalar_type();
+  p.scale_per_row = call.keep_alive[1].dim() > 0;
+  return call;
 }
 
 }  // namespace todi_ext

@@ -9,6 +9,7 @@
 
 #include <optional>
 
+#include "todi_ext/kernel_params.h"
 #include "todi_ext/row_layout.h"
 
 namespace todi_ext {
@@ -70,11 +71,16 @@ ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor&
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
                              bool teacher_grad);
 
-// Checks scale_grad(_)'s arguments.
-void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale);
+// The forward kernel's parameters for a prepared call.
+ForwardParams forward_params(const ForwardSetup& setup, double beta, double temperature, int64_t ignore_index);
 
-// grad itself when RowLayout can index its rows, else grad viewed as (rows, V)
-// (a contiguous grad with many leading dimensions).
-at::Tensor rows_for_scaling(const at::Tensor& grad);
+// Checks scale_grad(_)'s arguments and builds the kernel's parameters; out
+// is grad (in place) or a contiguous tensor of its shape. `keep_alive` holds
+// the tensors the parameters point into until the kernel has been launched.
+struct ScaleGradCall {
+  ScaleGradParams params;
+  at::Tensor keep_alive[2];
+};
+ScaleGradCall scale_grad_call(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out);
 
 }  // namespace todi_ext

@@ -40,61 +40,27 @@ const char* kernel_capability() { return kernels().capability; }
 
 namespace {
 
-RowMatrix row_matrix(const at::Tensor& x) {
-  return RowMatrix{x.const_data_ptr(), x.scalar_type(), row_layout(x)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cpu(const at::Tensor& student_logits,
                                                                 const at::Tensor& teacher_logits,
                                                                 const std::optional<at::Tensor>& labels,
                                                                 double beta, double temperature,
                                                                 int64_t ignore_index, c10::string_view reduction,
                                                                 bool student_grad, bool teacher_grad) {
-  auto [view, plan, per_position, grad_student, grad_teacher] = prepare_forward(
-      student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad);
-
-  ForwardParams p;
-  p.student = row_matrix(view.student);
-  p.teacher = row_matrix(view.teacher);
-  p.rows = view.rows;
-  p.vocab = view.vocab;
-  p.labels = view.labels.defined() ? view.labels.const_data_ptr<int64_t>() : nullptr;
-  p.ignore_index = ignore_index;
-  p.beta = beta;
-  p.inv_temperature = 1.0 / temperature;
-  p.double_math = per_position.scalar_type() == at::kDouble;
-  p.loss = per_position.mutable_data_ptr();
-  p.grad_scale = plan.grad_scale.defined() ? plan.grad_scale.const_data_ptr() : nullptr;
-  if (student_grad) p.grad_student = OutMatrix{grad_student.mutable_data_ptr(), grad_student.scalar_type()};
-  if (teacher_grad) p.grad_teacher = OutMatrix{grad_teacher.mutable_data_ptr(), grad_teacher.scalar_type()};
-  if (p.rows > 0) kernels().forward(p);
-  return {reduce_loss(per_position, plan), grad_student, grad_teacher};
+  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, beta, temperature,
+                                             ignore_index, reduction, student_grad, teacher_grad);
+  if (setup.view.rows > 0) kernels().forward(forward_params(setup, beta, temperature, ignore_index));
+  return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
 
-// out is grad (in place) or a contiguous tensor of grad's shape.
-void scale_grad_into(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
-  check_scale_grad_args(grad, scale);
-  if (grad.numel() == 0) return;
-  const at::Tensor scale_values = scale.contiguous();
-  const at::Tensor rows = rows_for_scaling(grad);
-  ScaleGradParams p;
-  p.grad = rows.const_data_ptr();
-  p.out = out.is_same(grad) ? const_cast<void*>(p.grad) : out.mutable_data_ptr();
-  p.dtype = grad.scalar_type();
-  p.layout = row_layout(rows);
-  p.vocab = grad.size(-1);
-  p.rows = grad.numel() / p.vocab;
-  p.scale = scale_values.const_data_ptr();
-  p.scale_dtype = scale_values.scalar_type();
-  p.scale_per_row = scale_values.dim() > 0;
-  kernels().scale_grad(p);
+void scale_grad_cpu_(const at::Tensor& grad, const at::Tensor& scale) {
+  const ScaleGradCall call = scale_grad_call(grad, scale, grad);
+  if (grad.numel() > 0) kernels().scale_grad(call.params);
 }
-
-void scale_grad_cpu_(const at::Tensor& grad, const at::Tensor& scale) { scale_grad_into(grad, scale, grad); }
 
 at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   at::Tensor out = at::empty(grad.sizes(), grad.options());
-  scale_grad_into(grad, scale, out);
+  const ScaleGradCall call = scale_grad_call(grad, scale, out);
+  if (grad.numel() > 0) kernels().scale_grad(call.params);
   return out;
 }
 

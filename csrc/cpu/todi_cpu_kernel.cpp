@@ -316,7 +316,8 @@ void forward_rows(const ForwardParams& p) {
 template <class acc_t>
 void scale_grad(const ScaleGradParams& p) {
   using Vec = Vectorized<acc_t>;
-  const int64_t elem = c10::elementSize(p.dtype);
+  const c10::ScalarType dtype = p.grad.dtype;
+  const int64_t elem = c10::elementSize(dtype);
   at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buffer[kChunk];
     for (int64_t row = begin; row < end; ++row) {
@@ -324,15 +325,16 @@ void scale_grad(const ScaleGradParams& p) {
       const acc_t scale = p.scale_dtype == c10::ScalarType::Double
                               ? static_cast<acc_t>(static_cast<const double*>(p.scale)[k])
                               : static_cast<acc_t>(static_cast<const float*>(p.scale)[k]);
-      if (p.out == p.grad && scale == acc_t(1)) continue;  // the usual loss.backward(): nothing to do
+      const bool in_place = p.out == p.grad.data;
+      if (in_place && scale == acc_t(1)) continue;  // the usual loss.backward(): nothing to do
       const Vec scale_v(scale);
-      const char* src = static_cast<const char*>(p.grad) + p.layout.row_offset(row) * elem;
-      char* dst = p.out == p.grad ? const_cast<char*>(src) : static_cast<char*>(p.out) + row * p.vocab * elem;
+      const char* src = static_cast<const char*>(row_ptr(p.grad, row, 0));
+      char* dst = in_place ? const_cast<char*>(src) : static_cast<char*>(p.out) + row * p.vocab * elem;
       for (int64_t start = 0; start < p.vocab; start += kChunk) {
         const int64_t n = std::min(kChunk, p.vocab - start);
-        const int64_t padded = load_chunk(src + start * elem, p.dtype, n, buffer);
+        const int64_t padded = load_chunk(src + start * elem, dtype, n, buffer);
         for (int64_t i = 0; i < padded; i += Vec::size()) (Vec::loadu(buffer + i) * scale_v).store(buffer + i);
-        store_chunk(buffer, n, dst + start * elem, p.dtype);
+        store_chunk(buffer, n, dst + start * elem, dtype);
       }
     }
   });
@@ -349,7 +351,7 @@ void todi_forward_kernel(const ForwardParams& params) {
 }
 
 void scale_grad_kernel(const ScaleGradParams& params) {
-  if (params.dtype == c10::ScalarType::Double || params.scale_dtype == c10::ScalarType::Double) {
+  if (params.grad.dtype == c10::ScalarType::Double || params.scale_dtype == c10::ScalarType::Double) {
     scale_grad<double>(params);
   } else {
     scale_grad<float>(params);

@@ -21,16 +21,6 @@
 namespace todi_ext::cuda {
 namespace {
 
-Dtype dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kDouble: return Dtype::kDouble;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    case at::kHalf: return Dtype::kHalf;
-    default: TORCH_CHECK_TYPE(false, "todi_ext: unsupported dtype ", t);
-  }
-}
-
 // Threads per row: about 16 entries per thread, 32..512. (Untuned: see README.md.)
 int threads_for(int64_t vocab) {
   int threads = kWarp;
@@ -75,7 +65,7 @@ void allow_max_dynamic_smem(Kernel kernel, int device) {
 }
 
 template <class A, class T>
-void launch_typed(const ForwardArgs& args, int device, cudaStream_t stream) {
+void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
   const int threads = threads_for(args.vocab);
   const int64_t cache_bytes = 2 * ((args.vocab + 7) / 8) * 8 * static_cast<int64_t>(sizeof(T));
   if (row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
@@ -89,7 +79,7 @@ void launch_typed(const ForwardArgs& args, int device, cudaStream_t stream) {
 }
 
 template <class A>
-void launch_any(const ForwardArgs& args, cudaStream_t stream) {
+void launch_any(const ForwardParams& args, cudaStream_t stream) {
   todi_forward_kernel<A, AnyDtype, false><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -102,69 +92,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cuda(const at::Tenso
                                                                  bool student_grad, bool teacher_grad) {
   // Checks first: with inputs on mixed devices this kernel may be the one
   // dispatched, and the error must name the argument.
-  auto [view, plan, per_position, grad_student, grad_teacher] = prepare_forward(
-      student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad);
+  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, beta, temperature,
+                                             ignore_index, reduction, student_grad, teacher_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  if (view.rows == 0) return {reduce_loss(per_position, plan), grad_student, grad_teacher};
-
-  ForwardArgs args{};
-  args.student = view.student.const_data_ptr();
-  args.teacher = view.teacher.const_data_ptr();
-  args.student_layout = row_layout(view.student);
-  args.teacher_layout = row_layout(view.teacher);
-  args.student_dtype = dtype_code(student_logits.scalar_type());
-  args.teacher_dtype = dtype_code(teacher_logits.scalar_type());
-  args.rows = view.rows;
-  args.vocab = view.vocab;
-  args.labels = view.labels.defined() ? view.labels.const_data_ptr<int64_t>() : nullptr;
-  args.ignore_index = ignore_index;
-  args.beta = beta;
-  args.inv_temperature = 1.0 / temperature;
-  args.loss = per_position.mutable_data_ptr();
-  args.grad_scale = plan.grad_scale.defined() ? plan.grad_scale.const_data_ptr() : nullptr;
-  args.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
-  args.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr() : nullptr;
-
-  const int device = student_logits.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const bool same = student_logits.scalar_type() == teacher_logits.scalar_type();
-  const at::ScalarType acc = per_position.scalar_type();
-  if (same && args.student_dtype == Dtype::kFloat) {
-    launch_typed<float, float>(args, device, stream);
-  } else if (same && args.student_dtype == Dtype::kBFloat16) {
-    launch_typed<float, __nv_bfloat16>(args, device, stream);
-  } else if (same && args.student_dtype == Dtype::kHalf) {
-    launch_typed<float, __half>(args, device, stream);
-  } else if (same) {  // float64
-    launch_typed<double, double>(args, device, stream);
-  } else if (acc == at::kDouble) {
-    launch_any<double>(args, stream);
-  } else {
-    launch_any<float>(args, stream);
+  if (setup.view.rows > 0) {
+    const ForwardParams args = forward_params(setup, beta, temperature, ignore_index);
+    const int device = student_logits.get_device();
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    const at::ScalarType dtype = student_logits.scalar_type();
+    if (dtype != teacher_logits.scalar_type()) {
+      args.double_math ? launch_any<double>(args, stream) : launch_any<float>(args, stream);
+    } else if (dtype == at::kFloat) {
+      launch_typed<float, float>(args, device, stream);
+    } else if (dtype == at::kBFloat16) {
+      launch_typed<float, __nv_bfloat16>(args, device, stream);
+    } else if (dtype == at::kHalf) {
+      launch_typed<float, __half>(args, device, stream);
+    } else {  // float64
+      launch_typed<double, double>(args, device, stream);
+    }
   }
-  return {reduce_loss(per_position, plan), grad_student, grad_teacher};
+  return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
 
-// out is grad (in place) or a contiguous tensor of grad's shape.
-void scale_grad_into(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
-  check_scale_grad_args(grad, scale);
+void launch_scale_grad(const ScaleGradCall& call, const at::Tensor& grad) {
   if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor scale_values = scale.contiguous();
-  const at::Tensor rows = rows_for_scaling(grad);
-  ScaleGradArgs args{};
-  args.grad = rows.const_data_ptr();
-  args.out = out.is_same(grad) ? const_cast<void*>(args.grad) : out.mutable_data_ptr();
-  args.layout = row_layout(rows);
-  args.dtype = dtype_code(grad.scalar_type());
-  args.vocab = grad.size(-1);
-  args.rows = grad.numel() / args.vocab;
-  args.scale = scale_values.const_data_ptr();
-  args.scale_dtype = dtype_code(scale_values.scalar_type());
-  args.scale_per_row = scale_values.dim() > 0;
+  const ScaleGradParams& args = call.params;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
   const int threads = threads_for(args.vocab);
-  if (args.dtype == Dtype::kDouble || args.scale_dtype == Dtype::kDouble) {
+  if (args.grad.dtype == at::kDouble || args.scale_dtype == at::kDouble) {
     scale_grad_kernel<double><<<grid_for(args.rows), threads, 0, stream>>>(args);
   } else {
     scale_grad_kernel<float><<<grid_for(args.rows), threads, 0, stream>>>(args);
@@ -172,11 +129,13 @@ void scale_grad_into(const at::Tensor& grad, const at::Tensor& scale, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void scale_grad_cuda_(const at::Tensor& grad, const at::Tensor& scale) { scale_grad_into(grad, scale, grad); }
+void scale_grad_cuda_(const at::Tensor& grad, const at::Tensor& scale) {
+  launch_scale_grad(scale_grad_call(grad, scale, grad), grad);
+}
 
 at::Tensor scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
   at::Tensor out = at::empty(grad.sizes(), grad.options());
-  scale_grad_into(grad, scale, out);
+  launch_scale_grad(scale_grad_call(grad, scale, out), grad);
   return out;
 }
 

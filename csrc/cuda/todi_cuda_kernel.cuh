@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "todi_ext/kernel_params.h"
 #include "todi_ext/row_layout.h"
 #include "todi_ext/todi_math.h"
 
@@ -49,17 +50,21 @@ struct Elem<__half> {
   static __device__ __forceinline__ __half from(A x) { return __float2half_rn(static_cast<float>(x)); }
 };
 
-// Element type codes for inputs whose dtypes differ (student bf16 with a
-// float32 teacher, say): one generic instantiation switches per element
+// Inputs whose dtypes differ (student bf16 with a float32 teacher, say) go
+// through one generic instantiation that switches on the dtype per element
 // instead of compiling every dtype pair. Slower, rarely used.
-enum class Dtype : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
+using Dtype = c10::ScalarType;
+
+__device__ __forceinline__ int64_t elem_size(Dtype t) {
+  return t == Dtype::Double ? 8 : t == Dtype::Float ? 4 : 2;
+}
 
 template <class A>
 __device__ __forceinline__ A load_any(const void* p, Dtype t, int64_t i) {
   switch (t) {
-    case Dtype::kFloat: return Elem<float>::load<A>(static_cast<const float*>(p)[i]);
-    case Dtype::kDouble: return Elem<double>::load<A>(static_cast<const double*>(p)[i]);
-    case Dtype::kBFloat16: return Elem<__nv_bfloat16>::load<A>(static_cast<const __nv_bfloat16*>(p)[i]);
+    case Dtype::Float: return Elem<float>::load<A>(static_cast<const float*>(p)[i]);
+    case Dtype::Double: return Elem<double>::load<A>(static_cast<const double*>(p)[i]);
+    case Dtype::BFloat16: return Elem<__nv_bfloat16>::load<A>(static_cast<const __nv_bfloat16*>(p)[i]);
     default: return Elem<__half>::load<A>(static_cast<const __half*>(p)[i]);
   }
 }
@@ -67,49 +72,15 @@ __device__ __forceinline__ A load_any(const void* p, Dtype t, int64_t i) {
 template <class A>
 __device__ __forceinline__ void store_any(void* p, Dtype t, int64_t i, A x) {
   switch (t) {
-    case Dtype::kFloat: static_cast<float*>(p)[i] = Elem<float>::from(x); break;
-    case Dtype::kDouble: static_cast<double*>(p)[i] = Elem<double>::from(x); break;
-    case Dtype::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = Elem<__nv_bfloat16>::from(x); break;
+    case Dtype::Float: static_cast<float*>(p)[i] = Elem<float>::from(x); break;
+    case Dtype::Double: static_cast<double*>(p)[i] = Elem<double>::from(x); break;
+    case Dtype::BFloat16: static_cast<__nv_bfloat16*>(p)[i] = Elem<__nv_bfloat16>::from(x); break;
     default: static_cast<__half*>(p)[i] = Elem<__half>::from(x); break;
   }
 }
 
 // Marker for the generic, per-element-switch instantiation.
 struct AnyDtype {};
-
-// ------------------------------------------------------------- parameters
-struct ForwardArgs {
-  const void* student;
-  const void* teacher;
-  RowLayout student_layout;
-  RowLayout teacher_layout;
-  Dtype student_dtype;
-  Dtype teacher_dtype;
-  int64_t rows;
-  int64_t vocab;
-  const int64_t* labels;  // nullptr: no labels
-  int64_t ignore_index;
-  double beta;
-  double inv_temperature;
-  void* loss;          // (rows,), float32 or float64 (= acc type)
-  const void* grad_scale;  // one value (acc type) multiplying the gradients ("mean": 1/count), or nullptr
-  void* grad_student;  // contiguous (rows, vocab) in the student dtype, or nullptr
-  void* grad_teacher;  // contiguous (rows, vocab) in the teacher dtype, or nullptr
-};
-
-// out = grad * scale (rows of out contiguous). In place when out == grad,
-// and then rows whose scale is exactly 1 are skipped.
-struct ScaleGradArgs {
-  const void* grad;
-  void* out;
-  RowLayout layout;
-  Dtype dtype;
-  int64_t rows;
-  int64_t vocab;
-  const void* scale;  // one value, or one per row
-  Dtype scale_dtype;
-  bool scale_per_row;
-};
 
 // ------------------------------------------------------------- reductions
 template <class A>
@@ -216,9 +187,9 @@ template <class A, class T>
 struct RowSource {
   const T* z;
   const T* s;
-  __device__ RowSource(const ForwardArgs& args, int64_t row)
-      : z(static_cast<const T*>(args.student) + args.student_layout.row_offset(row)),
-        s(static_cast<const T*>(args.teacher) + args.teacher_layout.row_offset(row)) {}
+  __device__ RowSource(const ForwardParams& args, int64_t row)
+      : z(static_cast<const T*>(args.student.data) + args.student.layout.row_offset(row)),
+        s(static_cast<const T*>(args.teacher.data) + args.teacher.layout.row_offset(row)) {}
   template <class F>
   __device__ void for_each(int64_t vocab, F&& f) const { for_each_entry<A>(z, s, vocab, f); }
   __device__ static void store(void* out, Dtype, int64_t i, A x) { static_cast<T*>(out)[i] = Elem<T>::from(x); }
@@ -229,11 +200,10 @@ struct RowSource<A, AnyDtype> {
   const void* z;
   const void* s;
   Dtype zt, st;
-  __device__ RowSource(const ForwardArgs& args, int64_t row) : zt(args.student_dtype), st(args.teacher_dtype) {
-    z = static_cast<const char*>(args.student) + args.student_layout.row_offset(row) * elem_size(zt);
-    s = static_cast<const char*>(args.teacher) + args.teacher_layout.row_offset(row) * elem_size(st);
+  __device__ RowSource(const ForwardParams& args, int64_t row) : zt(args.student.dtype), st(args.teacher.dtype) {
+    z = static_cast<const char*>(args.student.data) + args.student.layout.row_offset(row) * elem_size(zt);
+    s = static_cast<const char*>(args.teacher.data) + args.teacher.layout.row_offset(row) * elem_size(st);
   }
-  static __device__ int64_t elem_size(Dtype t) { return t == Dtype::kDouble ? 8 : t == Dtype::kFloat ? 4 : 2; }
   template <class F>
   __device__ void for_each(int64_t vocab, F&& f) const {
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) f(i, load_any<A>(z, zt, i), load_any<A>(s, st, i));
@@ -245,7 +215,7 @@ struct RowSource<A, AnyDtype> {
 // T: the element type of both inputs, or AnyDtype. kCacheRow: keep the row
 // pair in dynamic shared memory (typed rows only).
 template <class A, class T, bool kCacheRow>
-__global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const ForwardArgs args) {
+__global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const ForwardParams args) {
   extern __shared__ __align__(16) unsigned char row_cache[];
   __shared__ A scratch[4 * kWarp];
   const int64_t vocab = args.vocab;
@@ -260,8 +230,8 @@ __global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const Forward
 
     if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-        if (args.grad_student) global_row.store(args.grad_student, args.student_dtype, out_base + i, A(0));
-        if (args.grad_teacher) global_row.store(args.grad_teacher, args.teacher_dtype, out_base + i, A(0));
+        if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
+        if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, A(0));
       }
       if (threadIdx.x == 0) *loss_out = A(0);
       continue;
@@ -291,8 +261,8 @@ __global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const Forward
     if (!math::is_finite(lz) || !math::is_finite(ls)) {  // undefined distribution: NaN row
       const A nan = std::numeric_limits<A>::quiet_NaN();
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-        if (args.grad_student) global_row.store(args.grad_student, args.student_dtype, out_base + i, nan);
-        if (args.grad_teacher) global_row.store(args.grad_teacher, args.teacher_dtype, out_base + i, nan);
+        if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
+        if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, nan);
       }
       if (threadIdx.x == 0) *loss_out = nan;
       continue;
@@ -329,19 +299,19 @@ __global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const Forward
     if (threadIdx.x == 0) *loss_out = sums[0];
 
     // Pass 3: gradients.
-    if (args.grad_student || args.grad_teacher) {
+    if (args.grad_student.data || args.grad_teacher.data) {
       const A u_sum = sums[1];
       const A v_sum = sums[2];
       // 1/T, times the reduction's factor (1/count for "mean").
       const A grad_t = args.grad_scale ? inv_t * *static_cast<const A*>(args.grad_scale) : inv_t;
       walk([&](int64_t i, A z, A s) {
         const auto t = terms(z, s);
-        if (args.grad_student) {
-          global_row.store(args.grad_student, args.student_dtype, out_base + i,
+        if (args.grad_student.data) {
+          global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i,
                            math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
         }
-        if (args.grad_teacher) {
-          global_row.store(args.grad_teacher, args.teacher_dtype, out_base + i,
+        if (args.grad_teacher.data) {
+          global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i,
                            math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
         }
       });
@@ -351,16 +321,17 @@ __global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const Forward
 }
 
 template <class A>
-__global__ void __launch_bounds__(kMaxThreads) scale_grad_kernel(const ScaleGradArgs args) {
-  const int64_t elem = args.dtype == Dtype::kDouble ? 8 : args.dtype == Dtype::kFloat ? 4 : 2;
+__global__ void __launch_bounds__(kMaxThreads) scale_grad_kernel(const ScaleGradParams args) {
+  const Dtype dtype = args.grad.dtype;
+  const int64_t elem = elem_size(dtype);
   for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
     const A scale = load_any<A>(args.scale, args.scale_dtype, args.scale_per_row ? row : 0);
-    const bool in_place = args.out == args.grad;
+    const bool in_place = args.out == args.grad.data;
     if (in_place && scale == A(1)) continue;  // the usual loss.backward(): no memory traffic at all
-    const char* src = static_cast<const char*>(args.grad) + args.layout.row_offset(row) * elem;
+    const char* src = static_cast<const char*>(args.grad.data) + args.grad.layout.row_offset(row) * elem;
     void* dst = in_place ? const_cast<char*>(src) : static_cast<char*>(args.out) + row * args.vocab * elem;
     for (int64_t i = threadIdx.x; i < args.vocab; i += blockDim.x) {
-      store_any(dst, args.dtype, i, load_any<A>(src, args.dtype, i) * scale);
+      store_any(dst, dtype, i, load_any<A>(src, dtype, i) * scale);
     }
   }
 }

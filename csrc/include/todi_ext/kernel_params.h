@@ -1,0 +1,55 @@
+// What every backend's kernels are given: plain structs of pointers, dtypes
+// and sizes, built once on the host by todi_op_common.cpp and passed by value
+// to the CPU kernel or a CUDA launch.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "todi_ext/row_layout.h"
+
+namespace todi_ext {
+
+// A (..., vocab) input whose rows are contiguous but may sit anywhere.
+struct RowMatrix {
+  const void* data = nullptr;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  RowLayout layout;
+};
+
+// A contiguous (rows, vocab) output; data == nullptr: not wanted.
+struct OutMatrix {
+  void* data = nullptr;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+};
+
+struct ForwardParams {
+  RowMatrix student;
+  RowMatrix teacher;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  const int64_t* labels = nullptr;  // (rows,), or nullptr for "no labels"
+  int64_t ignore_index = -100;
+  double beta = 1.0;
+  double inv_temperature = 1.0;
+  bool double_math = false;          // accumulate in float64 (float64 inputs)
+  void* loss = nullptr;              // (rows,) per-position losses, float32 (float64 with double_math)
+  const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
+  OutMatrix grad_student;            // d loss / d student logits
+  OutMatrix grad_teacher;            // d loss / d teacher logits
+};
+
+// out = grad * scale (rows of out contiguous). In place when out == grad,
+// and then rows whose scale is exactly 1 are skipped.
+struct ScaleGradParams {
+  RowMatrix grad;
+  void* out = nullptr;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  const void* scale = nullptr;  // one value, or one per row
+  c10::ScalarType scale_dtype = c10::ScalarType::Float;
+  bool scale_per_row = false;
+};
+
+}  // namespace todi_ext
