@@ -79,21 +79,3 @@ def loss_dtype(student_logits, teacher_logits):
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
         return torch.float64
     return torch.float32
-
-
-def reduce_positions(per_position, labels, ignore_index, reduction):
-    """Applies `reduction` to per-position losses that are already 0 where skipped.
-
-    "mean" divides by the number of counted positions, and by 1 when none
-    counts, so an all-ignored batch gives 0 with a zero gradient, never NaN.
-    No host synchronisation: the count stays a tensor.
-    """
-    if reduction == "none":
-        return per_position
-    total = per_position.sum()
-    if reduction == "sum":
-        return total
-    if labels is None:
-        return total / max(per_position.numel(), 1)
-    count = (labels != ignore_index).sum().clamp_(min=1)
-    return total / count.to(total.dtype)

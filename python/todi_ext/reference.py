@@ -51,4 +51,22 @@ def todi_loss(
     if labels is not None:
         keep = labels != ignore_index
         per_position = torch.where(keep, per_position, torch.zeros_like(per_position))
-    return _validation.reduce_positions(per_position, labels, ignore_index, reduction)
+    return _reduce(per_position, labels, ignore_index, reduction)
+
+
+def _reduce(per_position, labels, ignore_index, reduction):
+    """Applies `reduction` to per-position losses that are already 0 where skipped.
+
+    "mean" divides by the number of counted positions, and by 1 when none
+    counts, so an all-ignored batch gives 0 with a zero gradient, never NaN.
+    No host synchronisation: the count stays a tensor.
+    """
+    if reduction == "none":
+        return per_position
+    total = per_position.sum()
+    if reduction == "sum":
+        return total
+    if labels is None:
+        return total / max(per_position.numel(), 1)
+    count = (labels != ignore_index).sum().clamp_(min=1)
+    return total / count.to(total.dtype)
