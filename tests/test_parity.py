@@ -33,7 +33,7 @@ def test_beta_one_equals_forward_plus_reverse_kl_in_value():
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("vocab", [1, 2, 7, 1000, 4097, 32000, 50257])
+@pytest.mark.parametrize("vocab", [1, 2, 7, 1000, 4097, 32000, 50257, 128256, 262144])
 def test_matches_reference_per_position(dtype, vocab):
     rows = 3 if vocab > 5000 else 11  # odd row counts
     student = make_logits((rows, vocab), dtype)
