@@ -39,7 +39,7 @@ at::ScalarType math_dtype(const at::Tensor& student, const at::Tensor& teacher) 
 }
 
 RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                            const std::optional<at::Tensor>& labels, double beta, double temperature) {
+                            const std::optional<at::Tensor>& labels, double temperature) {
   TORCH_CHECK_TYPE(is_logit_dtype(student_logits.scalar_type()),
                    "student_logits must be float32, bfloat16, float16 or float64, got ",
                    student_logits.scalar_type());
@@ -55,7 +55,6 @@ RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& 
                     teacher_logits.device(), " but student_logits is on ", student_logits.device());
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
                     temperature);
-  TORCH_CHECK_VALUE(std::isfinite(beta), "beta must be finite, got ", beta);
 
   RowsView view;
   view.vocab = student_logits.size(-1);
@@ -105,12 +104,44 @@ at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan
   TORCH_INTERNAL_ASSERT(false);
 }
 
+math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double jsd_beta,
+                                  math::DivergenceParams& params) {
+  using math::Divergence;
+  Divergence kind;
+  if (name == "todi") {
+    kind = Divergence::kToDi;
+  } else if (name == "fkl") {
+    kind = Divergence::kFKL;
+  } else if (name == "rkl") {
+    kind = Divergence::kRKL;
+  } else if (name == "tvd") {
+    kind = Divergence::kTVD;
+  } else if (name == "skl") {
+    kind = Divergence::kSKL;
+  } else if (name == "srkl") {
+    kind = Divergence::kSRKL;
+  } else {
+    TORCH_CHECK_VALUE(name == "gjsd", "divergence must be one of 'todi', 'fkl', 'rkl', 'tvd', 'skl', 'srkl', "
+                      "'gjsd', got '", name, "'");
+    kind = Divergence::kGJSD;
+  }
+  TORCH_CHECK_VALUE(std::isfinite(beta), "beta must be finite, got ", beta);
+  TORCH_CHECK_VALUE(skew_lambda >= 0 && skew_lambda <= 1, "skew_lambda must be in [0, 1], got ", skew_lambda);
+  TORCH_CHECK_VALUE(jsd_beta > 0 && jsd_beta < 1, "jsd_beta must be in (0, 1), got ", jsd_beta);
+  params.beta = beta;
+  params.skew_lambda = skew_lambda;
+  params.jsd_beta = jsd_beta;
+  return kind;
+}
+
 ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                             const std::optional<at::Tensor>& labels, double beta, double temperature,
+                             const std::optional<at::Tensor>& labels, c10::string_view divergence,
+                             double beta, double skew_lambda, double jsd_beta, double temperature,
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
                              bool teacher_grad) {
   ForwardSetup setup;
-  setup.view = check_forward_args(student_logits, teacher_logits, labels, beta, temperature);
+  setup.view = check_forward_args(student_logits, teacher_logits, labels, temperature);
+  setup.divergence = parse_divergence(divergence, beta, skew_lambda, jsd_beta, setup.divergence_params);
   const auto math_opts = student_logits.options().dtype(math_dtype(student_logits, teacher_logits));
   setup.plan = plan_reduction(reduction, setup.view, ignore_index, math_opts);
   setup.per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);
@@ -121,7 +152,7 @@ ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor&
   return setup;
 }
 
-ForwardParams forward_params(const ForwardSetup& setup, double beta, double temperature, int64_t ignore_index) {
+ForwardParams forward_params(const ForwardSetup& setup, double temperature, int64_t ignore_index) {
   ForwardParams p;
   p.student = RowMatrix{setup.view.student.const_data_ptr(), setup.view.student.scalar_type(),
                         row_layout(setup.view.student)};
@@ -131,7 +162,8 @@ ForwardParams forward_params(const ForwardSetup& setup, double beta, double temp
   p.vocab = setup.view.vocab;
   p.labels = setup.view.labels.defined() ? setup.view.labels.const_data_ptr<int64_t>() : nullptr;
   p.ignore_index = ignore_index;
-  p.beta = beta;
+  p.divergence = setup.divergence;
+  p.divergence_params = setup.divergence_params;
   p.inv_temperature = 1.0 / temperature;
   p.double_math = setup.per_position.scalar_type() == at::kDouble;
   p.loss = setup.per_position.mutable_data_ptr();

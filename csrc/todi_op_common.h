@@ -24,7 +24,12 @@ struct RowsView {
 
 // Checks the forward's arguments; the logits keep their leading strides.
 RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                            const std::optional<at::Tensor>& labels, double beta, double temperature);
+                            const std::optional<at::Tensor>& labels, double temperature);
+
+// Checks the divergence's name and parameters: "todi", "fkl", "rkl", "tvd",
+// "skl", "srkl", "gjsd" ("js" is gjsd with jsd_beta 0.5, set by the caller).
+math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double jsd_beta,
+                                  math::DivergenceParams& params);
 
 // x itself when its last dimension has unit stride and it has at most
 // RowLayout::kMaxDims leading dimensions (any strides), else a contiguous
@@ -61,18 +66,21 @@ at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan
 struct ForwardSetup {
   RowsView view;
   ReductionPlan plan;
+  math::Divergence divergence = math::Divergence::kToDi;
+  math::DivergenceParams divergence_params;
   at::Tensor per_position;  // the logits' leading shape, math dtype
   at::Tensor grad_student;
   at::Tensor grad_teacher;
 };
 
 ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                             const std::optional<at::Tensor>& labels, double beta, double temperature,
+                             const std::optional<at::Tensor>& labels, c10::string_view divergence,
+                             double beta, double skew_lambda, double jsd_beta, double temperature,
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
                              bool teacher_grad);
 
 // The forward kernel's parameters for a prepared call.
-ForwardParams forward_params(const ForwardSetup& setup, double beta, double temperature, int64_t ignore_index);
+ForwardParams forward_params(const ForwardSetup& setup, double temperature, int64_t ignore_index);
 
 // Checks scale_grad(_)'s arguments and builds the kernel's parameters; out
 // is grad (in place) or a contiguous tensor of its shape. `keep_alive` holds

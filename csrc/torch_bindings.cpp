@@ -15,16 +15,17 @@ const char* kernel_capability();
 }
 
 TORCH_LIBRARY(todi_ext, m) {
-  // The ToDi loss over the last dimension, reduced ("none", "sum" or "mean"
-  // over counted positions), and (when asked) its gradients for an upstream
-  // gradient of 1, written by the same pass over the logits. Ignored
+  // A distillation divergence (ToDi, or one of its paper's baselines) over
+  // the last dimension, reduced ("none", "sum" or "mean" over counted
+  // positions), and (when asked) its gradients for an upstream gradient of 1,
+  // written by the same pass over the logits. Ignored
   // positions count 0 and get a zero gradient. The autograd registration
   // (python/todi_ext/ops.py) saves the gradient outputs and scales them in
   // place in backward.
   m.def(
-      "todi_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, float beta, "
-      "float temperature, int ignore_index, str reduction, bool student_grad, bool teacher_grad) "
-      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+      "distill_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
+      "float beta, float skew_lambda, float jsd_beta, float temperature, int ignore_index, str reduction, "
+      "bool student_grad, bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of todi_forward. scale is a scalar (0-dim) or one value per row; rows
   // whose scale is exactly 1 are not touched, so the usual loss.backward()

@@ -24,7 +24,7 @@ def test_build_info():
 
 
 def test_ops_are_registered_for_cpu():
-    for op in ("todi_forward", "scale_grad_", "scale_grad"):
+    for op in ("distill_forward", "scale_grad_", "scale_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CPU")
 
 
@@ -90,7 +90,7 @@ def _fatbin_archs(path):
 
 @pytest.mark.skipif(todi_ext.build_info()["cuda_version"] is None, reason="built without CUDA kernels")
 def test_cuda_build_registers_every_op_and_carries_its_architectures():
-    for op in ("todi_forward", "scale_grad_", "scale_grad"):
+    for op in ("distill_forward", "scale_grad_", "scale_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CUDA")
     archs = _fatbin_archs(todi_ext._load._C.__file__)
     for arch in todi_ext.build_info()["cuda_archs"]:

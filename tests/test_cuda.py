@@ -119,7 +119,7 @@ def test_opcheck(grads):
     labels = make_labels((3, 5)).cuda()
     for reduction in ("mean", "none"):
         torch.library.opcheck(
-            torch.ops.todi_ext.todi_forward.default, (student, teacher, labels, 1.5, 2.0, -100, reduction, *grads)
+            torch.ops.todi_ext.distill_forward.default, (student, teacher, labels, 1.5, 2.0, -100, reduction, *grads)
         )
     grad = student.detach().clone()
     torch.library.opcheck(torch.ops.todi_ext.scale_grad_.default, (grad, torch.rand(3, 5, device="cuda")))
@@ -188,6 +188,6 @@ def test_mixed_devices_are_rejected():
     with pytest.raises(ValueError, match="labels is on cpu"):
         todi_ext.todi_loss(student, student.clone(), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="teacher_logits is on cpu"):  # the op's own C++ check
-        torch.ops.todi_ext.todi_forward(student, make_logits((3, 10)), None, 1.0, 1.0, -100, "mean", False, False)
+        torch.ops.todi_ext.distill_forward(student, make_logits((3, 10)), None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "mean", False, False)
     with pytest.raises(ValueError, match="teacher_logits is on cuda"):  # CPU student: the CUDA kernel may run
-        torch.ops.todi_ext.todi_forward(make_logits((3, 10)), student, None, 1.0, 1.0, -100, "mean", False, False)
+        torch.ops.todi_ext.distill_forward(make_logits((3, 10)), student, None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "mean", False, False)

@@ -9,7 +9,7 @@ from todi_ext import reference
 
 from conftest import make_labels, make_logits
 
-FORWARD = torch.ops.todi_ext.todi_forward.default
+FORWARD = torch.ops.todi_ext.distill_forward.default
 
 
 def _forward_args(dtype, student_grad, teacher_grad, labels=True, reduction="mean", shape=(3, 5, 129)):
@@ -17,14 +17,14 @@ def _forward_args(dtype, student_grad, teacher_grad, labels=True, reduction="mea
     teacher = make_logits(shape, dtype, seed=1).requires_grad_(teacher_grad)
     teacher.data[0, 0, :3] = float("-inf")
     lab = make_labels(shape[:-1]) if labels else None
-    return (student, teacher, lab, 2.0, 1.5, -100, reduction, student_grad, teacher_grad)
+    return (student, teacher, lab, "todi", 2.0, 0.1, 0.5, 1.5, -100, reduction, student_grad, teacher_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("grads", [(False, False), (True, False), (True, True), (False, True)])
 @pytest.mark.parametrize("labels", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_todi_forward(dtype, grads, labels, reduction):
+def test_opcheck_distill_forward(dtype, grads, labels, reduction):
     torch.library.opcheck(FORWARD, _forward_args(dtype, *grads, labels=labels, reduction=reduction))
 
 
@@ -43,9 +43,9 @@ def test_fake_tensor_shapes_and_dtypes():
     with FakeTensorMode():
         student = torch.empty(2, 3, 50, dtype=torch.bfloat16)
         teacher = torch.empty(2, 3, 50, dtype=torch.float64)
-        loss, gs, gt = FORWARD(student, teacher, None, 1.0, 1.0, -100, "none", True, False)
+        loss, gs, gt = FORWARD(student, teacher, None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "none", True, False)
         assert loss.shape == (2, 3) and loss.dtype == torch.float64
-        assert FORWARD(student, teacher, None, 1.0, 1.0, -100, "mean", True, False)[0].shape == ()
+        assert FORWARD(student, teacher, None, "fkl", 1.0, 0.1, 0.5, 1.0, -100, "mean", True, False)[0].shape == ()
         assert gs.shape == (2, 3, 50) and gs.dtype == torch.bfloat16
         assert gt.numel() == 0
 

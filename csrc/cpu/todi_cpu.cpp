@@ -26,12 +26,12 @@ const Kernels& kernels() {
   static const Kernels chosen = [] {
     const std::string best = at::get_cpu_capability();
 #if defined(TODI_EXT_HAVE_AVX512)
-    if (best == "AVX512") return Kernels{AVX512::todi_forward_kernel, AVX512::scale_grad_kernel, "AVX512"};
+    if (best == "AVX512") return Kernels{AVX512::distill_forward_kernel, AVX512::scale_grad_kernel, "AVX512"};
 #endif
 #if defined(TODI_EXT_HAVE_AVX2)
-    if (best == "AVX512" || best == "AVX2") return Kernels{AVX2::todi_forward_kernel, AVX2::scale_grad_kernel, "AVX2"};
+    if (best == "AVX512" || best == "AVX2") return Kernels{AVX2::distill_forward_kernel, AVX2::scale_grad_kernel, "AVX2"};
 #endif
-    return Kernels{DEFAULT::todi_forward_kernel, DEFAULT::scale_grad_kernel, "DEFAULT"};
+    return Kernels{DEFAULT::distill_forward_kernel, DEFAULT::scale_grad_kernel, "DEFAULT"};
   }();
   return chosen;
 }
@@ -40,15 +40,16 @@ const char* kernel_capability() { return kernels().capability; }
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cpu(const at::Tensor& student_logits,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(const at::Tensor& student_logits,
                                                                 const at::Tensor& teacher_logits,
                                                                 const std::optional<at::Tensor>& labels,
-                                                                double beta, double temperature,
+                                                                c10::string_view divergence, double beta,
+                                                                double skew_lambda, double jsd_beta, double temperature,
                                                                 int64_t ignore_index, c10::string_view reduction,
                                                                 bool student_grad, bool teacher_grad) {
-  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, beta, temperature,
+  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, jsd_beta, temperature,
                                              ignore_index, reduction, student_grad, teacher_grad);
-  if (setup.view.rows > 0) kernels().forward(forward_params(setup, beta, temperature, ignore_index));
+  if (setup.view.rows > 0) kernels().forward(forward_params(setup, temperature, ignore_index));
   return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
 
@@ -67,7 +68,7 @@ at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(todi_ext, CPU, m) {
-  m.impl("todi_forward", &todi_forward_cpu);
+  m.impl("distill_forward", &distill_forward_cpu);
   m.impl("scale_grad_", &scale_grad_cpu_);
   m.impl("scale_grad", &scale_grad_cpu);
 }

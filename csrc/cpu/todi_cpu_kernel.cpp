@@ -33,7 +33,17 @@ namespace todi_ext::math {
 // The vector specializations the shared math needs.
 template <class T>
 struct Ops<at::vec::Vectorized<T>> {
-  static at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
+  using V = at::vec::Vectorized<T>;
+  static V exp(const V& x) { return x.exp(); }
+  static V log(const V& x) { return x.log(); }
+  static V log1p(const V& x) { return x.log1p(); }
+  static V abs(const V& x) { return x.abs(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  static V sign(const V& x) {
+    const V zero(T(0));
+    return V::blendv(zero, V(T(1)), x > zero) - V::blendv(zero, V(T(1)), x < zero);
+  }
 };
 }  // namespace todi_ext::math
 
@@ -202,16 +212,16 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
 
 // Terms of one vector of entries, zeroed where either logit is +-inf (those
 // entries are left out of the sum, so they carry neither loss nor weight).
-template <class acc_t>
+template <math::Divergence D, class acc_t>
 math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const Vectorized<acc_t>& inv_t,
                                                  const Vectorized<acc_t>& lse_z, const Vectorized<acc_t>& lse_s,
-                                                 const Vectorized<acc_t>& beta) {
+                                                 const math::DivergenceParams& prm) {
   using Vec = Vectorized<acc_t>;
   const Vec zv = Vec::loadu(z);
   const Vec sv = Vec::loadu(s);
   const Vec inf(std::numeric_limits<acc_t>::infinity());
   const Vec skip = (zv.abs() == inf) | (sv.abs() == inf);
-  auto t = math::todi_entry(sv * inv_t - lse_s, zv * inv_t - lse_z, beta);
+  auto t = math::divergence_entry<D>(sv * inv_t - lse_s, zv * inv_t - lse_z, prm);
   const Vec zero(acc_t(0));
   t.loss = Vec::blendv(t.loss, zero, skip);
   t.u = Vec::blendv(t.u, zero, skip);
@@ -239,7 +249,7 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
   }
 }
 
-template <class acc_t>
+template <math::Divergence D, class acc_t>
 void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch) {
   using Vec = Vectorized<acc_t>;
   acc_t* loss_out = static_cast<acc_t*>(p.loss) + row;
@@ -268,7 +278,6 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   }
 
   const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
-  const Vec beta(static_cast<acc_t>(p.beta));
   const Vec lse_zv(lz), lse_sv(ls);
 
   // Pass 2: loss and the weight sums; keep what pass 3 needs.
@@ -278,7 +287,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
     load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
-      const auto t = masked_terms(c.z + i, c.s + i, inv_t, lse_zv, lse_sv, beta);
+      const auto t = masked_terms<D>(c.z + i, c.s + i, inv_t, lse_zv, lse_sv, p.divergence_params);
       loss_acc = loss_acc + t.loss;
       u_acc = u_acc + t.u;
       v_acc = v_acc + t.v;
@@ -304,12 +313,12 @@ int64_t grain_rows(int64_t vocab) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
 }
 
-template <class acc_t>
+template <math::Divergence D, class acc_t>
 void forward_rows(const ForwardParams& p) {
   at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
     RowChunk<acc_t> chunk;
     RowScratch<acc_t> scratch(p);
-    for (int64_t row = begin; row < end; ++row) forward_row(p, row, chunk, scratch);
+    for (int64_t row = begin; row < end; ++row) forward_row<D>(p, row, chunk, scratch);
   });
 }
 
@@ -342,12 +351,14 @@ void scale_grad(const ScaleGradParams& p) {
 
 }  // namespace
 
-void todi_forward_kernel(const ForwardParams& params) {
-  if (params.double_math) {
-    forward_rows<double>(params);
-  } else {
-    forward_rows<float>(params);
-  }
+void distill_forward_kernel(const ForwardParams& params) {
+  dispatch_divergence(params.divergence, [&](auto divergence) {
+    if (params.double_math) {
+      forward_rows<decltype(divergence)::value, double>(params);
+    } else {
+      forward_rows<decltype(divergence)::value, float>(params);
+    }
+  });
 }
 
 void scale_grad_kernel(const ScaleGradParams& params) {

@@ -13,7 +13,7 @@ using ScaleGradKernel = void (*)(const ScaleGradParams&);
 
 #define TODI_DECLARE_CPU_KERNELS(capability)                 \
   namespace capability {                                     \
-  void todi_forward_kernel(const ForwardParams& params);     \
+  void distill_forward_kernel(const ForwardParams& params);     \
   void scale_grad_kernel(const ScaleGradParams& params);     \
   }
 

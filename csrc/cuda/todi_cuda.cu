@@ -64,53 +64,57 @@ void allow_max_dynamic_smem(Kernel kernel, int device) {
   });
 }
 
-template <class A, class T>
+template <class A, class T, math::Divergence D>
 void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
   const int threads = threads_for(args.vocab);
   const int64_t cache_bytes = 2 * ((args.vocab + 7) / 8) * 8 * static_cast<int64_t>(sizeof(T));
   if (row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
-    auto kernel = todi_forward_kernel<A, T, true>;
+    auto kernel = distill_forward_kernel<A, T, true, D>;
     allow_max_dynamic_smem(kernel, device);
     kernel<<<grid_for(args.rows), threads, cache_bytes, stream>>>(args);
   } else {
-    todi_forward_kernel<A, T, false><<<grid_for(args.rows), threads, 0, stream>>>(args);
+    distill_forward_kernel<A, T, false, D><<<grid_for(args.rows), threads, 0, stream>>>(args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <class A>
+template <class A, math::Divergence D>
 void launch_any(const ForwardParams& args, cudaStream_t stream) {
-  todi_forward_kernel<A, AnyDtype, false><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
+  distill_forward_kernel<A, AnyDtype, false, D><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> todi_forward_cuda(const at::Tensor& student_logits,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(const at::Tensor& student_logits,
                                                                  const at::Tensor& teacher_logits,
                                                                  const std::optional<at::Tensor>& labels,
-                                                                 double beta, double temperature,
+                                                                 c10::string_view divergence, double beta,
+                                                                double skew_lambda, double jsd_beta, double temperature,
                                                                  int64_t ignore_index, c10::string_view reduction,
                                                                  bool student_grad, bool teacher_grad) {
   // Checks first: with inputs on mixed devices this kernel may be the one
   // dispatched, and the error must name the argument.
-  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, beta, temperature,
+  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, jsd_beta, temperature,
                                              ignore_index, reduction, student_grad, teacher_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   if (setup.view.rows > 0) {
-    const ForwardParams args = forward_params(setup, beta, temperature, ignore_index);
+    const ForwardParams args = forward_params(setup, temperature, ignore_index);
     const int device = student_logits.get_device();
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
     const at::ScalarType dtype = student_logits.scalar_type();
-    if (dtype != teacher_logits.scalar_type()) {
-      args.double_math ? launch_any<double>(args, stream) : launch_any<float>(args, stream);
-    } else if (dtype == at::kFloat) {
-      launch_typed<float, float>(args, device, stream);
-    } else if (dtype == at::kBFloat16) {
-      launch_typed<float, __nv_bfloat16>(args, device, stream);
-    } else if (dtype == at::kHalf) {
-      launch_typed<float, __half>(args, device, stream);
-    } else {  // float64
-      launch_typed<double, double>(args, device, stream);
-    }
+    dispatch_divergence(args.divergence, [&](auto divergence) {
+      constexpr math::Divergence D = decltype(divergence)::value;
+      if (dtype != teacher_logits.scalar_type()) {
+        args.double_math ? launch_any<double, D>(args, stream) : launch_any<float, D>(args, stream);
+      } else if (dtype == at::kFloat) {
+        launch_typed<float, float, D>(args, device, stream);
+      } else if (dtype == at::kBFloat16) {
+        launch_typed<float, __nv_bfloat16, D>(args, device, stream);
+      } else if (dtype == at::kHalf) {
+        launch_typed<float, __half, D>(args, device, stream);
+      } else {  // float64
+        launch_typed<double, double, D>(args, device, stream);
+      }
+    });
   }
   return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
@@ -142,7 +146,7 @@ at::Tensor scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(todi_ext, CUDA, m) {
-  m.impl("todi_forward", &todi_forward_cuda);
+  m.impl("distill_forward", &distill_forward_cuda);
   m.impl("scale_grad_", &scale_grad_cuda_);
   m.impl("scale_grad", &scale_grad_cuda);
 }

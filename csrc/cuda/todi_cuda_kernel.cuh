@@ -213,14 +213,13 @@ struct RowSource<A, AnyDtype> {
 
 // ------------------------------------------------------------------ kernels
 // T: the element type of both inputs, or AnyDtype. kCacheRow: keep the row
-// pair in dynamic shared memory (typed rows only).
-template <class A, class T, bool kCacheRow>
-__global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const ForwardParams args) {
+// pair in dynamic shared memory (typed rows only). D: the divergence.
+template <class A, class T, bool kCacheRow, math::Divergence D>
+__global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const ForwardParams args) {
   extern __shared__ __align__(16) unsigned char row_cache[];
   __shared__ A scratch[4 * kWarp];
   const int64_t vocab = args.vocab;
   const A inv_t = static_cast<A>(args.inv_temperature);
-  const A beta = static_cast<A>(args.beta);
   const A inf = std::numeric_limits<A>::infinity();
 
   for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
@@ -269,7 +268,7 @@ __global__ void __launch_bounds__(kMaxThreads) todi_forward_kernel(const Forward
     }
 
     auto terms = [&](A z, A s) {
-      auto t = math::todi_entry(s * inv_t - ls, z * inv_t - lz, beta);
+      auto t = math::divergence_entry<D>(s * inv_t - ls, z * inv_t - lz, args.divergence_params);
       if (z == inf || z == -inf || s == inf || s == -inf) {  // left out of the sum
         t.loss = A(0);
         t.u = A(0);

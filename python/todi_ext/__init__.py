@@ -8,7 +8,7 @@ See README.md for the exact semantics.
 from ._load import build_info  # loads the compiled ops first; raises a clear ImportError on mismatch
 from . import ops  # noqa: F401  (fake and autograd registrations)
 from . import reference
-from .loss import ToDiLoss, todi_loss
+from .loss import DistillLoss, ToDiLoss, distill_loss, todi_loss
 
 __version__ = build_info()["version"]
-__all__ = ["todi_loss", "ToDiLoss", "reference", "build_info", "__version__"]
+__all__ = ["todi_loss", "ToDiLoss", "distill_loss", "DistillLoss", "reference", "build_info", "__version__"]

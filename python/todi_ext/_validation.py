@@ -79,3 +79,55 @@ def loss_dtype(student_logits, teacher_logits):
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
         return torch.float64
     return torch.float32
+
+
+# name -> (kernel divergence, parameters that apply). "js" is the kernel's
+# generalized JSD at jsd_beta = 0.5; AKL needs a per-row selection pass that
+# the kernels do not have yet.
+DIVERGENCES = {
+    "todi": ("todi", ("beta",)),
+    "fkl": ("fkl", ()),
+    "rkl": ("rkl", ()),
+    "js": ("gjsd", ()),
+    "tvd": ("tvd", ()),
+    "skl": ("skl", ("skew_lambda",)),
+    "srkl": ("srkl", ("skew_lambda",)),
+    "gjsd": ("gjsd", ("jsd_beta",)),
+}
+PARAM_DEFAULTS = {"beta": 1.0, "skew_lambda": 0.1, "akl_mu": 0.5, "jsd_beta": 0.5}
+
+
+def check_divergence(divergence, **params):
+    """Checks the divergence name and that only its own parameters differ from their defaults."""
+    if divergence == "akl":
+        raise ValueError(
+            "divergence 'akl' (adaptive KL) is not implemented yet; choose one of " + ", ".join(map(repr, DIVERGENCES))
+        )
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}")
+    own = DIVERGENCES[divergence][1]
+    for name, value in params.items():
+        _check_real(name, value)
+        if name not in own and value != PARAM_DEFAULTS[name]:
+            applies = [d for d, (_, ps) in DIVERGENCES.items() if name in ps] or ["akl (not implemented yet)"]
+            raise ValueError(
+                f"{name}={value} does not apply to divergence {divergence!r}; it is used by: {', '.join(applies)}"
+            )
+    if not 0.0 <= params.get("skew_lambda", 0.1) <= 1.0:
+        raise ValueError(f"skew_lambda must be in [0, 1], got {params['skew_lambda']}")
+    if not 0.0 < params.get("jsd_beta", 0.5) < 1.0:
+        raise ValueError(
+            f"jsd_beta must be in (0, 1), got {params['jsd_beta']} (at 0 and 1 the generalized JSD is identically "
+            "zero; use divergence='fkl' or 'rkl')"
+        )
+
+
+def check_kernel_divergence(divergence, skew_lambda, jsd_beta):
+    """Checks the op-level divergence name (the kernel's names) and its parameters."""
+    kernel_names = {k for k, _ in DIVERGENCES.values()}
+    if divergence not in kernel_names:
+        raise ValueError(f"divergence must be one of {sorted(kernel_names)}, got {divergence!r}")
+    if not 0.0 <= skew_lambda <= 1.0:
+        raise ValueError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
+    if not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")

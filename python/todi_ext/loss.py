@@ -8,6 +8,52 @@ from torch import Tensor
 from . import _validation, ops
 
 
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    divergence: str = "todi",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    beta: float = 1.0,
+    skew_lambda: float = 0.1,
+    akl_mu: float = 0.5,
+    jsd_beta: float = 0.5,
+) -> Tensor:
+    """A distillation divergence between student and teacher next-token logits, fused.
+
+    divergence: "todi" (default), or a baseline of the ToDi paper: "fkl"
+    (KL(p||q), p = teacher), "rkl" (KL(q||p)), "js" (Jensen-Shannon), "tvd"
+    (total variation), "skl" / "srkl" (skewed KLs, skew_lambda), "gjsd"
+    (generalized JSD: jsd_beta KL(p||m) + (1 - jsd_beta) KL(q||m),
+    m = jsd_beta p + (1 - jsd_beta) q, jsd_beta in (0, 1); "akl" is not
+    implemented yet). A parameter that does not apply to the divergence must
+    keep its default. Masking, reduction, temperature, dtypes and gradients
+    as in :func:`todi_loss`; see docs/divergences.md for the formulas.
+    """
+    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
+    kernel_divergence = _validation.DIVERGENCES[divergence][0]
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = ops.distill_forward(
+        student_logits,
+        teacher_logits,
+        labels,
+        kernel_divergence,
+        float(beta),
+        float(skew_lambda),
+        0.5 if divergence == "js" else float(jsd_beta),
+        float(temperature),
+        int(ignore_index),
+        reduction,
+        grad_on and student_logits.requires_grad,
+        grad_on and teacher_logits.requires_grad,
+    )
+    return loss
+
+
 def todi_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -39,20 +85,50 @@ def todi_loss(
         backward, scaled in place by the upstream gradient (a copy is made
         only with retain_graph=True), so one gradient-sized buffer is held.
     """
-    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
-    grad_on = torch.is_grad_enabled()
-    loss, _, _ = ops.todi_forward(
+    return distill_loss(
         student_logits,
         teacher_logits,
         labels,
-        float(beta),
-        float(temperature),
-        int(ignore_index),
-        reduction,
-        grad_on and student_logits.requires_grad,
-        grad_on and teacher_logits.requires_grad,
+        divergence="todi",
+        beta=beta,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
-    return loss
+
+
+class DistillLoss(torch.nn.Module):
+    """Module form of :func:`distill_loss`: ``DistillLoss("fkl", temperature=2.0)(student, teacher, labels)``."""
+
+    def __init__(self, divergence: str = "todi", *, temperature: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "mean", beta: float = 1.0, skew_lambda: float = 0.1, akl_mu: float = 0.5,
+                 jsd_beta: float = 0.5):
+        super().__init__()
+        _validation.check_scalars(beta, temperature, ignore_index, reduction)
+        self.params = dict(beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
+        _validation.check_divergence(divergence, **self.params)
+        self.divergence = divergence
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return distill_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            **self.params,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, " + ", ".join(f"{k}={v}" for k, v in self.params.items())
+        )
 
 
 class ToDiLoss(torch.nn.Module):

@@ -2,8 +2,8 @@
 typed wrappers. The schemas live in csrc/torch_bindings.cpp and the kernels in
 csrc/<backend>/.
 
-todi_forward computes the reduced loss and (when asked) its gradients for an
-upstream gradient of 1 in the same pass over the logits, and saves them; the
+distill_forward computes the reduced loss (ToDi or one of its paper's
+baselines) and (when asked) its gradients for an upstream gradient of 1 in the same pass over the logits, and saves them; the
 registered backward scales them in place by the actual upstream gradient
 (scale_grad_), which skips rows whose scale is exactly 1 - so the usual
 loss.backward() costs nothing more, and the gradient is never held twice. No
@@ -21,11 +21,14 @@ from . import _validation
 _EMPTY = (0,)
 
 
-def todi_forward(
+def distill_forward(
     student_logits: Tensor,
     teacher_logits: Tensor,
     labels: Optional[Tensor],
+    divergence: str,
     beta: float,
+    skew_lambda: float,
+    jsd_beta: float,
     temperature: float,
     ignore_index: int,
     reduction: str,
@@ -38,8 +41,9 @@ def todi_forward(
     The gradient outputs belong to the autograd graph: backward scales them in
     place and hands them over as the inputs' .grad. Read them before backward.
     """
-    return torch.ops.todi_ext.todi_forward.default(
-        student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad
+    return torch.ops.todi_ext.distill_forward.default(
+        student_logits, teacher_logits, labels, divergence, beta, skew_lambda, jsd_beta, temperature,
+        ignore_index, reduction, student_grad, teacher_grad,
     )
 
 
@@ -48,11 +52,13 @@ def scale_grad_(grad: Tensor, scale: Tensor) -> None:
     torch.ops.todi_ext.scale_grad_.default(grad, scale)
 
 
-@torch.library.register_fake("todi_ext::todi_forward")
-def _todi_forward_fake(
-    student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction, student_grad, teacher_grad
+@torch.library.register_fake("todi_ext::distill_forward")
+def _distill_forward_fake(
+    student_logits, teacher_logits, labels, divergence, beta, skew_lambda, jsd_beta, temperature, ignore_index,
+    reduction, student_grad, teacher_grad,
 ):
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    _validation.check_kernel_divergence(divergence, skew_lambda, jsd_beta)
     loss_shape = student_logits.shape[:-1] if reduction == "none" else ()
     loss = student_logits.new_empty(loss_shape, dtype=_validation.loss_dtype(student_logits, teacher_logits))
     grad_student = student_logits.new_empty(student_logits.shape if student_grad else _EMPTY)
@@ -84,8 +90,11 @@ def _scale_grad_fake(grad, scale):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-def _todi_forward_setup_context(ctx, inputs, output):
-    student_grad, teacher_grad = inputs[7], inputs[8]
+_STUDENT_GRAD_ARG = 10  # positions of student_grad / teacher_grad in the schema
+
+
+def _distill_forward_setup_context(ctx, inputs, output):
+    student_grad, teacher_grad = inputs[_STUDENT_GRAD_ARG], inputs[_STUDENT_GRAD_ARG + 1]
     _, grad_student, grad_teacher = output
     ctx.student_grad = student_grad
     ctx.teacher_grad = teacher_grad
@@ -98,8 +107,8 @@ def _todi_forward_setup_context(ctx, inputs, output):
 
 def _missing_grad(name, flag):
     return RuntimeError(
-        f"todi_ext: {name} requires grad but todi_forward was called with {flag}=False, so its gradient "
-        f"was not computed; call it with {flag}=True (todi_ext.todi_loss sets this for you)"
+        f"todi_ext: {name} requires grad but distill_forward was called with {flag}=False, so its gradient "
+        f"was not computed; call it with {flag}=True (todi_ext.distill_loss sets this for you)"
     )
 
 
@@ -108,7 +117,7 @@ def _double_backward_error():
     # here, so refuse rather than return a partial, silently wrong second
     # derivative.
     return RuntimeError(
-        "todi_ext: double backward (create_graph=True through todi_loss) is not supported; "
+        "todi_ext: double backward (create_graph=True through todi_ext's losses) is not supported; "
         "the ToDi gradient is computed in closed form without second derivatives"
     )
 
@@ -129,10 +138,10 @@ def _tracing(tensors):
     return any(type(t) is not torch.Tensor or is_functional(t) for t in tensors)
 
 
-def _todi_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
+def _distill_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
     if torch.is_grad_enabled():  # backward(create_graph=True)
         raise _double_backward_error()
-    nothing = (None,) * 9
+    nothing = (None,) * 12
     if grad_loss is None:  # the loss was not used
         return nothing
     # The fast path scales the saved gradient in place and hands it over, so
@@ -159,6 +168,6 @@ def _todi_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_
 
 
 torch.library.register_autograd(
-    "todi_ext::todi_forward", _todi_forward_backward, setup_context=_todi_forward_setup_context
+    "todi_ext::distill_forward", _distill_forward_backward, setup_context=_distill_forward_setup_context
 )
 

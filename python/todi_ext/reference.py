@@ -1,9 +1,11 @@
-"""Eager PyTorch ToDi loss, written from the spec: the test oracle (call it on
-float64 inputs) and the benchmark baseline. Same signature as todi_ext.todi_loss.
+"""Eager PyTorch ToDi loss and its paper's baselines, written from the spec:
+the test oracle (call it on float64 inputs) and the benchmark baseline. Same
+signatures as todi_ext.todi_loss and todi_ext.distill_loss.
 
 It materialises about ten (N, V) temporaries, which is what the fused kernels avoid.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -12,27 +14,87 @@ from torch import Tensor
 from . import _validation
 
 
-def todi_per_position(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float) -> Tensor:
-    """Unreduced ToDi divergence over the last dimension, in float32 (float64 for float64 inputs)."""
+def _log_mix(log_p, weight_p, log_q):
+    """log(weight_p p + (1 - weight_p) q), stable, for weight_p in [0, 1]."""
+    log_w = lambda w: math.log(w) if w > 0 else -math.inf  # noqa: E731
+    return torch.logaddexp(log_p + log_w(weight_p), log_q + log_w(1 - weight_p))
+
+
+def per_position(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    divergence: str = "todi",
+    temperature: float = 1.0,
+    beta: float = 1.0,
+    skew_lambda: float = 0.1,
+    jsd_beta: float = 0.5,
+) -> Tensor:
+    """Unreduced divergence over the last dimension, in float32 (float64 for float64 inputs)."""
     dtype = _validation.loss_dtype(student_logits, teacher_logits)
     z = student_logits.to(dtype) / temperature
     s = teacher_logits.to(dtype) / temperature
     lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
     lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
-    log_q = z - lse_z
-    log_p = s - lse_s
-    # Entries with a +-inf logit are left out of the sum. torch.where, not
-    # masked multiplication, so their 0 * inf never reaches the gradient.
+    # Entries with a +-inf logit are left out of the sum. Their log-probs are
+    # replaced by 0 before any arithmetic (and the term masked after), so no
+    # inf or NaN - not even a 0 * inf in backward - reaches the gradient.
     skip = student_logits.isinf() | teacher_logits.isinf()
     zero = torch.zeros((), dtype=dtype, device=z.device)
-    r = torch.where(skip, zero, log_p - log_q)
-    p = torch.where(skip, zero, log_p.exp())
-    q = torch.where(skip, zero, log_q.exp())
-    a = torch.sigmoid(beta * r).detach()
-    per_position = (a * p * r - (1 - a) * q * r).sum(dim=-1)
+    log_q = torch.where(skip, zero, z - lse_z)
+    log_p = torch.where(skip, zero, s - lse_s)
+    p, q, r = log_p.exp(), log_q.exp(), log_p - log_q
+    if divergence == "todi":
+        a = torch.sigmoid(beta * r).detach()  # stop-gradient weight
+        terms = a * p * r - (1 - a) * q * r
+    elif divergence == "fkl":
+        terms = p * r
+    elif divergence == "rkl":
+        terms = -q * r
+    elif divergence == "tvd":
+        terms = 0.5 * (p - q).abs()
+    elif divergence == "skl":
+        terms = p * (log_p - _log_mix(log_p, skew_lambda, log_q))
+    elif divergence == "srkl":
+        terms = q * (log_q - _log_mix(log_p, 1 - skew_lambda, log_q))
+    elif divergence in ("gjsd", "js"):
+        b = 0.5 if divergence == "js" else jsd_beta
+        log_m = _log_mix(log_p, b, log_q)
+        terms = b * p * (log_p - log_m) + (1 - b) * q * (log_q - log_m)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    total = torch.where(skip, zero, terms).sum(dim=-1)
     # A row whose distribution is undefined (all -inf, +inf, NaN) is NaN.
     valid = torch.isfinite(lse_z.squeeze(-1)) & torch.isfinite(lse_s.squeeze(-1))
-    return torch.where(valid, per_position, torch.full_like(per_position, float("nan")))
+    return torch.where(valid, total, torch.full_like(total, float("nan")))
+
+
+def todi_per_position(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float) -> Tensor:
+    """Unreduced ToDi divergence over the last dimension."""
+    return per_position(student_logits, teacher_logits, "todi", temperature, beta=beta)
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    divergence: str = "todi",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    beta: float = 1.0,
+    skew_lambda: float = 0.1,
+    akl_mu: float = 0.5,
+    jsd_beta: float = 0.5,
+) -> Tensor:
+    """Eager distillation loss; see todi_ext.distill_loss for the arguments."""
+    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
+    values = per_position(student_logits, teacher_logits, divergence, temperature, beta, skew_lambda, jsd_beta)
+    if labels is not None:
+        keep = labels != ignore_index
+        values = torch.where(keep, values, torch.zeros_like(values))
+    return _reduce(values, labels, ignore_index, reduction)
 
 
 def todi_loss(
@@ -46,12 +108,8 @@ def todi_loss(
     reduction: str = "mean",
 ) -> Tensor:
     """Eager ToDi loss; see todi_ext.todi_loss for the arguments."""
-    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
-    per_position = todi_per_position(student_logits, teacher_logits, beta, temperature)
-    if labels is not None:
-        keep = labels != ignore_index
-        per_position = torch.where(keep, per_position, torch.zeros_like(per_position))
-    return _reduce(per_position, labels, ignore_index, reduction)
+    return distill_loss(student_logits, teacher_logits, labels, divergence="todi", beta=beta,
+                        temperature=temperature, ignore_index=ignore_index, reduction=reduction)
 
 
 def _reduce(per_position, labels, ignore_index, reduction):

@@ -6,8 +6,10 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "todi_ext/row_layout.h"
+#include "todi_ext/todi_math.h"
 
 namespace todi_ext {
 
@@ -31,7 +33,8 @@ struct ForwardParams {
   int64_t vocab = 0;
   const int64_t* labels = nullptr;  // (rows,), or nullptr for "no labels"
   int64_t ignore_index = -100;
-  double beta = 1.0;
+  math::Divergence divergence = math::Divergence::kToDi;
+  math::DivergenceParams divergence_params;
   double inv_temperature = 1.0;
   bool double_math = false;          // accumulate in float64 (float64 inputs)
   void* loss = nullptr;              // (rows,) per-position losses, float32 (float64 with double_math)
@@ -51,5 +54,21 @@ struct ScaleGradParams {
   c10::ScalarType scale_dtype = c10::ScalarType::Float;
   bool scale_per_row = false;
 };
+
+// Calls fn(std::integral_constant<Divergence, d>{}): turns the runtime
+// divergence into the compile-time parameter of the kernel templates.
+template <class Fn>
+void dispatch_divergence(math::Divergence d, Fn&& fn) {
+  using math::Divergence;
+  switch (d) {
+    case Divergence::kToDi: return fn(std::integral_constant<Divergence, Divergence::kToDi>{});
+    case Divergence::kFKL: return fn(std::integral_constant<Divergence, Divergence::kFKL>{});
+    case Divergence::kRKL: return fn(std::integral_constant<Divergence, Divergence::kRKL>{});
+    case Divergence::kTVD: return fn(std::integral_constant<Divergence, Divergence::kTVD>{});
+    case Divergence::kSKL: return fn(std::integral_constant<Divergence, Divergence::kSKL>{});
+    case Divergence::kSRKL: return fn(std::integral_constant<Divergence, Divergence::kSRKL>{});
+    case Divergence::kGJSD: return fn(std::integral_constant<Divergence, Divergence::kGJSD>{});
+  }
+}
 
 }  // namespace todi_ext

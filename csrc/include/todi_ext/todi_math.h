@@ -34,12 +34,22 @@ template <>
 struct Ops<float> {
   static TODI_HOST_DEVICE float exp(float x) { return ::expf(x); }
   static TODI_HOST_DEVICE float log(float x) { return ::logf(x); }
+  static TODI_HOST_DEVICE float log1p(float x) { return ::log1pf(x); }
+  static TODI_HOST_DEVICE float abs(float x) { return ::fabsf(x); }
+  static TODI_HOST_DEVICE float max(float a, float b) { return a > b ? a : b; }
+  static TODI_HOST_DEVICE float min(float a, float b) { return a < b ? a : b; }
+  static TODI_HOST_DEVICE float sign(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : 0.f); }
 };
 
 template <>
 struct Ops<double> {
   static TODI_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static TODI_HOST_DEVICE double log(double x) { return ::log(x); }
+  static TODI_HOST_DEVICE double log1p(double x) { return ::log1p(x); }
+  static TODI_HOST_DEVICE double abs(double x) { return ::fabs(x); }
+  static TODI_HOST_DEVICE double max(double a, double b) { return a > b ? a : b; }
+  static TODI_HOST_DEVICE double min(double a, double b) { return a < b ? a : b; }
+  static TODI_HOST_DEVICE double sign(double x) { return x > 0. ? 1. : (x < 0. ? -1. : 0.); }
 };
 
 // Everything one vocabulary entry contributes.
@@ -65,6 +75,70 @@ TODI_HOST_DEVICE EntryTerms<F> todi_entry(F log_p, F log_q, F beta) {
   const F ap = a * p;
   const F bq = (one - a) * q;
   return {r * (ap - bq), bq * (one - r) - ap, ap * (r + one) - bq, p, q};
+}
+
+// ------------------------------------------------------------ divergences
+// Every divergence here is a sum over entries of f(log p_i, log q_i), so one
+// kernel serves them all: it needs, per entry, f (loss), u = df/dlog q and
+// v = df/dlog p; log_softmax_grad() turns u and v into logit gradients.
+// Derivations: docs/divergences.md. AKL (per-row head/tail weights) is not
+// here yet.
+enum class Divergence : int { kToDi = 0, kFKL = 1, kRKL = 2, kTVD = 3, kSKL = 4, kSRKL = 5, kGJSD = 6 };
+
+struct DivergenceParams {
+  double beta = 1.0;         // ToDi sharpness
+  double skew_lambda = 0.1;  // SKL / SRKL
+  double jsd_beta = 0.5;     // generalized JSD: m = jsd_beta p + (1 - jsd_beta) q ("js" is 0.5)
+};
+
+// log(w_a e^la + w_b e^lb) from log-weights, stable when either term
+// underflows (la, lb finite).
+template <class F>
+TODI_HOST_DEVICE F log_mix(F log_wa, F la, F log_wb, F lb) {
+  using O = Ops<F>;
+  const F x = log_wa + la;
+  const F y = log_wb + lb;
+  const F hi = O::max(x, y);
+  return hi + O::log1p(O::exp(O::min(x, y) - hi));
+}
+
+template <Divergence D, class F>
+TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const DivergenceParams& prm) {
+  using O = Ops<F>;
+  if constexpr (D == Divergence::kToDi) {
+    return todi_entry(log_p, log_q, F(prm.beta));
+  } else {
+    const F one(1), half(0.5);
+    const F p = O::exp(log_p);
+    const F q = O::exp(log_q);
+    const F r = log_p - log_q;
+    if constexpr (D == Divergence::kFKL) {  // sum p (log p - log q)
+      return {p * r, F(0) - p, p * r + p, p, q};
+    } else if constexpr (D == Divergence::kRKL) {  // sum q (log q - log p)
+      return {F(0) - q * r, q - q * r, F(0) - q, p, q};
+    } else if constexpr (D == Divergence::kTVD) {  // 0.5 sum |p - q|; zero gradient where p == q
+      const F sgn = O::sign(p - q);
+      return {half * O::abs(p - q), F(0) - half * q * sgn, half * p * sgn, p, q};
+    } else if constexpr (D == Divergence::kSKL) {  // KL(p || lam p + (1 - lam) q)
+      const F log_lam(::log(prm.skew_lambda)), log_rest(::log1p(-prm.skew_lambda));
+      const F lmix = log_mix(log_lam, log_p, log_rest, log_q);
+      const F w = p * O::exp(log_rest + log_q - lmix);  // p (1 - lam) q / mix
+      return {p * (log_p - lmix), F(0) - w, p * (log_p - lmix) + w, p, q};
+    } else if constexpr (D == Divergence::kSRKL) {  // KL(q || (1 - lam) p + lam q)
+      const F log_lam(::log(prm.skew_lambda)), log_rest(::log1p(-prm.skew_lambda));
+      const F lmix = log_mix(log_rest, log_p, log_lam, log_q);
+      const F w = q * O::exp(log_rest + log_p - lmix);  // q (1 - lam) p / mix
+      return {q * (log_q - lmix), q * (log_q - lmix) + w, F(0) - w, p, q};
+    } else {  // kGJSD: b KL(p || m) + (1 - b) KL(q || m), m = b p + (1 - b) q
+      static_assert(D == Divergence::kGJSD);
+      const F b(prm.jsd_beta);
+      const F log_b(::log(prm.jsd_beta)), log_rest(::log1p(-prm.jsd_beta));
+      const F lm = log_mix(log_b, log_p, log_rest, log_q);
+      const F fp = b * p * (log_p - lm);
+      const F fq = (one - b) * q * (log_q - lm);
+      return {fp + fq, fq, fp, p, q};
+    }
+  }
 }
 
 // Gradient of sum_i f_i with respect to a logit x_j when f depends on x only
