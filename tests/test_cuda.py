@@ -30,6 +30,21 @@ def test_matches_reference(dtype, vocab):
     assert_close_to_oracle(student, teacher, labels, reduction="none", temperature=2.0, teacher_grad=True)
 
 
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "js", "tvd", "skl", "srkl", "gjsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [4096, 128256])  # row cache and streamed kernels
+def test_other_divergences_match_reference(divergence, dtype, vocab):
+    student, teacher = cuda(make_logits((5, vocab), dtype), make_logits((5, vocab), dtype, seed=3))
+    labels = make_labels((5,)).cuda()
+    kwargs = dict(divergence=divergence, temperature=2.0, reduction="none")
+    loss, gs, gt = loss_and_grads(todi_ext.distill_loss, student, teacher, labels, True, **kwargs)
+    ref, ref_gs, ref_gt = loss_and_grads(reference.distill_loss, student.double(), teacher.double(), labels, True, **kwargs)
+    loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), ref, rtol=loss_rtol, atol=loss_atol)
+    assert_grad_close(gs, ref_gs, grad_tol)
+    assert_grad_close(gt, ref_gt, grad_tol)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_cpu_kernel(dtype, reduction):
