@@ -36,11 +36,11 @@ def markdown(report):
         "Latency in ms: median (min-max). Peak extra: memory above the inputs during one forward+backward. "
         "Speed-up and memory are relative to eager at the same shape, measured in this run.",
         "",
-        "| N | V | dtype | impl | forward | backward | fwd+bwd | peak extra | speed-up (fwd+bwd) | memory vs eager | x floor | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | V | dtype | divergence | impl | forward | backward | fwd+bwd | peak extra | speed-up (fwd+bwd) | memory vs eager | x floor | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        head = f"| {r['N']} | {r['V']} | {r['dtype']} | {r['impl']} |"
+        head = f"| {r['N']} | {r['V']} | {r['dtype']} | {r.get('divergence', 'todi')} | {r['impl']} |"
         if r["impl"] == "floor":
             lines.append(f"{head} | | {r['floor_ms']:.2f} | | | | 1.00 | {r['note']} |")
         elif "latency" not in r:
@@ -61,6 +61,9 @@ def markdown(report):
 def _series(report, dtype, n, impl, value):
     pts = []
     for r in report["results"]:
+        # Plots show ToDi (the floor rows carry no divergence).
+        if r.get("divergence", "todi") not in ("todi", ""):
+            continue
         if r["impl"] == impl and r["dtype"] == dtype and r["N"] == n:
             y = value(r)
             if isinstance(y, (int, float)):
