@@ -131,30 +131,8 @@ class DistillLoss(torch.nn.Module):
         )
 
 
-class ToDiLoss(torch.nn.Module):
+class ToDiLoss(DistillLoss):
     """Module form of :func:`todi_loss`: ``ToDiLoss(...)(student_logits, teacher_logits, labels)``."""
 
     def __init__(self, beta: float = 1.0, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean"):
-        super().__init__()
-        _validation.check_scalars(beta, temperature, ignore_index, reduction)
-        self.beta = beta
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return todi_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            beta=self.beta,
-            temperature=self.temperature,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"beta={self.beta}, temperature={self.temperature}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
-        )
+        super().__init__("todi", beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction)
