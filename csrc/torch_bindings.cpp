@@ -27,7 +27,7 @@ TORCH_LIBRARY(todi_ext, m) {
       "float beta, float skew_lambda, float jsd_beta, float temperature, int ignore_index, str reduction, "
       "bool student_grad, bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
-  // of todi_forward. scale is a scalar (0-dim) or one value per row; rows
+  // of distill_forward. scale is a scalar (0-dim) or one value per row; rows
   // whose scale is exactly 1 are not touched, so the usual loss.backward()
   // costs no memory traffic at all.
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");

@@ -1,4 +1,5 @@
-// The ToDi CPU kernel. This file is compiled once per instruction set with
+// The CPU kernel for every divergence (a template parameter; the per-entry
+// math is math::divergence_entry). This file is compiled once per instruction set with
 // CPU_CAPABILITY set to DEFAULT, AVX2 or AVX512 (see CMakeLists.txt), which
 // selects the width of at::vec::Vectorized; everything here lives in a
 // namespace named after the capability so the copies never collide.

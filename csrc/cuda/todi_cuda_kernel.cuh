@@ -1,4 +1,5 @@
-// The ToDi CUDA kernels. Design and its status: README.md in this folder.
+// The distillation CUDA kernels: ToDi and its paper's baselines, the divergence a
+// template parameter (math::divergence_entry). Design and status: README.md here.
 //
 // One thread block per position row (grid-stride over rows): pass 1 the
 // online log-sum-exps of z/T and s/T, pass 2 the loss and the weight sums
