@@ -113,11 +113,15 @@ def check_divergence(divergence, **params):
             raise ValueError(
                 f"{name}={value} does not apply to divergence {divergence!r}; it is used by: {', '.join(applies)}"
             )
-    if not 0.0 <= params.get("skew_lambda", 0.1) <= 1.0:
-        raise ValueError(f"skew_lambda must be in [0, 1], got {params['skew_lambda']}")
-    if not 0.0 < params.get("jsd_beta", 0.5) < 1.0:
+    _check_ranges(params.get("skew_lambda", PARAM_DEFAULTS["skew_lambda"]), params.get("jsd_beta", PARAM_DEFAULTS["jsd_beta"]))
+
+
+def _check_ranges(skew_lambda, jsd_beta):
+    if not 0.0 <= skew_lambda <= 1.0:
+        raise ValueError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
+    if not 0.0 < jsd_beta < 1.0:
         raise ValueError(
-            f"jsd_beta must be in (0, 1), got {params['jsd_beta']} (at 0 and 1 the generalized JSD is identically "
+            f"jsd_beta must be in (0, 1), got {jsd_beta} (at 0 and 1 the generalized JSD is identically "
             "zero; use divergence='fkl' or 'rkl')"
         )
 
@@ -127,7 +131,4 @@ def check_kernel_divergence(divergence, skew_lambda, jsd_beta):
     kernel_names = {k for k, _ in DIVERGENCES.values()}
     if divergence not in kernel_names:
         raise ValueError(f"divergence must be one of {sorted(kernel_names)}, got {divergence!r}")
-    if not 0.0 <= skew_lambda <= 1.0:
-        raise ValueError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
-    if not 0.0 < jsd_beta < 1.0:
-        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    _check_ranges(skew_lambda, jsd_beta)

@@ -1,4 +1,4 @@
-"""The public ToDi loss: todi_loss and the ToDiLoss module."""
+"""The public losses: distill_loss / DistillLoss (every divergence) and todi_loss / ToDiLoss."""
 
 from typing import Optional
 

@@ -68,11 +68,6 @@ def per_position(
     return torch.where(valid, total, torch.full_like(total, float("nan")))
 
 
-def todi_per_position(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float) -> Tensor:
-    """Unreduced ToDi divergence over the last dimension."""
-    return per_position(student_logits, teacher_logits, "todi", temperature, beta=beta)
-
-
 def distill_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
