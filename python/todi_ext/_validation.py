@@ -113,7 +113,8 @@ def check_divergence(divergence, **params):
             raise ValueError(
                 f"{name}={value} does not apply to divergence {divergence!r}; it is used by: {', '.join(applies)}"
             )
-    _check_ranges(params.get("skew_lambda", PARAM_DEFAULTS["skew_lambda"]), params.get("jsd_beta", PARAM_DEFAULTS["jsd_beta"]))
+    defaults = PARAM_DEFAULTS
+    _check_ranges(params.get("skew_lambda", defaults["skew_lambda"]), params.get("jsd_beta", defaults["jsd_beta"]))
 
 
 def _check_ranges(skew_lambda, jsd_beta):
