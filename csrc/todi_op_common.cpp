@@ -104,8 +104,8 @@ at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan
   TORCH_INTERNAL_ASSERT(false);
 }
 
-math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double jsd_beta,
-                                  math::DivergenceParams& params) {
+math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double akl_mu,
+                                  double jsd_beta, math::DivergenceParams& params) {
   using math::Divergence;
   Divergence kind;
   if (name == "todi") {
@@ -120,28 +120,32 @@ math::Divergence parse_divergence(c10::string_view name, double beta, double ske
     kind = Divergence::kSKL;
   } else if (name == "srkl") {
     kind = Divergence::kSRKL;
+  } else if (name == "akl") {
+    kind = Divergence::kAKL;
   } else {
     TORCH_CHECK_VALUE(name == "gjsd", "divergence must be one of 'todi', 'fkl', 'rkl', 'tvd', 'skl', 'srkl', "
-                      "'gjsd', got '", name, "'");
+                      "'akl', 'gjsd', got '", name, "'");
     kind = Divergence::kGJSD;
   }
   TORCH_CHECK_VALUE(std::isfinite(beta), "beta must be finite, got ", beta);
   TORCH_CHECK_VALUE(skew_lambda >= 0 && skew_lambda <= 1, "skew_lambda must be in [0, 1], got ", skew_lambda);
   TORCH_CHECK_VALUE(jsd_beta > 0 && jsd_beta < 1, "jsd_beta must be in (0, 1), got ", jsd_beta);
+  TORCH_CHECK_VALUE(akl_mu >= 0 && akl_mu < 1, "akl_mu must be in [0, 1), got ", akl_mu);
   params.beta = beta;
   params.skew_lambda = skew_lambda;
   params.jsd_beta = jsd_beta;
+  params.akl_mu = akl_mu;
   return kind;
 }
 
 ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                              const std::optional<at::Tensor>& labels, c10::string_view divergence,
-                             double beta, double skew_lambda, double jsd_beta, double temperature,
+                             double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature,
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
                              bool teacher_grad) {
   ForwardSetup setup;
   setup.view = check_forward_args(student_logits, teacher_logits, labels, temperature);
-  setup.divergence = parse_divergence(divergence, beta, skew_lambda, jsd_beta, setup.divergence_params);
+  setup.divergence = parse_divergence(divergence, beta, skew_lambda, akl_mu, jsd_beta, setup.divergence_params);
   const auto math_opts = student_logits.options().dtype(math_dtype(student_logits, teacher_logits));
   setup.plan = plan_reduction(reduction, setup.view, ignore_index, math_opts);
   setup.per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);

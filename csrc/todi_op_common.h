@@ -27,9 +27,9 @@ RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& 
                             const std::optional<at::Tensor>& labels, double temperature);
 
 // Checks the divergence's name and parameters: "todi", "fkl", "rkl", "tvd",
-// "skl", "srkl", "gjsd" ("js" is gjsd with jsd_beta 0.5, set by the caller).
-math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double jsd_beta,
-                                  math::DivergenceParams& params);
+// "skl", "srkl", "akl", "gjsd" ("js" is gjsd with jsd_beta 0.5, set by the caller).
+math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double akl_mu,
+                                  double jsd_beta, math::DivergenceParams& params);
 
 // x itself when its last dimension has unit stride and it has at most
 // RowLayout::kMaxDims leading dimensions (any strides), else a contiguous
@@ -75,7 +75,7 @@ struct ForwardSetup {
 
 ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                              const std::optional<at::Tensor>& labels, c10::string_view divergence,
-                             double beta, double skew_lambda, double jsd_beta, double temperature,
+                             double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature,
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
                              bool teacher_grad);
 

@@ -24,7 +24,7 @@ TORCH_LIBRARY(todi_ext, m) {
   // place in backward.
   m.def(
       "distill_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
-      "float beta, float skew_lambda, float jsd_beta, float temperature, int ignore_index, str reduction, "
+      "float beta, float skew_lambda, float akl_mu, float jsd_beta, float temperature, int ignore_index, str reduction, "
       "bool student_grad, bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of distill_forward. scale is a scalar (0-dim) or one value per row; rows

@@ -38,7 +38,8 @@ class _RecordTodiForward(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.todi_ext.distill_forward.default:
-            self.calls.append((args[10], args[11], out[1].numel(), out[2].numel()))
+            k = todi_ext.ops._STUDENT_GRAD_ARG  # student_grad, teacher_grad
+            self.calls.append((args[k], args[k + 1], out[1].numel(), out[2].numel()))
             if self.keep_outputs:
                 self.outputs.append(out[1].data_ptr())  # not the tensor: a reference would force a copy
         return out
@@ -107,7 +108,7 @@ def test_double_backward_is_refused_not_silently_wrong():
 
 def test_direct_op_call_with_a_missing_flag_raises():
     student = make_logits((3, 50)).requires_grad_()
-    loss, _, _ = torch.ops.todi_ext.distill_forward(student, make_logits((3, 50)), None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "sum", False, False)
+    loss, _, _ = torch.ops.todi_ext.distill_forward(student, make_logits((3, 50)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "sum", False, False)
     with pytest.raises(RuntimeError, match="student_grad=False"):
         loss.sum().backward()
 

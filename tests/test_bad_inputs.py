@@ -62,13 +62,13 @@ def test_module_checks_its_arguments_at_construction():
 @pytest.mark.parametrize(
     "args,exc,fragment",
     [
-        ((make_logits((3, 8)), make_logits((3, 7)), None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "mean", False, False), ValueError, "teacher_logits must have the shape"),
-        ((make_logits((3, 8)).long(), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "mean", False, False), TypeError, "student_logits must be"),
-        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(2, dtype=torch.long), "todi", 1.0, 0.1, 0.5, 1.0, -100, "mean", False, False), ValueError, "labels must have shape"),
-        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(3), "todi", 1.0, 0.1, 0.5, 1.0, -100, "mean", False, False), TypeError, "labels must be an integer"),
-        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 0.0, -100, "mean", False, False), ValueError, "temperature must be"),
-        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "avg", False, False), ValueError, "reduction must be one of"),
-        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", float("nan"), 0.1, 0.5, 1.0, -100, "mean", False, False), ValueError, "beta must be finite"),
+        ((make_logits((3, 8)), make_logits((3, 7)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), ValueError, "teacher_logits must have the shape"),
+        ((make_logits((3, 8)).long(), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), TypeError, "student_logits must be"),
+        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(2, dtype=torch.long), "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), ValueError, "labels must have shape"),
+        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(3), "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), TypeError, "labels must be an integer"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 0.5, 0.0, -100, "mean", False, False), ValueError, "temperature must be"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "avg", False, False), ValueError, "reduction must be one of"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", float("nan"), 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), ValueError, "beta must be finite"),
     ],
 )
 def test_direct_op_calls_are_checked_in_cpp(args, exc, fragment):

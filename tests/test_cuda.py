@@ -30,8 +30,8 @@ def test_matches_reference(dtype, vocab):
     assert_close_to_oracle(student, teacher, labels, reduction="none", temperature=2.0, teacher_grad=True)
 
 
-@pytest.mark.parametrize("divergence", ["fkl", "rkl", "js", "tvd", "skl", "srkl", "gjsd"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl", "gjsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("vocab", [4096, 128256])  # row cache and streamed kernels
 def test_other_divergences_match_reference(divergence, dtype, vocab):
     student, teacher = cuda(make_logits((5, vocab), dtype), make_logits((5, vocab), dtype, seed=3))
@@ -104,11 +104,29 @@ def test_empty_input():
     assert loss.item() == 0 and student.grad.shape == (0, 128)
 
 
-def test_deterministic():
+@pytest.mark.parametrize("divergence", ["todi", "akl"])
+def test_deterministic(divergence):
     student, teacher = cuda(make_logits((64, 70000), torch.bfloat16), make_logits((64, 70000), torch.bfloat16, seed=1))
-    runs = [loss_and_grads(todi_ext.todi_loss, student, teacher, reduction="none") for _ in range(3)]
+    runs = [
+        loss_and_grads(todi_ext.distill_loss, student, teacher, divergence=divergence, reduction="none")
+        for _ in range(3)
+    ]
     for loss, grad, _ in runs[1:]:
         assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+@pytest.mark.parametrize("vocab", [4096, 128256])
+def test_akl_matches_cpu_kernel_with_ties_and_masked_entries(vocab):
+    # bf16 teacher logits of few distinct values: many ties straddle the split.
+    teacher = (make_logits((7, vocab), seed=5) * 2).round().bfloat16()
+    student = make_logits((7, vocab), torch.bfloat16, seed=6)
+    teacher[1, ::5] = float("-inf")
+    student[2, :100] = float("inf")  # an undefined row
+    kwargs = dict(divergence="akl", akl_mu=0.3, reduction="none", teacher_grad=True)
+    cpu = loss_and_grads(todi_ext.distill_loss, student, teacher, **kwargs)
+    gpu = loss_and_grads(todi_ext.distill_loss, *cuda(student, teacher), **kwargs)
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(g.cpu().float(), c.float(), rtol=2e-2, atol=1e-5, equal_nan=True)
 
 
 def test_64_bit_offsets():
@@ -134,7 +152,7 @@ def test_opcheck(grads):
     labels = make_labels((3, 5)).cuda()
     for reduction in ("mean", "none"):
         torch.library.opcheck(
-            torch.ops.todi_ext.distill_forward.default, (student, teacher, labels, 1.5, 2.0, -100, reduction, *grads)
+            torch.ops.todi_ext.distill_forward.default, (student, teacher, labels, "todi", 1.5, 0.1, 0.5, 0.5, 2.0, -100, reduction, *grads)
         )
     grad = student.detach().clone()
     torch.library.opcheck(torch.ops.todi_ext.scale_grad_.default, (grad, torch.rand(3, 5, device="cuda")))
@@ -203,6 +221,6 @@ def test_mixed_devices_are_rejected():
     with pytest.raises(ValueError, match="labels is on cpu"):
         todi_ext.todi_loss(student, student.clone(), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="teacher_logits is on cpu"):  # the op's own C++ check
-        torch.ops.todi_ext.distill_forward(student, make_logits((3, 10)), None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "mean", False, False)
+        torch.ops.todi_ext.distill_forward(student, make_logits((3, 10)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False)
     with pytest.raises(ValueError, match="teacher_logits is on cuda"):  # CPU student: the CUDA kernel may run
-        torch.ops.todi_ext.distill_forward(make_logits((3, 10)), student, None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "mean", False, False)
+        torch.ops.todi_ext.distill_forward(make_logits((3, 10)), student, None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False)

@@ -17,7 +17,7 @@ def _forward_args(dtype, student_grad, teacher_grad, labels=True, reduction="mea
     teacher = make_logits(shape, dtype, seed=1).requires_grad_(teacher_grad)
     teacher.data[0, 0, :3] = float("-inf")
     lab = make_labels(shape[:-1]) if labels else None
-    return (student, teacher, lab, "todi", 2.0, 0.1, 0.5, 1.5, -100, reduction, student_grad, teacher_grad)
+    return (student, teacher, lab, "todi", 2.0, 0.1, 0.5, 0.5, 1.5, -100, reduction, student_grad, teacher_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -43,9 +43,9 @@ def test_fake_tensor_shapes_and_dtypes():
     with FakeTensorMode():
         student = torch.empty(2, 3, 50, dtype=torch.bfloat16)
         teacher = torch.empty(2, 3, 50, dtype=torch.float64)
-        loss, gs, gt = FORWARD(student, teacher, None, "todi", 1.0, 0.1, 0.5, 1.0, -100, "none", True, False)
+        loss, gs, gt = FORWARD(student, teacher, None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "none", True, False)
         assert loss.shape == (2, 3) and loss.dtype == torch.float64
-        assert FORWARD(student, teacher, None, "fkl", 1.0, 0.1, 0.5, 1.0, -100, "mean", True, False)[0].shape == ()
+        assert FORWARD(student, teacher, None, "fkl", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", True, False)[0].shape == ()
         assert gs.shape == (2, 3, 50) and gs.dtype == torch.bfloat16
         assert gt.numel() == 0
 

@@ -151,7 +151,8 @@ struct RowChunk {
 // Row-sized scratch of one thread: pass 2 keeps the per-entry gradient
 // weights and probabilities there, so pass 3 neither reloads the inputs nor
 // recomputes the exps (that recomputation cost 1.4x the whole forward at
-// N=2048, V=32000, float32, on the 2-core dev machine). O(V) per thread.
+// N=2048, V=32000, float32, on the 2-core dev machine). AKL's selection
+// walks its own two arrays. O(V) per thread.
 template <class acc_t>
 struct RowScratch {
   std::unique_ptr<acc_t[]> storage;
@@ -159,15 +160,17 @@ struct RowScratch {
   acc_t* q = nullptr;
   acc_t* v = nullptr;  // dD/dlog p
   acc_t* p = nullptr;
+  acc_t* akl_prob = nullptr;  // AKL: p, or +inf for a masked entry (never in the tail)
+  acc_t* akl_diff = nullptr;  // AKL: |p - q|, 0 for a masked entry
 
-  RowScratch(const ForwardParams& params) {
+  RowScratch(const ForwardParams& params, bool akl) {
     const int64_t width = Vectorized<acc_t>::size();
     const int64_t padded = (params.vocab + kChunk - 1) / kChunk * kChunk + width;
     const bool gs = params.grad_student.data != nullptr;
     const bool gt = params.grad_teacher.data != nullptr;
-    const int64_t arrays = (gs ? 2 : 0) + (gt ? 2 : 0);
+    const int64_t arrays = (gs ? 2 : 0) + (gt ? 2 : 0) + (akl ? 2 : 0);
     if (arrays == 0) return;
-    storage.reset(new acc_t[arrays * padded]);  // uninitialised: pass 2 writes before pass 3 reads
+    storage.reset(new acc_t[arrays * padded]);  // uninitialised: each array is written before it is read
     acc_t* next = storage.get();
     if (gs) {
       u = next, next += padded;
@@ -175,7 +178,11 @@ struct RowScratch {
     }
     if (gt) {
       v = next, next += padded;
-      p = next;
+      p = next, next += padded;
+    }
+    if (akl) {
+      akl_prob = next, next += padded;
+      akl_diff = next;
     }
   }
 };
@@ -230,6 +237,61 @@ math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s,
   return t;
 }
 
+// AKL's per-row weights (math::AklTailSearch has the method): one pass that
+// stores p and |p - q| per entry, the selection passes over p (in L2), and
+// g_head / g_tail.
+template <class acc_t>
+void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
+                     acc_t lz, acc_t ls, math::DivergenceParams& prm) {
+  using Vec = Vectorized<acc_t>;
+  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
+  const Vec lse_z(lz), lse_s(ls), inf(std::numeric_limits<acc_t>::infinity()), zero(acc_t(0));
+  int64_t padded_vocab = 0;
+  for (int64_t start = 0; start < p.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, p.vocab - start);
+    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    for (int64_t i = 0; i < padded; i += Vec::size()) {
+      const Vec zv = Vec::loadu(c.z + i), sv = Vec::loadu(c.s + i);
+      const Vec skip = (zv.abs() == inf) | (sv.abs() == inf);  // also the -inf padding
+      const Vec prob = (sv * inv_t - lse_s).exp();
+      const Vec diff = (prob - (zv * inv_t - lse_z).exp()).abs();
+      Vec::blendv(prob, inf, skip).store(scratch.akl_prob + start + i);
+      Vec::blendv(diff, zero, skip).store(scratch.akl_diff + start + i);
+    }
+    padded_vocab = start + padded;
+  }
+
+  math::AklTailSearch<acc_t> search;
+  const acc_t mu = static_cast<acc_t>(prm.akl_mu);
+  while (!search.done()) {
+    Vec thresholds[math::kAklCandidates], sums[math::kAklCandidates];
+    for (int j = 0; j < math::kAklCandidates; ++j) {
+      thresholds[j] = Vec(search.threshold(j));
+      sums[j] = zero;
+    }
+    for (int64_t i = 0; i < padded_vocab; i += Vec::size()) {
+      const Vec prob = Vec::loadu(scratch.akl_prob + i);
+      for (int j = 0; j < math::kAklCandidates; ++j) {
+        sums[j] = sums[j] + Vec::blendv(zero, prob, prob <= thresholds[j]);
+      }
+    }
+    acc_t totals[math::kAklCandidates];
+    for (int j = 0; j < math::kAklCandidates; ++j) totals[j] = hsum(sums[j]);
+    search.advance(totals, mu);
+  }
+
+  const Vec tail_max(search.tail_threshold());
+  Vec g_head(acc_t(0)), g_tail(acc_t(0));
+  for (int64_t i = 0; i < padded_vocab; i += Vec::size()) {
+    const Vec in_tail = Vec::loadu(scratch.akl_prob + i) <= tail_max;
+    const Vec diff = Vec::loadu(scratch.akl_diff + i);
+    g_tail = g_tail + Vec::blendv(zero, diff, in_tail);
+    g_head = g_head + Vec::blendv(diff, zero, in_tail);
+  }
+  math::set_akl_weights(hsum(g_head), hsum(g_tail), prm);
+}
+
 // grad = (weight - prob * sum(weight)) / T over one row, stored in out's dtype.
 template <class acc_t>
 void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, const ForwardParams& p,
@@ -278,6 +340,9 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     return;
   }
 
+  math::DivergenceParams prm = p.divergence_params;
+  if constexpr (D == math::Divergence::kAKL) akl_row_weights(p, row, c, scratch, lz, ls, prm);
+
   const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
   const Vec lse_zv(lz), lse_sv(ls);
 
@@ -288,7 +353,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
     load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
-      const auto t = masked_terms<D>(c.z + i, c.s + i, inv_t, lse_zv, lse_sv, p.divergence_params);
+      const auto t = masked_terms<D>(c.z + i, c.s + i, inv_t, lse_zv, lse_sv, prm);
       loss_acc = loss_acc + t.loss;
       u_acc = u_acc + t.u;
       v_acc = v_acc + t.v;
@@ -318,7 +383,7 @@ template <math::Divergence D, class acc_t>
 void forward_rows(const ForwardParams& p) {
   at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
     RowChunk<acc_t> chunk;
-    RowScratch<acc_t> scratch(p);
+    RowScratch<acc_t> scratch(p, D == math::Divergence::kAKL);
     for (int64_t row = begin; row < end; ++row) forward_row<D>(p, row, chunk, scratch);
   });
 }

@@ -212,13 +212,56 @@ struct RowSource<A, AnyDtype> {
   __device__ static void store(void* out, Dtype t, int64_t i, A x) { store_any(out, t, i, x); }
 };
 
+// --------------------------------------------------------------------- AKL
+// AKL's per-row weights: the k-ary search of math::AklTailSearch (one walk of
+// the row per 4 bits of the threshold, kAklCandidates sums per thread, a
+// deterministic block sum each), then one walk for g_head and g_tail. The
+// probability is computed by the same expression in every walk, so an entry
+// is compared consistently. `walk(f)` calls f(i, z, s) for this thread's
+// entries.
+template <class A, class Walk>
+__device__ void akl_row_weights(Walk&& walk, A inv_t, A lz, A ls, A* scratch, math::DivergenceParams& prm) {
+  const A inf = std::numeric_limits<A>::infinity();
+  auto masked = [&](A z, A s) { return z == inf || z == -inf || s == inf || s == -inf; };
+  math::AklTailSearch<A> search;
+  const A mu = static_cast<A>(prm.akl_mu);
+  while (!search.done()) {
+    A thresholds[math::kAklCandidates], sums[math::kAklCandidates];
+#pragma unroll
+    for (int j = 0; j < math::kAklCandidates; ++j) {
+      thresholds[j] = search.threshold(j);
+      sums[j] = A(0);
+    }
+    walk([&](int64_t, A z, A s) {
+      if (masked(z, s)) return;
+      const A p = math::Ops<A>::exp(s * inv_t - ls);
+#pragma unroll
+      for (int j = 0; j < math::kAklCandidates; ++j) sums[j] += p <= thresholds[j] ? p : A(0);
+    });
+    block_sum(sums, scratch);
+    search.advance(sums, mu);
+  }
+  const A tail_max = search.tail_threshold();
+  A g[2] = {A(0), A(0)};  // head, tail
+  walk([&](int64_t, A z, A s) {
+    if (masked(z, s)) return;
+    const A p = math::Ops<A>::exp(s * inv_t - ls);
+    const A diff = math::Ops<A>::abs(p - math::Ops<A>::exp(z * inv_t - lz));
+    g[0] += p <= tail_max ? A(0) : diff;
+    g[1] += p <= tail_max ? diff : A(0);
+  });
+  block_sum(g, scratch);
+  math::set_akl_weights(g[0], g[1], prm);
+}
+
 // ------------------------------------------------------------------ kernels
 // T: the element type of both inputs, or AnyDtype. kCacheRow: keep the row
 // pair in dynamic shared memory (typed rows only). D: the divergence.
 template <class A, class T, bool kCacheRow, math::Divergence D>
 __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const ForwardParams args) {
   extern __shared__ __align__(16) unsigned char row_cache[];
-  __shared__ A scratch[4 * kWarp];
+  // Reduction scratch: 4 values per warp (AKL's search sums 15).
+  __shared__ A scratch[(D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp];
   const int64_t vocab = args.vocab;
   const A inv_t = static_cast<A>(args.inv_temperature);
   const A inf = std::numeric_limits<A>::infinity();
@@ -268,15 +311,6 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       continue;
     }
 
-    auto terms = [&](A z, A s) {
-      auto t = math::divergence_entry<D>(s * inv_t - ls, z * inv_t - lz, args.divergence_params);
-      if (z == inf || z == -inf || s == inf || s == -inf) {  // left out of the sum
-        t.loss = A(0);
-        t.u = A(0);
-        t.v = A(0);
-      }
-      return t;
-    };
     auto walk = [&](auto&& f) {
       if constexpr (kCacheRow) {
         const T* cz = reinterpret_cast<const T*>(row_cache);
@@ -285,6 +319,17 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       } else {
         global_row.for_each(vocab, f);
       }
+    };
+    math::DivergenceParams prm = args.divergence_params;
+    if constexpr (D == math::Divergence::kAKL) akl_row_weights(walk, inv_t, lz, ls, scratch, prm);
+    auto terms = [&](A z, A s) {
+      auto t = math::divergence_entry<D>(s * inv_t - ls, z * inv_t - lz, prm);
+      if (z == inf || z == -inf || s == inf || s == -inf) {  // left out of the sum
+        t.loss = A(0);
+        t.u = A(0);
+        t.v = A(0);
+      }
+      return t;
     };
 
     // Pass 2: loss and weight sums.

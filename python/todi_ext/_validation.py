@@ -82,8 +82,7 @@ def loss_dtype(student_logits, teacher_logits):
 
 
 # name -> (kernel divergence, parameters that apply). "js" is the kernel's
-# generalized JSD at jsd_beta = 0.5; AKL needs a per-row selection pass that
-# the kernels do not have yet.
+# generalized JSD at jsd_beta = 0.5.
 DIVERGENCES = {
     "todi": ("todi", ("beta",)),
     "fkl": ("fkl", ()),
@@ -92,6 +91,7 @@ DIVERGENCES = {
     "tvd": ("tvd", ()),
     "skl": ("skl", ("skew_lambda",)),
     "srkl": ("srkl", ("skew_lambda",)),
+    "akl": ("akl", ("akl_mu",)),
     "gjsd": ("gjsd", ("jsd_beta",)),
 }
 PARAM_DEFAULTS = {"beta": 1.0, "skew_lambda": 0.1, "akl_mu": 0.5, "jsd_beta": 0.5}
@@ -99,27 +99,28 @@ PARAM_DEFAULTS = {"beta": 1.0, "skew_lambda": 0.1, "akl_mu": 0.5, "jsd_beta": 0.
 
 def check_divergence(divergence, **params):
     """Checks the divergence name and that only its own parameters differ from their defaults."""
-    if divergence == "akl":
-        raise ValueError(
-            "divergence 'akl' (adaptive KL) is not implemented yet; choose one of " + ", ".join(map(repr, DIVERGENCES))
-        )
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}")
     own = DIVERGENCES[divergence][1]
     for name, value in params.items():
         _check_real(name, value)
         if name not in own and value != PARAM_DEFAULTS[name]:
-            applies = [d for d, (_, ps) in DIVERGENCES.items() if name in ps] or ["akl (not implemented yet)"]
+            applies = [d for d, (_, ps) in DIVERGENCES.items() if name in ps]
             raise ValueError(
                 f"{name}={value} does not apply to divergence {divergence!r}; it is used by: {', '.join(applies)}"
             )
-    defaults = PARAM_DEFAULTS
-    _check_ranges(params.get("skew_lambda", defaults["skew_lambda"]), params.get("jsd_beta", defaults["jsd_beta"]))
+    values = {**PARAM_DEFAULTS, **params}
+    _check_ranges(values["skew_lambda"], values["akl_mu"], values["jsd_beta"])
 
 
-def _check_ranges(skew_lambda, jsd_beta):
+def _check_ranges(skew_lambda, akl_mu, jsd_beta):
     if not 0.0 <= skew_lambda <= 1.0:
         raise ValueError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
+    if not 0.0 <= akl_mu < 1.0:
+        raise ValueError(
+            f"akl_mu must be in [0, 1), got {akl_mu} (at 1 the split would hinge on how the probabilities' "
+            "sum rounds around 1; the tail is then everything, so use divergence='rkl')"
+        )
     if not 0.0 < jsd_beta < 1.0:
         raise ValueError(
             f"jsd_beta must be in (0, 1), got {jsd_beta} (at 0 and 1 the generalized JSD is identically "
@@ -127,9 +128,9 @@ def _check_ranges(skew_lambda, jsd_beta):
         )
 
 
-def check_kernel_divergence(divergence, skew_lambda, jsd_beta):
+def check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta):
     """Checks the op-level divergence name (the kernel's names) and its parameters."""
     kernel_names = {k for k, _ in DIVERGENCES.values()}
     if divergence not in kernel_names:
         raise ValueError(f"divergence must be one of {sorted(kernel_names)}, got {divergence!r}")
-    _check_ranges(skew_lambda, jsd_beta)
+    _check_ranges(skew_lambda, akl_mu, jsd_beta)

@@ -26,10 +26,12 @@ def distill_loss(
 
     divergence: "todi" (default), or a baseline of the ToDi paper: "fkl"
     (KL(p||q), p = teacher), "rkl" (KL(q||p)), "js" (Jensen-Shannon), "tvd"
-    (total variation), "skl" / "srkl" (skewed KLs, skew_lambda), "gjsd"
-    (generalized JSD: jsd_beta KL(p||m) + (1 - jsd_beta) KL(q||m),
-    m = jsd_beta p + (1 - jsd_beta) q, jsd_beta in (0, 1); "akl" is not
-    implemented yet). A parameter that does not apply to the divergence must
+    (total variation), "skl" / "srkl" (skewed KLs, skew_lambda), "akl"
+    (adaptive KL: FKL and RKL weighted by the head's and tail's share of
+    sum |p - q|, the tail being the smallest teacher probabilities that sum
+    to <= akl_mu; weights detached), "gjsd" (generalized JSD:
+    jsd_beta KL(p||m) + (1 - jsd_beta) KL(q||m), m = jsd_beta p +
+    (1 - jsd_beta) q, jsd_beta in (0, 1)). A parameter that does not apply to the divergence must
     keep its default. Masking, reduction, temperature, dtypes and gradients
     as in :func:`todi_loss`; see docs/divergences.md for the formulas.
     """
@@ -44,6 +46,7 @@ def distill_loss(
         kernel_divergence,
         float(beta),
         float(skew_lambda),
+        float(akl_mu),
         0.5 if divergence == "js" else float(jsd_beta),
         float(temperature),
         int(ignore_index),

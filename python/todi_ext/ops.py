@@ -28,6 +28,7 @@ def distill_forward(
     divergence: str,
     beta: float,
     skew_lambda: float,
+    akl_mu: float,
     jsd_beta: float,
     temperature: float,
     ignore_index: int,
@@ -42,7 +43,7 @@ def distill_forward(
     place and hands them over as the inputs' .grad. Read them before backward.
     """
     return torch.ops.todi_ext.distill_forward.default(
-        student_logits, teacher_logits, labels, divergence, beta, skew_lambda, jsd_beta, temperature,
+        student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature,
         ignore_index, reduction, student_grad, teacher_grad,
     )
 
@@ -54,11 +55,11 @@ def scale_grad_(grad: Tensor, scale: Tensor) -> None:
 
 @torch.library.register_fake("todi_ext::distill_forward")
 def _distill_forward_fake(
-    student_logits, teacher_logits, labels, divergence, beta, skew_lambda, jsd_beta, temperature, ignore_index,
-    reduction, student_grad, teacher_grad,
+    student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature,
+    ignore_index, reduction, student_grad, teacher_grad,
 ):
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
-    _validation.check_kernel_divergence(divergence, skew_lambda, jsd_beta)
+    _validation.check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta)
     loss_shape = student_logits.shape[:-1] if reduction == "none" else ()
     loss = student_logits.new_empty(loss_shape, dtype=_validation.loss_dtype(student_logits, teacher_logits))
     grad_student = student_logits.new_empty(student_logits.shape if student_grad else _EMPTY)
@@ -90,7 +91,7 @@ def _scale_grad_fake(grad, scale):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-_STUDENT_GRAD_ARG = 10  # positions of student_grad / teacher_grad in the schema
+_STUDENT_GRAD_ARG = 11  # positions of student_grad / teacher_grad in the schema
 
 
 def _distill_forward_setup_context(ctx, inputs, output):
@@ -141,7 +142,7 @@ def _tracing(tensors):
 def _distill_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
     if torch.is_grad_enabled():  # backward(create_graph=True)
         raise _double_backward_error()
-    nothing = (None,) * 12
+    nothing = (None,) * 13  # one per schema argument
     if grad_loss is None:  # the loss was not used
         return nothing
     # The fast path scales the saved gradient in place and hands it over, so

@@ -20,6 +20,32 @@ def _log_mix(log_p, weight_p, log_q):
     return torch.logaddexp(log_p + log_w(weight_p), log_q + log_w(1 - weight_p))
 
 
+@torch.no_grad()
+def akl_weights(p: Tensor, q: Tensor, skip: Tensor, mu: float):
+    """AKL's detached (head, tail) weights per row, each of shape (..., 1).
+
+    The tail is the entries whose teacher probability p_i satisfies
+    S(p_i) = sum of p_j over p_j <= p_i (all entries, ties included) <= mu:
+    "cumulative probability of p sorted ascending <= mu", with ties kept
+    together so the split does not depend on the order a sort leaves them in.
+    Entries in `skip` join neither part. g = sum |p - q| over each part; the
+    weights are g_head / (g_head + g_tail) and g_tail / (...), 1/2 each when
+    p == q everywhere.
+    """
+    key = torch.where(skip, torch.full_like(p, math.inf), p)
+    ordered, _ = key.sort(dim=-1)
+    cumulative = torch.where(ordered.isinf(), torch.zeros_like(ordered), ordered).cumsum(dim=-1)
+    last_tied = torch.searchsorted(ordered, key, right=True) - 1  # the last sorted entry <= key_i
+    tail = ~skip & (cumulative.gather(-1, last_tied) <= mu)
+    diff = torch.where(skip, torch.zeros_like(p), (p - q).abs())
+    g_tail = torch.where(tail, diff, torch.zeros_like(diff)).sum(dim=-1, keepdim=True)
+    g_head = torch.where(tail, torch.zeros_like(diff), diff).sum(dim=-1, keepdim=True)
+    total = g_head + g_tail
+    half = torch.full_like(total, 0.5)
+    has_mass = total > 0
+    return torch.where(has_mass, g_head / total, half), torch.where(has_mass, g_tail / total, half)
+
+
 def per_position(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -28,6 +54,7 @@ def per_position(
     beta: float = 1.0,
     skew_lambda: float = 0.1,
     jsd_beta: float = 0.5,
+    akl_mu: float = 0.5,
 ) -> Tensor:
     """Unreduced divergence over the last dimension, in float32 (float64 for float64 inputs)."""
     dtype = _validation.loss_dtype(student_logits, teacher_logits)
@@ -50,6 +77,9 @@ def per_position(
         terms = p * r
     elif divergence == "rkl":
         terms = -q * r
+    elif divergence == "akl":
+        head, tail = akl_weights(p, q, skip, akl_mu)
+        terms = head * p * r - tail * q * r
     elif divergence == "tvd":
         terms = 0.5 * (p - q).abs()
     elif divergence == "skl":
@@ -85,7 +115,7 @@ def distill_loss(
     """Eager distillation loss; see todi_ext.distill_loss for the arguments."""
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-    values = per_position(student_logits, teacher_logits, divergence, temperature, beta, skew_lambda, jsd_beta)
+    values = per_position(student_logits, teacher_logits, divergence, temperature, beta, skew_lambda, jsd_beta, akl_mu)
     if labels is not None:
         keep = labels != ignore_index
         values = torch.where(keep, values, torch.zeros_like(values))

@@ -68,6 +68,7 @@ void dispatch_divergence(math::Divergence d, Fn&& fn) {
     case Divergence::kSKL: return fn(std::integral_constant<Divergence, Divergence::kSKL>{});
     case Divergence::kSRKL: return fn(std::integral_constant<Divergence, Divergence::kSRKL>{});
     case Divergence::kGJSD: return fn(std::integral_constant<Divergence, Divergence::kGJSD>{});
+    case Divergence::kAKL: return fn(std::integral_constant<Divergence, Divergence::kAKL>{});
   }
 }
 

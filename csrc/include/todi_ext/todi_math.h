@@ -15,6 +15,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -81,14 +83,20 @@ TODI_HOST_DEVICE EntryTerms<F> todi_entry(F log_p, F log_q, F beta) {
 // Every divergence here is a sum over entries of f(log p_i, log q_i), so one
 // kernel serves them all: it needs, per entry, f (loss), u = df/dlog q and
 // v = df/dlog p; log_softmax_grad() turns u and v into logit gradients.
-// Derivations: docs/divergences.md. AKL (per-row head/tail weights) is not
-// here yet.
-enum class Divergence : int { kToDi = 0, kFKL = 1, kRKL = 2, kTVD = 3, kSKL = 4, kSRKL = 5, kGJSD = 6 };
+// Derivations: docs/divergences.md. AKL mixes FKL and RKL with weights that
+// depend on the whole row (see AklTailSearch below); the kernels find them
+// first and put them into a per-row copy of DivergenceParams.
+enum class Divergence : int { kToDi = 0, kFKL = 1, kRKL = 2, kTVD = 3, kSKL = 4, kSRKL = 5, kGJSD = 6, kAKL = 7 };
 
 struct DivergenceParams {
   double beta = 1.0;         // ToDi sharpness
   double skew_lambda = 0.1;  // SKL / SRKL
   double jsd_beta = 0.5;     // generalized JSD: m = jsd_beta p + (1 - jsd_beta) q ("js" is 0.5)
+  double akl_mu = 0.5;       // AKL: the tail holds the smallest teacher probabilities summing to <= mu
+  // AKL's per-row weights g_head / (g_head + g_tail) and g_tail / (...);
+  // set by the kernel for each row before the terms are computed.
+  double akl_head_weight = 0.5;
+  double akl_tail_weight = 0.5;
 };
 
 // log(w_a e^la + w_b e^lb) from log-weights, stable when either term
@@ -129,6 +137,10 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const Divergen
       const F lmix = log_mix(log_rest, log_p, log_lam, log_q);
       const F w = q * O::exp(log_rest + log_p - lmix);  // q (1 - lam) p / mix
       return {q * (log_q - lmix), q * (log_q - lmix) + w, F(0) - w, p, q};
+    } else if constexpr (D == Divergence::kAKL) {  // w_head FKL + w_tail RKL, weights detached
+      const F wh(prm.akl_head_weight), wt(prm.akl_tail_weight);
+      const F pr = p * r, qr = q * r;
+      return {wh * pr - wt * qr, wt * (q - qr) - wh * p, wh * (pr + p) - wt * q, p, q};
     } else {  // kGJSD: b KL(p || m) + (1 - b) KL(q || m), m = b p + (1 - b) q
       static_assert(D == Divergence::kGJSD);
       const F b(prm.jsd_beta);
@@ -139,6 +151,95 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const Divergen
       return {fp + fq, fq, fp, p, q};
     }
   }
+}
+
+// ------------------------------------------------------------------- AKL
+// AKL splits the teacher distribution of a row, sorted ascending, into a tail
+// (cumulative probability <= mu) and a head, and weighs FKL by the head's
+// share of sum |p - q| and RKL by the tail's. Ties in p (common with bf16
+// logits) would make "cumulative" depend on the sort order, so the split is
+// defined order-free: entry i is in the tail iff
+//     S(p_i) = sum of p_j over all j with p_j <= p_i   is <= mu.
+// Equivalently: tail iff p_i <= p*, where p* is the largest probability value
+// with S(p*) <= mu. No sort is needed to find p*: for p >= 0 the bit pattern
+// of p, read as an unsigned integer (the "key"), orders like p, and S is
+// non-decreasing in it, so p* is found digit by digit from the top of the key
+// - a k-ary search. Each pass evaluates S at kAklCandidates evenly spaced
+// keys with one walk over the row (one compare-and-add per candidate and
+// entry, no atomics, deterministic block sums) and fixes kAklDigitBits bits of
+// p*: ceil(30 / 4) = 8 passes for float32 probabilities (p < 2, so keys have
+// 30 significant bits), 16 for float64. Masked entries (a +-inf logit) never
+// join the sums. Both kernels drive this struct the same way:
+//
+//   AklTailSearch<F> search;
+//   while (!search.done()) {
+//     F sums[kAklCandidates] = {};            // sums[j] = S(search.threshold(j))
+//     for each unmasked entry: for j: sums[j] += p <= search.threshold(j) ? p : 0
+//     reduce sums over the row; search.advance(sums, mu);
+//   }
+//   tail iff p <= search.tail_threshold()
+constexpr int kAklDigitBits = 4;
+constexpr int kAklCandidates = (1 << kAklDigitBits) - 1;
+
+template <class F>
+struct ProbKey;
+template <>
+struct ProbKey<float> {
+  using U = uint32_t;
+  static constexpr int kBits = 30;  // p < 2.0f = 0x40000000
+  static TODI_HOST_DEVICE float value(U key) {
+    float x;
+    memcpy(&x, &key, sizeof x);
+    return x;
+  }
+};
+template <>
+struct ProbKey<double> {
+  using U = uint64_t;
+  static constexpr int kBits = 62;  // p < 2.0 = 0x4000000000000000
+  static TODI_HOST_DEVICE double value(U key) {
+    double x;
+    memcpy(&x, &key, sizeof x);
+    return x;
+  }
+};
+
+template <class F>
+struct AklTailSearch {
+  using U = typename ProbKey<F>::U;
+  U low = 0;  // S(low) <= mu (S(0) sums only exact zeros); p* in [low, low + 2^remaining)
+  int remaining = ProbKey<F>::kBits;
+
+  TODI_HOST_DEVICE bool done() const { return remaining == 0; }
+  TODI_HOST_DEVICE int digit_bits() const { return remaining < kAklDigitBits ? remaining : kAklDigitBits; }
+  // Candidate j = 0 .. kAklCandidates-1 is the key low + (j + 1) * 2^(remaining - digit bits); candidates
+  // past the digit's range get -1, which no probability is <= (their sums stay 0 and are not used).
+  TODI_HOST_DEVICE F threshold(int j) const {
+    const int bits = digit_bits();
+    if (j + 1 >= (1 << bits)) return F(-1);
+    return ProbKey<F>::value(low + (static_cast<U>(j + 1) << (remaining - bits)));
+  }
+  // sums[j] = S(threshold(j)); keeps the largest candidate whose S is <= mu.
+  TODI_HOST_DEVICE void advance(const F* sums, F mu) {
+    const int bits = digit_bits();
+    int digit = 0;
+    for (int j = 0; j + 1 < (1 << bits); ++j) {
+      if (sums[j] <= mu) digit = j + 1;
+    }
+    low += static_cast<U>(digit) << (remaining - bits);
+    remaining -= bits;
+  }
+  TODI_HOST_DEVICE F tail_threshold() const { return ProbKey<F>::value(low); }
+};
+
+// The weights of FKL (head) and RKL (tail) from g = sum |p - q| over each
+// part. When both are 0, p == q on every entry and both divergences and their
+// gradients vanish, so any weights do: 1/2 each.
+template <class F>
+TODI_HOST_DEVICE void set_akl_weights(F g_head, F g_tail, DivergenceParams& prm) {
+  const F total = g_head + g_tail;
+  prm.akl_head_weight = total > F(0) ? static_cast<double>(g_head / total) : 0.5;
+  prm.akl_tail_weight = total > F(0) ? static_cast<double>(g_tail / total) : 0.5;
 }
 
 // Gradient of sum_i f_i with respect to a logit x_j when f depends on x only
