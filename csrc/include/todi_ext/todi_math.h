@@ -21,8 +21,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TODI_HOST_DEVICE __host__ __device__ __forceinline__
+#define TODI_UNROLL _Pragma("unroll")
 #else
 #define TODI_HOST_DEVICE inline
+#define TODI_UNROLL
 #endif
 
 namespace todi_ext::math {
@@ -220,11 +222,14 @@ struct AklTailSearch {
     return ProbKey<F>::value(low + (static_cast<U>(j + 1) << (remaining - bits)));
   }
   // sums[j] = S(threshold(j)); keeps the largest candidate whose S is <= mu.
-  TODI_HOST_DEVICE void advance(const F* sums, F mu) {
+  // (An array reference and an unrolled loop: a pointer would push the CUDA
+  // kernel's per-thread sums out of registers into local memory.)
+  TODI_HOST_DEVICE void advance(const F (&sums)[kAklCandidates], F mu) {
     const int bits = digit_bits();
     int digit = 0;
-    for (int j = 0; j + 1 < (1 << bits); ++j) {
-      if (sums[j] <= mu) digit = j + 1;
+    TODI_UNROLL
+    for (int j = 0; j < kAklCandidates; ++j) {
+      if (j + 1 < (1 << bits) && sums[j] <= mu) digit = j + 1;
     }
     low += static_cast<U>(digit) << (remaining - bits);
     remaining -= bits;
