@@ -221,10 +221,16 @@ struct AklTailSearch {
     if (j + 1 >= (1 << bits)) return F(-1);
     return ProbKey<F>::value(low + (static_cast<U>(j + 1) << (remaining - bits)));
   }
-  // sums[j] = S(threshold(j)); keeps the largest candidate whose S is <= mu.
-  // (An array reference and an unrolled loop: a pointer would push the CUDA
-  // kernel's per-thread sums out of registers into local memory.)
-  TODI_HOST_DEVICE void advance(const F (&sums)[kAklCandidates], F mu) {
+  // Probabilities still undecided: low < key < low + 2^remaining. Entries
+  // below always count in S, entries above never will (a backend may drop
+  // both from later walks, adding S(low) to its sums).
+  TODI_HOST_DEVICE F window_low() const { return ProbKey<F>::value(low); }
+  TODI_HOST_DEVICE F window_high() const { return ProbKey<F>::value(low + (static_cast<U>(1) << remaining)); }
+  // sums[j] = S(threshold(j)); keeps the largest candidate whose S is <= mu
+  // and returns its digit (0: low stays, S(low) unchanged; d > 0: S of the new
+  // low is sums[d - 1]). (An array reference and an unrolled loop: a pointer
+  // would push the CUDA kernel's per-thread sums into local memory.)
+  TODI_HOST_DEVICE int advance(const F (&sums)[kAklCandidates], F mu) {
     const int bits = digit_bits();
     int digit = 0;
     TODI_UNROLL
@@ -233,6 +239,7 @@ struct AklTailSearch {
     }
     low += static_cast<U>(digit) << (remaining - bits);
     remaining -= bits;
+    return digit;
   }
   TODI_HOST_DEVICE F tail_threshold() const { return ProbKey<F>::value(low); }
 };
