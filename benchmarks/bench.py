@@ -47,7 +47,7 @@ import plot  # noqa: E402  (benchmarks/plot.py)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSS_KWARGS = dict(temperature=2.0)  # the paper's released setting; divergence parameters at their defaults
-DIVERGENCES = ["todi", "fkl", "rkl", "js", "tvd", "skl", "srkl", "gjsd"]
+DIVERGENCES = list(todi_ext._validation.DIVERGENCES)  # every divergence distill_loss accepts
 DEFAULT_SHAPES = {
     # A few minutes on 2 cores; benchmarks/results/ also has N=2048 x V=50257 etc. (--shapes).
     "cpu": ["256x32000", "1024x32000", "2048x32000", "1024x50257"],

@@ -5,7 +5,8 @@
 #   1. build todi_ext from source against the installed torch (CUDA required),
 #   2. the CUDA tests and the build tests,
 #   3. compute-sanitizer memcheck on small cases of every kernel variant,
-#   4. the benchmark on the GPU (bf16, the CUDA issue's shapes).
+#   4. the benchmark on the GPU (bf16, the CUDA issue's shapes), then every
+#      divergence at two shapes (row-cached and streamed) against eager.
 # Everything lands under $OUT (default benchmarks/out/gpu): env.txt,
 # build.log, tests.log, memcheck.log, bench.log, bench-cuda.json, bench-cuda.md.
 #
@@ -47,7 +48,8 @@ echo "== tests"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
 
 echo "== memcheck"
-# Row-cached (V=1000), streamed (bf16 V=70000, odd offsets), generic mixed-dtype path, and scale_grad_ (reduction "none").
+# Row-cached (V=1000), streamed (bf16 V=70000, odd offsets), generic mixed-dtype path, and scale_grad_ (reduction "none");
+# ToDi and AKL (the one divergence with extra passes).
 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" - > "$OUT/memcheck.log" 2>&1 <<'PYEOF'
 import torch, todi_ext
 for shape, dt_s, dt_t, sl in [((7, 1000), torch.bfloat16, torch.bfloat16, slice(None)),
@@ -56,7 +58,8 @@ for shape, dt_s, dt_t, sl in [((7, 1000), torch.bfloat16, torch.bfloat16, slice(
     z = (torch.randn(shape, device="cuda") * 3).to(dt_s)[:, sl].requires_grad_()
     s = (torch.randn(shape, device="cuda") * 3).to(dt_t)[:, sl].requires_grad_()
     labels = torch.randint(0, 10, shape[:1], device="cuda"); labels[0] = -100
-    todi_ext.todi_loss(z, s, labels, temperature=2.0, reduction="none").sum().backward()
+    for divergence in ("todi", "akl"):
+        todi_ext.distill_loss(z, s, labels, divergence=divergence, temperature=2.0, reduction="none").sum().backward()
 torch.cuda.synchronize()
 print("memcheck cases ran")
 PYEOF
@@ -70,6 +73,10 @@ echo "== benchmark"
 "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --out "$OUT" \
   --shapes 4096x32000 8192x32000 8192x50257 8192x128256 8192x151936 8192x262144 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(benchmark)
+"$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --out "$OUT/divergences" --no-plots --repeats 5 \
+  --impl todi_ext eager --shapes 2048x32000 2048x128256 \
+  --divergence todi fkl rkl js tvd skl srkl akl gjsd 2>&1 | tee "$OUT/bench-divergences.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(benchmark-divergences)
 
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "GPU CHECK FAILED: ${failed[*]}"

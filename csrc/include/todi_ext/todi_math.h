@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TODI_HOST_DEVICE __host__ __device__ __forceinline__
@@ -183,24 +184,16 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const Divergen
 constexpr int kAklDigitBits = 4;
 constexpr int kAklCandidates = (1 << kAklDigitBits) - 1;
 
+// The key of a probability of type F (float or double): its bits as an
+// unsigned integer. p < 2 leaves the top two bits clear: 30 significant
+// bits for float, 62 for double.
 template <class F>
-struct ProbKey;
-template <>
-struct ProbKey<float> {
-  using U = uint32_t;
-  static constexpr int kBits = 30;  // p < 2.0f = 0x40000000
-  static TODI_HOST_DEVICE float value(U key) {
-    float x;
-    memcpy(&x, &key, sizeof x);
-    return x;
-  }
-};
-template <>
-struct ProbKey<double> {
-  using U = uint64_t;
-  static constexpr int kBits = 62;  // p < 2.0 = 0x4000000000000000
-  static TODI_HOST_DEVICE double value(U key) {
-    double x;
+struct ProbKey {
+  static_assert(sizeof(F) == 4 || sizeof(F) == 8, "float or double");
+  using U = std::conditional_t<sizeof(F) == 4, uint32_t, uint64_t>;
+  static constexpr int kBits = sizeof(F) == 4 ? 30 : 62;
+  static TODI_HOST_DEVICE F value(U key) {
+    F x;
     memcpy(&x, &key, sizeof x);
     return x;
   }
