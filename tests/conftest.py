@@ -74,7 +74,11 @@ def assert_grad_close(grad, ref, tol):
     assert torch.isfinite(grad).all(), "gradient has non-finite entries"
     err = (grad.double() - ref).norm()
     scale = ref.norm()
-    assert err <= tol * scale + 1e-12, f"gradient relative error {float(err / scale):.3e} > {tol:.1e}"
+    # Plus what storing in grad's dtype must lose: half a subnormal step per
+    # entry (float16 gradients of ~1e-5, as at V = 50k, are subnormal).
+    info = torch.finfo(grad.dtype)
+    storage = 0.5 * info.tiny * info.eps * grad.numel() ** 0.5
+    assert err <= tol * scale + storage + 1e-12, f"gradient relative error {float(err / scale):.3e} > {tol:.1e}"
 
 
 @pytest.fixture(autouse=True)

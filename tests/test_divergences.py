@@ -43,8 +43,8 @@ def assert_matches_reference(student, teacher, labels=None, tol_scale=1.0, teach
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("vocab", [7, 4097, 50257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("vocab", [1, 7, 4097, 50257])
 def test_matches_reference(case, dtype, vocab):
     divergence, params = case
     rows = 3 if vocab > 5000 else 9
