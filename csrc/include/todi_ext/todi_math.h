@@ -172,7 +172,8 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const Divergen
 // entry, no atomics, deterministic block sums) and fixes kAklDigitBits bits of
 // p*: ceil(30 / 4) = 8 passes for float32 probabilities (p < 2, so keys have
 // 30 significant bits), 16 for float64. Masked entries (a +-inf logit) never
-// join the sums. Both kernels drive this struct the same way:
+// join the sums. Both kernels drive this struct the same way (the CPU one
+// also drops the entries already decided between passes: window_low/high):
 //
 //   AklTailSearch<F> search;
 //   while (!search.done()) {
