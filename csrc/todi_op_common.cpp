@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
+#include <string>
+#include <utility>
 
 namespace todi_ext {
 namespace {
@@ -107,26 +110,19 @@ at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan
 math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double akl_mu,
                                   double jsd_beta, math::DivergenceParams& params) {
   using math::Divergence;
-  Divergence kind;
-  if (name == "todi") {
-    kind = Divergence::kToDi;
-  } else if (name == "fkl") {
-    kind = Divergence::kFKL;
-  } else if (name == "rkl") {
-    kind = Divergence::kRKL;
-  } else if (name == "tvd") {
-    kind = Divergence::kTVD;
-  } else if (name == "skl") {
-    kind = Divergence::kSKL;
-  } else if (name == "srkl") {
-    kind = Divergence::kSRKL;
-  } else if (name == "akl") {
-    kind = Divergence::kAKL;
-  } else {
-    TORCH_CHECK_VALUE(name == "gjsd", "divergence must be one of 'todi', 'fkl', 'rkl', 'tvd', 'skl', 'srkl', "
-                      "'akl', 'gjsd', got '", name, "'");
-    kind = Divergence::kGJSD;
+  // The op-level names (python/todi_ext/_validation.py maps the API's onto these).
+  static constexpr std::pair<c10::string_view, Divergence> kNames[] = {
+      {"todi", Divergence::kToDi}, {"fkl", Divergence::kFKL},   {"rkl", Divergence::kRKL},
+      {"tvd", Divergence::kTVD},   {"skl", Divergence::kSKL},   {"srkl", Divergence::kSRKL},
+      {"akl", Divergence::kAKL},   {"gjsd", Divergence::kGJSD},
+  };
+  const auto* found = std::find_if(std::begin(kNames), std::end(kNames), [&](const auto& n) { return n.first == name; });
+  if (found == std::end(kNames)) {
+    std::string choices;
+    for (const auto& n : kNames) choices += (choices.empty() ? "'" : ", '") + std::string(n.first) + "'";
+    TORCH_CHECK_VALUE(false, "divergence must be one of ", choices, ", got '", name, "'");
   }
+  const Divergence kind = found->second;
   TORCH_CHECK_VALUE(std::isfinite(beta), "beta must be finite, got ", beta);
   TORCH_CHECK_VALUE(skew_lambda >= 0 && skew_lambda <= 1, "skew_lambda must be in [0, 1], got ", skew_lambda);
   TORCH_CHECK_VALUE(jsd_beta > 0 && jsd_beta < 1, "jsd_beta must be in (0, 1), got ", jsd_beta);

@@ -220,8 +220,16 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
   }
 }
 
-// Terms of one vector of entries, zeroed where either logit is +-inf (those
-// entries are left out of the sum, so they carry neither loss nor weight).
+// Lanes whose logit is +-inf in either input (the -inf padding too): those
+// entries are left out of every sum (loss, gradient weights, AKL's split).
+template <class acc_t>
+Vectorized<acc_t> left_out(const Vectorized<acc_t>& z, const Vectorized<acc_t>& s) {
+  const Vectorized<acc_t> inf(std::numeric_limits<acc_t>::infinity());
+  return (z.abs() == inf) | (s.abs() == inf);
+}
+
+// Terms of one vector of entries, zeroed where left_out: they carry neither
+// loss nor weight.
 template <math::Divergence D, class acc_t>
 math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const Vectorized<acc_t>& inv_t,
                                                  const Vectorized<acc_t>& lse_z, const Vectorized<acc_t>& lse_s,
@@ -229,8 +237,7 @@ math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s,
   using Vec = Vectorized<acc_t>;
   const Vec zv = Vec::loadu(z);
   const Vec sv = Vec::loadu(s);
-  const Vec inf(std::numeric_limits<acc_t>::infinity());
-  const Vec skip = (zv.abs() == inf) | (sv.abs() == inf);
+  const Vec skip = left_out(zv, sv);
   auto t = math::divergence_entry<D>(sv * inv_t - lse_s, zv * inv_t - lse_z, prm);
   const Vec zero(acc_t(0));
   t.loss = Vec::blendv(t.loss, zero, skip);
@@ -260,7 +267,7 @@ void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Ro
     load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
       const Vec zv = Vec::loadu(c.z + i), sv = Vec::loadu(c.s + i);
-      const Vec skip = (zv.abs() == inf) | (sv.abs() == inf);  // also the -inf padding
+      const Vec skip = left_out(zv, sv);
       const Vec prob = (sv * inv_t - lse_s).exp();
       const Vec diff = (prob - (zv * inv_t - lse_z).exp()).abs();
       Vec::blendv(prob, inf, skip).store(scratch.akl_prob + start + i);

@@ -212,17 +212,24 @@ struct RowSource<A, AnyDtype> {
   __device__ static void store(void* out, Dtype t, int64_t i, A x) { store_any(out, t, i, x); }
 };
 
+// An entry with a +-inf logit in either input is left out of every sum
+// (loss, gradient weights, AKL's split), as on the CPU.
+template <class A>
+__device__ __forceinline__ bool left_out(A z, A s) {
+  const A inf = std::numeric_limits<A>::infinity();
+  return z == inf || z == -inf || s == inf || s == -inf;
+}
+
 // --------------------------------------------------------------------- AKL
 // AKL's per-row weights: the k-ary search of math::AklTailSearch (one walk of
 // the row per 4 bits of the threshold, kAklCandidates sums per thread, a
-// deterministic block sum each), then one walk for g_head and g_tail. The
-// probability is computed by the same expression in every walk, so an entry
+// deterministic block sum each), then one walk for g_head and g_tail. Every
+// walk computes the probability with the one expression below, so an entry
 // is compared consistently. `walk(f)` calls f(i, z, s) for this thread's
 // entries.
 template <class A, class Walk>
 __device__ void akl_row_weights(Walk&& walk, A inv_t, A lz, A ls, A* scratch, math::DivergenceParams& prm) {
-  const A inf = std::numeric_limits<A>::infinity();
-  auto masked = [&](A z, A s) { return z == inf || z == -inf || s == inf || s == -inf; };
+  auto teacher_prob = [&](A s) { return math::Ops<A>::exp(s * inv_t - ls); };
   math::AklTailSearch<A> search;
   const A mu = static_cast<A>(prm.akl_mu);
   while (!search.done()) {
@@ -233,8 +240,8 @@ __device__ void akl_row_weights(Walk&& walk, A inv_t, A lz, A ls, A* scratch, ma
       sums[j] = A(0);
     }
     walk([&](int64_t, A z, A s) {
-      if (masked(z, s)) return;
-      const A p = math::Ops<A>::exp(s * inv_t - ls);
+      if (left_out(z, s)) return;
+      const A p = teacher_prob(s);
 #pragma unroll
       for (int j = 0; j < math::kAklCandidates; ++j) sums[j] += p <= thresholds[j] ? p : A(0);
     });
@@ -244,8 +251,8 @@ __device__ void akl_row_weights(Walk&& walk, A inv_t, A lz, A ls, A* scratch, ma
   const A tail_max = search.tail_threshold();
   A g[2] = {A(0), A(0)};  // head, tail
   walk([&](int64_t, A z, A s) {
-    if (masked(z, s)) return;
-    const A p = math::Ops<A>::exp(s * inv_t - ls);
+    if (left_out(z, s)) return;
+    const A p = teacher_prob(s);
     const A diff = math::Ops<A>::abs(p - math::Ops<A>::exp(z * inv_t - lz));
     g[0] += p <= tail_max ? A(0) : diff;
     g[1] += p <= tail_max ? diff : A(0);
@@ -264,7 +271,6 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
   __shared__ A scratch[(D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp];
   const int64_t vocab = args.vocab;
   const A inv_t = static_cast<A>(args.inv_temperature);
-  const A inf = std::numeric_limits<A>::infinity();
 
   for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
     A* loss_out = static_cast<A*>(args.loss) + row;
@@ -324,7 +330,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
     if constexpr (D == math::Divergence::kAKL) akl_row_weights(walk, inv_t, lz, ls, scratch, prm);
     auto terms = [&](A z, A s) {
       auto t = math::divergence_entry<D>(s * inv_t - ls, z * inv_t - lz, prm);
-      if (z == inf || z == -inf || s == inf || s == -inf) {  // left out of the sum
+      if (left_out(z, s)) {
         t.loss = A(0);
         t.u = A(0);
         t.v = A(0);
