@@ -79,6 +79,31 @@ def test_undefined_rows_are_nan_only_there():
     assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
 
 
+@pytest.mark.parametrize("divergence", ["todi", "akl"])
+def test_nan_among_infinite_entries_makes_the_row_nan(divergence):
+    from test_parity import nan_among_infinities
+
+    for dtype in (torch.float32, torch.bfloat16):
+        student, teacher = nan_among_infinities(dtype=dtype)
+        loss = todi_ext.distill_loss(*cuda(student, teacher), divergence=divergence, reduction="none").cpu()
+        assert torch.isnan(loss[1:]).all() and torch.isfinite(loss[0]), dtype
+
+
+def test_several_row_cached_kernels_above_48k_of_shared_memory():
+    # Each instantiation needs its own cudaFuncSetAttribute; when they shared
+    # one once-flag only the first launched kernel could use > 48 KB.
+    cases = [("todi", torch.bfloat16, 32000), ("todi", torch.float16, 32000), ("fkl", torch.bfloat16, 32000),
+             ("rkl", torch.float32, 20000), ("akl", torch.bfloat16, 40000)]
+    for divergence, dtype, vocab in cases:
+        student, teacher = make_logits((3, vocab), dtype), make_logits((3, vocab), dtype, seed=1)
+        kwargs = dict(divergence=divergence, temperature=2.0, reduction="none")
+        loss, grad, _ = loss_and_grads(todi_ext.distill_loss, *cuda(student, teacher), **kwargs)
+        ref, ref_grad, _ = loss_and_grads(reference.distill_loss, student.double(), teacher.double(), **kwargs)
+        loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+        torch.testing.assert_close(loss.cpu().double(), ref, rtol=loss_rtol, atol=loss_atol)
+        assert_grad_close(grad.cpu(), ref_grad, grad_tol)
+
+
 @pytest.mark.parametrize("layout", ["shifted_3d", "vocab_strided", "odd_row_offset"])
 def test_non_contiguous_inputs(layout):
     base_s, base_t = make_logits((3, 6, 5001)).cuda(), make_logits((3, 6, 5001), seed=1).cuda()

@@ -173,6 +173,27 @@ def test_undefined_rows_are_nan_and_do_not_touch_other_rows():
     torch.testing.assert_close(masked, loss[[0, 4]].sum())
 
 
+def nan_among_infinities(rows=3, vocab=4096, dtype=torch.float32):
+    """Rows where one entry is finite, one is NaN and all others are -inf: the
+    kernels' parts (threads, lanes, chunks) that hold only the NaN see a
+    (max = -inf, sum = NaN) state, which a merge must not drop."""
+    student, teacher = make_logits((rows, vocab), dtype), make_logits((rows, vocab), dtype, seed=1)
+    student[1] = float("-inf")
+    student[1, 0] = 1.0
+    student[1, 3001] = float("nan")
+    teacher[2] = float("-inf")
+    teacher[2, 5] = 0.5
+    teacher[2, vocab - 3] = float("nan")
+    return student, teacher
+
+
+@pytest.mark.parametrize("divergence", ["todi", "akl"])
+def test_nan_among_infinite_entries_makes_the_row_nan(divergence):
+    student, teacher = nan_among_infinities()
+    loss = todi_ext.distill_loss(student, teacher, divergence=divergence, reduction="none")
+    assert torch.isnan(loss[1:]).all() and torch.isfinite(loss[0])
+
+
 def test_empty_batch():
     student = make_logits((0, 50)).requires_grad_()
     teacher = make_logits((0, 50))

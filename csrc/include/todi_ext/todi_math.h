@@ -267,7 +267,11 @@ struct LogSumExp {
 
   TODI_HOST_DEVICE void merge(T other_max, T other_sum) {
     if (other_max == -std::numeric_limits<T>::infinity()) {
-      return;  // nothing to add; also avoids exp(-inf - -inf) = NaN
+      // Nothing to add (and exp(-inf - -inf) would be NaN), except a NaN
+      // sum: a part whose entries were -inf and one NaN holds (-inf, NaN),
+      // and the NaN must reach the row whatever the merge order.
+      sum += other_sum * T(0);
+      return;
     }
     if (other_max > max) {
       sum = sum * Ops<T>::exp(max - other_max) + other_sum;

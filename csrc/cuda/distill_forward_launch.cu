@@ -1,0 +1,57 @@
+// The forward kernels of one divergence and their launch. CMake compiles this
+// file once per divergence with -DTODI_EXT_DIVERGENCE=kToDi, kFKL, ...: ten
+// kernels each (four dtypes with and without the row cache, two generic),
+// and the eight objects build in parallel.
+#include <c10/cuda/CUDAException.h>
+
+#include "launch_config.cuh"
+
+#ifndef TODI_EXT_DIVERGENCE
+#error "compile with -DTODI_EXT_DIVERGENCE=<a math::Divergence enumerator>"
+#endif
+
+namespace todi_ext::cuda {
+namespace {
+
+template <class A, class T, math::Divergence D>
+void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
+  const int threads = threads_for(args.vocab);
+  const int64_t cache_bytes = 2 * ((args.vocab + 7) / 8) * 8 * static_cast<int64_t>(sizeof(T));
+  if (row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
+    constexpr auto kernel = distill_forward_kernel<A, T, true, D>;
+    allow_max_dynamic_smem<kernel>(device);
+    kernel<<<grid_for(args.rows), threads, cache_bytes, stream>>>(args);
+  } else {
+    distill_forward_kernel<A, T, false, D><<<grid_for(args.rows), threads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class A, math::Divergence D>
+void launch_any(const ForwardParams& args, cudaStream_t stream) {
+  distill_forward_kernel<A, AnyDtype, false, D><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+template <math::Divergence D>
+void launch_distill_forward(const ForwardParams& args, c10::ScalarType student_dtype, c10::ScalarType teacher_dtype,
+                            int device, cudaStream_t stream) {
+  if (student_dtype != teacher_dtype) {
+    args.double_math ? launch_any<double, D>(args, stream) : launch_any<float, D>(args, stream);
+  } else if (student_dtype == c10::kFloat) {
+    launch_typed<float, float, D>(args, device, stream);
+  } else if (student_dtype == c10::kBFloat16) {
+    launch_typed<float, __nv_bfloat16, D>(args, device, stream);
+  } else if (student_dtype == c10::kHalf) {
+    launch_typed<float, __half, D>(args, device, stream);
+  } else {  // float64
+    launch_typed<double, double, D>(args, device, stream);
+  }
+}
+
+template void launch_distill_forward<math::Divergence::TODI_EXT_DIVERGENCE>(const ForwardParams&, c10::ScalarType,
+                                                                           c10::ScalarType, int, cudaStream_t);
+
+}  // namespace todi_ext::cuda

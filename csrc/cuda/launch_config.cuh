@@ -1,0 +1,79 @@
+// Launch configuration shared by the CUDA translation units: threads per
+// row, grid size, the device's opt-in shared memory and the per-kernel
+// attribute that unlocks it. Host code only.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "todi_cuda_kernel.cuh"
+
+namespace todi_ext::cuda {
+
+// Threads per row: about 16 entries per thread, 32..512. (Untuned: see README.md.)
+inline int threads_for(int64_t vocab) {
+  int threads = kWarp;
+  while (threads < kMaxThreads && threads * 16 < vocab) threads *= 2;
+  return threads;
+}
+
+inline unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, INT_MAX)); }
+
+// TODI_EXT_CUDA_ROW_CACHE=0 turns the shared-memory row cache off (for A/B runs).
+inline bool row_cache_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("TODI_EXT_CUDA_ROW_CACHE");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return allowed;
+}
+
+constexpr int kMaxDevices = 64;
+
+inline void check_device_index(int device) {
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "todi_ext: device index ", device, " out of range");
+}
+
+// Dynamic shared memory a row cache may take on this device.
+inline int max_dynamic_smem(int device) {
+  static std::array<int, kMaxDevices> cached{};  // 0: not queried yet
+  check_device_index(device);
+  if (cached[device] == 0) {
+    int bytes = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cached[device] = bytes - 4 * 1024;  // leave room for the static reduction scratch (<= 15 x 32 doubles)
+  }
+  return cached[device];
+}
+
+// Raises a kernel's dynamic shared-memory limit to the device's maximum,
+// once per kernel and device: the first call may not happen inside CUDA graph
+// capture of a cold process, and repeating it would be wasted host work. The
+// kernel is a template argument, not a function-pointer parameter, so every
+// kernel gets its own flags (all instantiations share one pointer type).
+template <auto Kernel>
+void allow_max_dynamic_smem(int device) {
+  static std::array<std::once_flag, kMaxDevices> once;
+  check_device_index(device);
+  std::call_once(once[device], [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem(device)));
+  });
+}
+
+// Launches the forward kernel of divergence D for inputs of these dtypes.
+// Defined in distill_forward_launch.cu, which CMake compiles once per
+// divergence (TODI_EXT_DIVERGENCE) so the 80 kernels build in parallel.
+template <math::Divergence D>
+void launch_distill_forward(const ForwardParams& args, c10::ScalarType student_dtype, c10::ScalarType teacher_dtype,
+                            int device, cudaStream_t stream);
+
+}  // namespace todi_ext::cuda
