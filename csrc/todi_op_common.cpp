@@ -131,6 +131,7 @@ math::Divergence parse_divergence(c10::string_view name, double beta, double ske
   params.skew_lambda = skew_lambda;
   params.jsd_beta = jsd_beta;
   params.akl_mu = akl_mu;
+  params.set_logs();
   return kind;
 }
 

@@ -39,6 +39,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static V log(const V& x) { return x.log(); }
   static V log1p(const V& x) { return x.log1p(); }
   static V abs(const V& x) { return x.abs(); }
+  static V recip(const V& x) { return x.reciprocal(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
   static V sign(const V& x) {

@@ -16,7 +16,7 @@ namespace {
 template <class A, class T, math::Divergence D>
 void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
   const int threads = threads_for(args.vocab);
-  const int64_t cache_bytes = 2 * ((args.vocab + 7) / 8) * 8 * static_cast<int64_t>(sizeof(T));
+  const int64_t cache_bytes = 2 * row_cache_stride(args.vocab) * static_cast<int64_t>(sizeof(T));
   if (row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
     constexpr auto kernel = distill_forward_kernel<A, T, true, D>;
     allow_max_dynamic_smem<kernel>(device);

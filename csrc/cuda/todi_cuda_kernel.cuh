@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "todi_ext/kernel_params.h"
 #include "todi_ext/row_layout.h"
@@ -91,12 +92,12 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-template <class A>
-__device__ __forceinline__ void warp_merge(math::LogSumExp<A>& l) {
+template <class L>
+__device__ __forceinline__ void warp_merge(L& l) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const A other_max = __shfl_xor_sync(0xffffffffu, l.max, offset);
-    const A other_sum = __shfl_xor_sync(0xffffffffu, l.sum, offset);
+    const auto other_max = __shfl_xor_sync(0xffffffffu, l.max, offset);
+    const auto other_sum = __shfl_xor_sync(0xffffffffu, l.sum, offset);
     l.merge(other_max, other_sum);
   }
 }
@@ -124,8 +125,8 @@ __device__ __forceinline__ void block_sum(A (&v)[kN], A* scratch) {
 }
 
 // Merges two log-sum-exp states over the block; every thread gets the result.
-template <class A>
-__device__ __forceinline__ void block_merge(math::LogSumExp<A>& a, math::LogSumExp<A>& b, A* scratch) {
+template <class A, class L>
+__device__ __forceinline__ void block_merge(L& a, L& b, A* scratch) {
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
@@ -138,7 +139,7 @@ __device__ __forceinline__ void block_merge(math::LogSumExp<A>& a, math::LogSumE
     scratch[3 * kWarp + warp] = b.sum;
   }
   __syncthreads();
-  math::LogSumExp<A> wa, wb;
+  L wa, wb;
   if (lane < warps) {
     wa.merge(scratch[lane], scratch[kWarp + lane]);
     wb.merge(scratch[2 * kWarp + lane], scratch[3 * kWarp + lane]);
@@ -151,36 +152,70 @@ __device__ __forceinline__ void block_merge(math::LogSumExp<A>& a, math::LogSumE
 }
 
 // ------------------------------------------------------------ row walking
-// Calls f(i, z_i, s_i) for the entries of one row this thread owns. Typed,
-// same-dtype rows use 16-byte loads for the aligned body (scalar head and
-// tail); other rows use scalar loads.
-template <class A, class T, class F>
-__device__ __forceinline__ void for_each_entry(const T* z, const T* s, int64_t vocab, F&& f) {
-  constexpr int kVec = 16 / sizeof(T);
+// Where a row's 16-byte vectors start: rows of one dtype whose starts share
+// their 16-byte misalignment are read as a scalar head, 16-byte vectors and a
+// scalar tail; other rows entry by entry (head = vocab).
+template <class T>
+__device__ __forceinline__ int64_t vector_head(const T* z, const T* s, int64_t vocab) {
   const auto z_addr = reinterpret_cast<uintptr_t>(z);
   const auto s_addr = reinterpret_cast<uintptr_t>(s);
-  int64_t head = vocab;  // all scalar unless both rows share their misalignment
-  if (z_addr % 16 == s_addr % 16 && z_addr % sizeof(T) == 0) {
-    head = static_cast<int64_t>((16 - z_addr % 16) % 16 / sizeof(T));
-    if (head > vocab) head = vocab;
-  }
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) f(i, Elem<T>::template load<A>(z[i]), Elem<T>::template load<A>(s[i]));
+  if (z_addr % 16 != s_addr % 16 || z_addr % sizeof(T) != 0) return vocab;
+  const auto head = static_cast<int64_t>((16 - z_addr % 16) % 16 / sizeof(T));
+  return head < vocab ? head : vocab;
+}
+
+// The entries of one row this thread owns: vec(i0, zw, sw) for each 16-byte
+// word pair (entries i0 .. i0 + 16 / sizeof(T) - 1, raw), elem(i, z, s) for
+// the scalar head and tail (raw T values).
+template <class T, class FV, class FE>
+__device__ __forceinline__ void for_each_vector(const T* z, const T* s, int64_t vocab, FV&& vec, FE&& elem) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t head = vector_head(z, s, vocab);
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) elem(i, z[i], s[i]);
   const int64_t vectors = (vocab - head) / kVec;
   const uint4* zv = reinterpret_cast<const uint4*>(z + head);
   const uint4* sv = reinterpret_cast<const uint4*>(s + head);
   for (int64_t j = threadIdx.x; j < vectors; j += blockDim.x) {
-    const uint4 zw = zv[j];
+    const uint4 zw = zv[j];  // by value: one 16-byte load each (a reference would become scalar loads)
     const uint4 sw = sv[j];
-    const T* ze = reinterpret_cast<const T*>(&zw);
-    const T* se = reinterpret_cast<const T*>(&sw);
+    vec(head + j * kVec, zw, sw);
+  }
+  for (int64_t i = head + vectors * kVec + threadIdx.x; i < vocab; i += blockDim.x) elem(i, z[i], s[i]);
+}
+
+// Calls f(i, z_i, s_i) (converted to A) for the entries of one row this thread owns.
+template <class A, class T, class F>
+__device__ __forceinline__ void for_each_entry(const T* z, const T* s, int64_t vocab, F&& f) {
+  constexpr int kVec = 16 / sizeof(T);
+  for_each_vector(
+      z, s, vocab,
+      [&](int64_t i0, const uint4& zw, const uint4& sw) {
+        const T* ze = reinterpret_cast<const T*>(&zw);
+        const T* se = reinterpret_cast<const T*>(&sw);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      f(head + j * kVec + k, Elem<T>::template load<A>(ze[k]), Elem<T>::template load<A>(se[k]));
-    }
-  }
-  for (int64_t i = head + vectors * kVec + threadIdx.x; i < vocab; i += blockDim.x) {
-    f(i, Elem<T>::template load<A>(z[i]), Elem<T>::template load<A>(s[i]));
-  }
+        for (int k = 0; k < kVec; ++k) f(i0 + k, Elem<T>::template load<A>(ze[k]), Elem<T>::template load<A>(se[k]));
+      },
+      [&](int64_t i, T z_i, T s_i) { f(i, Elem<T>::template load<A>(z_i), Elem<T>::template load<A>(s_i)); });
+}
+
+// Pass 1 in base 2: folds x_k * scale (x raw logits, scale = log2(e) / T > 0)
+// into an online log-sum-exp. One max and one rescale per group, then one ex2
+// per entry (an FFMA and a MUFU) instead of a compare, a branch and an exp.
+// fmax ignores a NaN, but the NaN still reaches the sum through its own term.
+template <class A, int N>
+__device__ __forceinline__ void lse2_fold(math::LogSumExp<A, true>& l, const A (&x)[N], A scale) {
+  using O = math::Ops<A>;
+  A top = x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) top = O::max(top, x[k]);
+  const A inf = std::numeric_limits<A>::infinity();
+  const A new_max = O::max(l.max, top * scale);     // max(x) * scale == max(x * scale): scale > 0
+  const A ref = new_max == -inf ? A(0) : new_max;   // all -inf so far: 2^(-inf - 0) = 0, not NaN
+  A sum = l.sum * O::exp2(l.max - ref);
+#pragma unroll
+  for (int k = 0; k < N; ++k) sum += O::exp2(x[k] * scale - ref);
+  l.max = new_max;
+  l.sum = sum;
 }
 
 // The row source of one instantiation: typed (T) or generic (AnyDtype).
@@ -262,15 +297,32 @@ __device__ void akl_row_weights(Walk&& walk, A inv_t, A lz, A ls, A* scratch, ma
 }
 
 // ------------------------------------------------------------------ kernels
+// Row cache layout: one copy per input, `row_cache_stride` elements apart,
+// each at the same 16-byte misalignment as its global row, so pass 1 stores
+// the 16-byte words it loaded as they are and passes 2-3 reload them whole.
+__host__ __device__ constexpr int64_t row_cache_stride(int64_t vocab) { return (vocab + 7) / 8 * 8 + 8; }
+
+template <class T>
+__device__ __forceinline__ T* cache_copy(unsigned char* base, const T* global) {
+  return reinterpret_cast<T*>(base) + reinterpret_cast<uintptr_t>(global) % 16 / sizeof(T);
+}
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
 // T: the element type of both inputs, or AnyDtype. kCacheRow: keep the row
 // pair in dynamic shared memory (typed rows only). D: the divergence.
 template <class A, class T, bool kCacheRow, math::Divergence D>
 __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const ForwardParams args) {
+  constexpr bool kTyped = !std::is_same_v<T, AnyDtype>;
+  static_assert(kTyped || !kCacheRow, "the row cache holds typed rows only");
+  using Lse = math::LogSumExp<A, true>;
   extern __shared__ __align__(16) unsigned char row_cache[];
   // Reduction scratch: 4 values per warp (AKL's search sums 15).
   __shared__ A scratch[(D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp];
   const int64_t vocab = args.vocab;
   const A inv_t = static_cast<A>(args.inv_temperature);
+  const A scale2 = static_cast<A>(args.inv_temperature * kLog2e);  // logit -> base-2 exponent
 
   for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
     A* loss_out = static_cast<A*>(args.loss) + row;
@@ -286,26 +338,52 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       continue;
     }
 
-    // Pass 1: per-thread online log-sum-exps (one exp per entry each).
-    math::LogSumExp<A> lse_z, lse_s;
-    if constexpr (kCacheRow) {
-      T* cz = reinterpret_cast<T*>(row_cache);
-      T* cs = cz + ((vocab + 7) / 8) * 8;  // keeps the teacher copy 16-byte aligned
-      global_row.for_each(vocab, [&](int64_t i, A z, A s) {
-        cz[i] = Elem<T>::from(z);  // exact: z came from a T
-        cs[i] = Elem<T>::from(s);
-        lse_z.merge(z * inv_t, A(1));
-        lse_s.merge(s * inv_t, A(1));
-      });
+    // Pass 1: per-thread online log-sum-exps in base 2; the row cache is filled on the way.
+    Lse lse_z, lse_s;
+    if constexpr (kTyped) {
+      constexpr int kVec = 16 / sizeof(T);
+      T* cz = kCacheRow ? cache_copy(row_cache, global_row.z) : nullptr;
+      T* cs = kCacheRow ? cache_copy(row_cache + row_cache_stride(vocab) * sizeof(T), global_row.s) : nullptr;
+      // The copies' offsets from their 16-byte aligned bases, in entries.
+      const int64_t i_shift_z = reinterpret_cast<uintptr_t>(global_row.z) % 16 / sizeof(T);
+      const int64_t i_shift_s = reinterpret_cast<uintptr_t>(global_row.s) % 16 / sizeof(T);
+      for_each_vector(
+          global_row.z, global_row.s, vocab,
+          [&](int64_t i0, const uint4& zw, const uint4& sw) {
+            if constexpr (kCacheRow) {  // as 16-byte words (a T* cast would be split into 4-byte stores)
+              reinterpret_cast<uint4*>(cz - i_shift_z)[(i0 + i_shift_z) / kVec] = zw;
+              reinterpret_cast<uint4*>(cs - i_shift_s)[(i0 + i_shift_s) / kVec] = sw;
+            }
+            const T* ze = reinterpret_cast<const T*>(&zw);
+            const T* se = reinterpret_cast<const T*>(&sw);
+            A zs[kVec], ss[kVec];
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) {
+              zs[k] = Elem<T>::template load<A>(ze[k]);
+              ss[k] = Elem<T>::template load<A>(se[k]);
+            }
+            lse2_fold(lse_z, zs, scale2);
+            lse2_fold(lse_s, ss, scale2);
+          },
+          [&](int64_t i, T z, T s) {
+            if constexpr (kCacheRow) {
+              cz[i] = z;
+              cs[i] = s;
+            }
+            const A zs[1] = {Elem<T>::template load<A>(z)}, ss[1] = {Elem<T>::template load<A>(s)};
+            lse2_fold(lse_z, zs, scale2);
+            lse2_fold(lse_s, ss, scale2);
+          });
     } else {
-      global_row.for_each(vocab, [&](int64_t i, A z, A s) {
-        lse_z.merge(z * inv_t, A(1));
-        lse_s.merge(s * inv_t, A(1));
+      global_row.for_each(vocab, [&](int64_t, A z, A s) {
+        const A zs[1] = {z}, ss[1] = {s};
+        lse2_fold(lse_z, zs, scale2);
+        lse2_fold(lse_s, ss, scale2);
       });
     }
     block_merge(lse_z, lse_s, scratch);  // also orders the cache writes before the reads below
-    const A lz = lse_z.value();
-    const A ls = lse_s.value();
+    const A lz = lse_z.value() * static_cast<A>(kLn2);
+    const A ls = lse_s.value() * static_cast<A>(kLn2);
 
     if (!math::is_finite(lz) || !math::is_finite(ls)) {  // undefined distribution: NaN row
       const A nan = std::numeric_limits<A>::quiet_NaN();
@@ -317,11 +395,16 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       continue;
     }
 
+    // The row as passes 2-3 read it: from the cache, or again from global memory (L2 if it still holds it).
+    auto rz = global_row.z;
+    auto rs = global_row.s;
+    if constexpr (kCacheRow) {
+      rz = cache_copy(row_cache, global_row.z);
+      rs = cache_copy(row_cache + row_cache_stride(vocab) * sizeof(T), global_row.s);
+    }
     auto walk = [&](auto&& f) {
-      if constexpr (kCacheRow) {
-        const T* cz = reinterpret_cast<const T*>(row_cache);
-        const T* cs = cz + ((vocab + 7) / 8) * 8;
-        for_each_entry<A>(cz, cs, vocab, f);
+      if constexpr (kTyped) {
+        for_each_entry<A>(rz, rs, vocab, f);
       } else {
         global_row.for_each(vocab, f);
       }
@@ -329,8 +412,12 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
     math::DivergenceParams prm = args.divergence_params;
     if constexpr (D == math::Divergence::kAKL) akl_row_weights(walk, inv_t, lz, ls, scratch, prm);
     auto terms = [&](A z, A s) {
-      auto t = math::divergence_entry<D>(s * inv_t - ls, z * inv_t - lz, prm);
-      if (left_out(z, s)) {
+      const A log_p = s * inv_t - ls;
+      const A log_q = z * inv_t - lz;
+      auto t = math::divergence_entry<D>(log_p, log_q, prm);
+      // The same entries as left_out(z, s) (a +-inf logit makes r = log p - log q infinite or NaN;
+      // +inf and NaN logits never get here) for one compare instead of four.
+      if (!(math::Ops<A>::abs(log_p - log_q) < std::numeric_limits<A>::infinity())) {
         t.loss = A(0);
         t.u = A(0);
         t.v = A(0);
@@ -355,17 +442,64 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       const A v_sum = sums[2];
       // 1/T, times the reduction's factor (1/count for "mean").
       const A grad_t = args.grad_scale ? inv_t * *static_cast<const A*>(args.grad_scale) : inv_t;
-      walk([&](int64_t i, A z, A s) {
-        const auto t = terms(z, s);
-        if (args.grad_student.data) {
-          global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i,
-                           math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
-        }
-        if (args.grad_teacher.data) {
-          global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i,
-                           math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
-        }
-      });
+      if constexpr (kTyped) {
+        // 16-byte stores where the output row shares the input row's misalignment (then its
+        // vectors line up with the input's), scalar stores otherwise.
+        constexpr int kVec = 16 / sizeof(T);
+        T* out_z = args.grad_student.data ? static_cast<T*>(args.grad_student.data) + out_base : nullptr;
+        T* out_s = args.grad_teacher.data ? static_cast<T*>(args.grad_teacher.data) + out_base : nullptr;
+        const auto misalignment = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
+        const bool vec_z = misalignment(out_z) == misalignment(global_row.z);
+        const bool vec_s = misalignment(out_s) == misalignment(global_row.s);
+        for_each_vector(
+            rz, rs, vocab,
+            [&](int64_t i0, const uint4& zw, const uint4& sw) {
+              const T* ze = reinterpret_cast<const T*>(&zw);
+              const T* se = reinterpret_cast<const T*>(&sw);
+              uint4 gzw, gsw;
+              T* gz = reinterpret_cast<T*>(&gzw);
+              T* gs = reinterpret_cast<T*>(&gsw);
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) {
+                const auto t = terms(Elem<T>::template load<A>(ze[k]), Elem<T>::template load<A>(se[k]));
+                if (out_z) gz[k] = Elem<T>::from(math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
+                if (out_s) gs[k] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
+              }
+              if (out_z) {
+                if (vec_z) {
+                  *reinterpret_cast<uint4*>(out_z + i0) = gzw;
+                } else {
+#pragma unroll
+                  for (int k = 0; k < kVec; ++k) out_z[i0 + k] = gz[k];
+                }
+              }
+              if (out_s) {
+                if (vec_s) {
+                  *reinterpret_cast<uint4*>(out_s + i0) = gsw;
+                } else {
+#pragma unroll
+                  for (int k = 0; k < kVec; ++k) out_s[i0 + k] = gs[k];
+                }
+              }
+            },
+            [&](int64_t i, T z, T s) {
+              const auto t = terms(Elem<T>::template load<A>(z), Elem<T>::template load<A>(s));
+              if (out_z) out_z[i] = Elem<T>::from(math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
+              if (out_s) out_s[i] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
+            });
+      } else {
+        walk([&](int64_t i, A z, A s) {
+          const auto t = terms(z, s);
+          if (args.grad_student.data) {
+            global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i,
+                             math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
+          }
+          if (args.grad_teacher.data) {
+            global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i,
+                             math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
+          }
+        });
+      }
     }
     if constexpr (kCacheRow) __syncthreads();  // the next row overwrites the cache
   }

@@ -35,9 +35,48 @@ namespace todi_ext::math {
 template <class F>
 struct Ops;
 
+// In CUDA device code float exp and reciprocal are the hardware's
+// approximations (MUFU ex2/rcp, ~2 ulp, results below 2^-126 flushed to 0:
+// they weigh nothing in any row sum) instead of the ~10-instruction IEEE
+// routines: the kernels evaluate ~8 per entry and were instruction-bound.
+// The extra rounding of x * log2(e) is no larger than the rounding x itself
+// already carries (x = logit / T - lse). Host code keeps the libm functions.
+TODI_HOST_DEVICE float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+#else
+  return ::expf(x);
+#endif
+}
+
+TODI_HOST_DEVICE float fast_recip(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.0f / x;
+#endif
+}
+
+TODI_HOST_DEVICE float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return ::exp2f(x);
+#endif
+}
+
 template <>
 struct Ops<float> {
-  static TODI_HOST_DEVICE float exp(float x) { return ::expf(x); }
+  static TODI_HOST_DEVICE float exp(float x) { return fast_exp(x); }
+  static TODI_HOST_DEVICE float exp2(float x) { return fast_exp2(x); }
+  static TODI_HOST_DEVICE float log2(float x) { return ::log2f(x); }
+  static TODI_HOST_DEVICE float recip(float x) { return fast_recip(x); }
   static TODI_HOST_DEVICE float log(float x) { return ::logf(x); }
   static TODI_HOST_DEVICE float log1p(float x) { return ::log1pf(x); }
   static TODI_HOST_DEVICE float abs(float x) { return ::fabsf(x); }
@@ -49,6 +88,9 @@ struct Ops<float> {
 template <>
 struct Ops<double> {
   static TODI_HOST_DEVICE double exp(double x) { return ::exp(x); }
+  static TODI_HOST_DEVICE double exp2(double x) { return ::exp2(x); }
+  static TODI_HOST_DEVICE double log2(double x) { return ::log2(x); }
+  static TODI_HOST_DEVICE double recip(double x) { return 1.0 / x; }
   static TODI_HOST_DEVICE double log(double x) { return ::log(x); }
   static TODI_HOST_DEVICE double log1p(double x) { return ::log1p(x); }
   static TODI_HOST_DEVICE double abs(double x) { return ::fabs(x); }
@@ -76,7 +118,7 @@ TODI_HOST_DEVICE EntryTerms<F> todi_entry(F log_p, F log_q, F beta) {
   const F r = log_p - log_q;
   // exp overflowing to inf gives a = 0 and underflowing gives a = 1: the exact
   // limits of the sigmoid, so no clamping is needed.
-  const F a = one / (one + O::exp(F(0) - beta * r));
+  const F a = O::recip(one + O::exp(F(0) - beta * r));
   const F ap = a * p;
   const F bq = (one - a) * q;
   return {r * (ap - bq), bq * (one - r) - ap, ap * (r + one) - bq, p, q};
@@ -100,6 +142,17 @@ struct DivergenceParams {
   // set by the kernel for each row before the terms are computed.
   double akl_head_weight = 0.5;
   double akl_tail_weight = 0.5;
+  // Logs of the mixing weights, computed once on the host (set_logs): the
+  // kernels would otherwise evaluate them in float64 for every entry.
+  double log_skew_lambda = 0, log1m_skew_lambda = 0;  // log(lambda), log(1 - lambda)
+  double log_jsd_beta = 0, log1m_jsd_beta = 0;        // log(b), log(1 - b)
+
+  void set_logs() {
+    log_skew_lambda = std::log(skew_lambda);
+    log1m_skew_lambda = std::log1p(-skew_lambda);
+    log_jsd_beta = std::log(jsd_beta);
+    log1m_jsd_beta = std::log1p(-jsd_beta);
+  }
 };
 
 // log(w_a e^la + w_b e^lb) from log-weights, stable when either term
@@ -131,12 +184,12 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const Divergen
       const F sgn = O::sign(p - q);
       return {half * O::abs(p - q), F(0) - half * q * sgn, half * p * sgn, p, q};
     } else if constexpr (D == Divergence::kSKL) {  // KL(p || lam p + (1 - lam) q)
-      const F log_lam(::log(prm.skew_lambda)), log_rest(::log1p(-prm.skew_lambda));
+      const F log_lam(prm.log_skew_lambda), log_rest(prm.log1m_skew_lambda);
       const F lmix = log_mix(log_lam, log_p, log_rest, log_q);
       const F w = p * O::exp(log_rest + log_q - lmix);  // p (1 - lam) q / mix
       return {p * (log_p - lmix), F(0) - w, p * (log_p - lmix) + w, p, q};
     } else if constexpr (D == Divergence::kSRKL) {  // KL(q || (1 - lam) p + lam q)
-      const F log_lam(::log(prm.skew_lambda)), log_rest(::log1p(-prm.skew_lambda));
+      const F log_lam(prm.log_skew_lambda), log_rest(prm.log1m_skew_lambda);
       const F lmix = log_mix(log_rest, log_p, log_lam, log_q);
       const F w = q * O::exp(log_rest + log_p - lmix);  // q (1 - lam) p / mix
       return {q * (log_q - lmix), q * (log_q - lmix) + w, F(0) - w, p, q};
@@ -147,7 +200,7 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const Divergen
     } else {  // kGJSD: b KL(p || m) + (1 - b) KL(q || m), m = b p + (1 - b) q
       static_assert(D == Divergence::kGJSD);
       const F b(prm.jsd_beta);
-      const F log_b(::log(prm.jsd_beta)), log_rest(::log1p(-prm.jsd_beta));
+      const F log_b(prm.log_jsd_beta), log_rest(prm.log1m_jsd_beta);
       const F lm = log_mix(log_b, log_p, log_rest, log_q);
       const F fp = b * p * (log_p - lm);
       const F fq = (one - b) * q * (log_q - lm);
@@ -256,14 +309,17 @@ TODI_HOST_DEVICE F log_softmax_grad(F weight, F prob, F weight_sum, F inv_temper
   return (weight - prob * weight_sum) * inv_temperature;
 }
 
-// Online log-sum-exp: a running (max, sum of exp(x - max)) pair.
+// Online log-sum-exp: a running (max, sum of exp(x - max)) pair; with
+// kBase2, of 2^(x - max) (the CUDA kernel works in base 2: one ex2 per entry).
 // merge() folds in another pair. -inf entries contribute nothing; a NaN or
 // +inf anywhere makes the result non-finite, which the kernels turn into a
 // NaN row, as log_softmax would.
-template <class T>
+template <class T, bool kBase2 = false>
 struct LogSumExp {
   T max = -std::numeric_limits<T>::infinity();
   T sum = T(0);
+
+  static TODI_HOST_DEVICE T power(T x) { return kBase2 ? Ops<T>::exp2(x) : Ops<T>::exp(x); }
 
   TODI_HOST_DEVICE void merge(T other_max, T other_sum) {
     if (other_max == -std::numeric_limits<T>::infinity()) {
@@ -274,14 +330,15 @@ struct LogSumExp {
       return;
     }
     if (other_max > max) {
-      sum = sum * Ops<T>::exp(max - other_max) + other_sum;
+      sum = sum * power(max - other_max) + other_sum;
       max = other_max;
     } else {  // also taken when either max is NaN, which then propagates
-      sum = sum + other_sum * Ops<T>::exp(other_max - max);
+      sum = sum + other_sum * power(other_max - max);
     }
   }
 
-  TODI_HOST_DEVICE T value() const { return max + Ops<T>::log(sum); }
+  // log (base e, or 2 with kBase2) of the sum of exponentials.
+  TODI_HOST_DEVICE T value() const { return max + (kBase2 ? Ops<T>::log2(sum) : Ops<T>::log(sum)); }
 };
 
 template <class T>
