@@ -8,8 +8,9 @@
 #   3. the benchmark: N = 8192, V in {32000, 128256, 262144}, bf16 and fp32,
 #      todi_ext vs eager, torch.compile, Liger's JSD and the HBM floor,
 #   4. compute-sanitizer memcheck, then racecheck, on small cases of every
-#      kernel variant,
-#   5. (GPU_CHECK_DIVERGENCES=1) every divergence against eager.
+#      kernel variant (after 5),
+#   5. the streamed kernel on the long rows (A/B against the cluster split),
+#   6. every divergence against eager (GPU_CHECK_DIVERGENCES=0 skips it).
 # Logs and results are packed after every stage into $OUT/gpu-check.tar.gz
 # (the device tool brings back few files), with a one-page $OUT/summary.txt.
 #
@@ -77,14 +78,21 @@ stage bench "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench.py --device cuda 
 [ -f "$WORK/bench/bench-cuda.md" ] && cp "$WORK/bench/bench-cuda.md" "$OUT/" && cat "$WORK/bench/bench-cuda.md" >> "$WORK/summary.txt"
 pack
 
-# Small cases of every kernel variant: row-cached (V=1000 and bf16 V=3001), streamed (bf16 V=70001 at an odd
-# offset), the generic mixed-dtype kernel, scale_grad (reduction "none"); ToDi and AKL (extra passes).
+# A/B: the long rows streamed from global memory instead of split over a cluster.
+TODI_EXT_CUDA_SPLIT_ROWS=0 stage bench-streamed "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench.py --device cuda \
+  --dtype bfloat16 float32 --out "$WORK/bench-streamed" --no-plots --repeats "${GPU_CHECK_REPEATS:-10}" \
+  --impl todi_ext --shapes 8192x128256 8192x262144
+[ -f "$WORK/bench-streamed/bench-cuda.md" ] && grep "todi_ext" "$WORK/bench-streamed/bench-cuda.md" >> "$WORK/summary.txt"
+pack
+
+# Small cases of every kernel variant: row-cached (V=1000 and bf16 V=3001), split over a cluster (bf16 V=70001
+# at an odd offset), the generic mixed-dtype kernel, scale_grad (reduction "none"); ToDi and AKL (extra passes).
 cat > "$WORK/sanitize_cases.py" <<'PYEOF'
 import sys, torch, todi_ext
-big = sys.argv[1] == "memcheck"
-cases = [((7, 1000), torch.float32, torch.float32, slice(None)), ((5, 3001), torch.bfloat16, torch.bfloat16, slice(None))]
-if big:
-    cases += [((5, 70001), torch.bfloat16, torch.bfloat16, slice(1, None)), ((3, 4097), torch.bfloat16, torch.float32, slice(None))]
+cases = [((7, 1000), torch.float32, torch.float32, slice(None)), ((5, 3001), torch.bfloat16, torch.bfloat16, slice(None)),
+         ((5, 70001), torch.bfloat16, torch.bfloat16, slice(1, None))]
+if sys.argv[1] == "memcheck":
+    cases += [((3, 4097), torch.bfloat16, torch.float32, slice(None))]
 for shape, dt_s, dt_t, sl in cases:
     z = (torch.randn(shape, device="cuda") * 3).to(dt_s)[:, sl].requires_grad_()
     s = (torch.randn(shape, device="cuda") * 3).to(dt_t)[:, sl].requires_grad_()
@@ -97,8 +105,8 @@ PYEOF
 stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" "$WORK/sanitize_cases.py" memcheck
 stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" "$WORK/sanitize_cases.py" racecheck
 
-if [ "${GPU_CHECK_DIVERGENCES:-0}" = 1 ]; then
-  stage divergences 240 "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --out "$WORK/divergences" --no-plots \
+if [ "${GPU_CHECK_DIVERGENCES:-1}" = 1 ]; then
+  stage divergences "${GPU_CHECK_DIVERGENCES_S:-150}" "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --out "$WORK/divergences" --no-plots \
     --repeats 5 --impl todi_ext eager --shapes 8192x32000 8192x128256 --divergence todi fkl rkl js tvd skl srkl akl gjsd
 fi
 

@@ -1,6 +1,8 @@
 """The CUDA kernels: parity with the float64 reference and with the CPU kernel,
 opcheck, torch.compile, CUDA graphs, devices. Skipped without a GPU."""
 
+import os
+
 import pytest
 import torch
 
@@ -200,9 +202,10 @@ def test_compile_fullgraph():
         torch.testing.assert_close(comp[1], eager[1])
 
 
-def test_cuda_graph_capture_and_replay():
-    z = make_logits((32, 32000), torch.bfloat16).cuda().requires_grad_()
-    s = make_logits((32, 32000), torch.bfloat16, seed=1).cuda()
+@pytest.mark.parametrize("vocab", [32000, 128256])  # row cached in one block; split over a cluster
+def test_cuda_graph_capture_and_replay(vocab):
+    z = make_logits((32, vocab), torch.bfloat16).cuda().requires_grad_()
+    s = make_logits((32, vocab), torch.bfloat16, seed=1).cuda()
     labels = make_labels((32,)).cuda()
 
     def step():
@@ -224,11 +227,41 @@ def test_cuda_graph_capture_and_replay():
         static_loss.backward()
     # new inputs, in place, then replay
     with torch.no_grad():
-        s.copy_(make_logits((32, 32000), torch.bfloat16, seed=9).cuda())
+        s.copy_(make_logits((32, vocab), torch.bfloat16, seed=9).cuda())
     graph.replay()
     expected_loss, expected_grad, _ = loss_and_grads(todi_ext.todi_loss, z.detach(), s, labels)
     torch.testing.assert_close(static_loss, expected_loss)
     torch.testing.assert_close(z.grad, expected_grad)
+
+
+@pytest.mark.parametrize("dtype,vocab", [(torch.bfloat16, 70001), (torch.bfloat16, 262144), (torch.float32, 128256)])
+def test_split_rows_agree_with_streamed_rows(dtype, vocab, tmp_path):
+    # Rows too long for one block's shared memory are split over a cluster;
+    # TODI_EXT_CUDA_SPLIT_ROWS=0 (read once per process) streams them instead.
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, todi_ext, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from conftest import make_logits, make_labels
+z = make_logits((6, {vocab}), {dtype}).cuda().requires_grad_()
+s = make_logits((6, {vocab}), {dtype}, seed=1).cuda().requires_grad_()
+for d in ("todi", "akl"):
+    loss = todi_ext.distill_loss(z, s, make_labels((6,)).cuda(), divergence=d, temperature=2.0, reduction="none")
+    loss.sum().backward()
+    torch.save((loss.cpu(), z.grad.cpu(), s.grad.cpu()), {str(tmp_path)!r} + f"/{{d}}-" + sys.argv[1])
+    z.grad = s.grad = None
+"""
+    for split in ("1", "0"):
+        env = dict(os.environ, TODI_EXT_CUDA_SPLIT_ROWS=split)
+        subprocess.run([sys.executable, "-c", script, split], env=env, check=True)
+    loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+    for d in ("todi", "akl"):
+        split, streamed = torch.load(tmp_path / f"{d}-1"), torch.load(tmp_path / f"{d}-0")
+        torch.testing.assert_close(split[0], streamed[0], rtol=loss_rtol, atol=loss_atol)
+        for a, b in zip(split[1:], streamed[1:]):
+            assert_grad_close(a, b.double(), grad_tol)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

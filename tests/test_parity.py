@@ -180,7 +180,7 @@ def nan_among_infinities(rows=3, vocab=4096, dtype=torch.float32):
     student, teacher = make_logits((rows, vocab), dtype), make_logits((rows, vocab), dtype, seed=1)
     student[1] = float("-inf")
     student[1, 0] = 1.0
-    student[1, 3001] = float("nan")
+    student[1, vocab * 3 // 4] = float("nan")
     teacher[2] = float("-inf")
     teacher[2, 5] = 0.5
     teacher[2, vocab - 3] = float("nan")

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -67,6 +68,44 @@ void allow_max_dynamic_smem(int device) {
   std::call_once(once[device], [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem(device)));
   });
+}
+
+// TODI_EXT_CUDA_SPLIT_ROWS=0 turns the cluster-split rows off (for A/B runs).
+inline bool split_rows_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("TODI_EXT_CUDA_SPLIT_ROWS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return allowed;
+}
+
+// Whether a cluster launch of Kernel with this configuration can run at all
+// on the device (thread-block clusters need sm_90; a cluster's blocks must
+// fit its GPC), asked once per kernel, device and cluster size.
+constexpr int kMaxClusterParts = 16;  // 16 is above the portable 8: opted in per kernel
+
+template <auto Kernel>
+bool cluster_launchable(int device, const cudaLaunchConfig_t& config, int parts) {
+  static std::array<std::array<std::atomic<int8_t>, 5>, kMaxDevices> known{};  // 0 unknown, 1 yes, 2 no
+  check_device_index(device);
+  int slot = 0;
+  while ((2 << slot) < parts) ++slot;
+  std::atomic<int8_t>& entry = known[device][slot];
+  if (entry.load() == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    int clusters = 0;
+    if (major >= 9) {
+      allow_max_dynamic_smem<Kernel>(device);
+      if (parts > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      if (cudaOccupancyMaxActiveClusters(&clusters, Kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();  // not launchable this way: clear the error, stream instead
+        clusters = 0;
+      }
+    }
+    entry.store(clusters > 0 ? 1 : 2);
+  }
+  return entry.load() == 1;
 }
 
 // Launches the forward kernel of divergence D for inputs of these dtypes.

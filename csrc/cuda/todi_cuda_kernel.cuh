@@ -11,8 +11,17 @@
 // hit L2 as far as it holds the rows in flight.
 #pragma once
 
+#ifdef TODI_EXT_HOST_EMULATION  // tests/test_cuda_host.py runs these kernels on the CPU
+#include "host_emulation.h"
+#else
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+// Shared-memory declarations go through these two macros so that the host
+// emulation can give each emulated block its own copy.
+#define TODI_SHARED_ARRAY(type, name, count) __shared__ type name[count]
+#define TODI_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 #include <cstdint>
 #include <limits>
@@ -258,12 +267,12 @@ __device__ __forceinline__ bool left_out(A z, A s) {
 // --------------------------------------------------------------------- AKL
 // AKL's per-row weights: the k-ary search of math::AklTailSearch (one walk of
 // the row per 4 bits of the threshold, kAklCandidates sums per thread, a
-// deterministic block sum each), then one walk for g_head and g_tail. Every
+// deterministic row sum each), then one walk for g_head and g_tail. Every
 // walk computes the probability with the one expression below, so an entry
 // is compared consistently. `walk(f)` calls f(i, z, s) for this thread's
 // entries.
-template <class A, class Walk>
-__device__ void akl_row_weights(Walk&& walk, A inv_t, A lz, A ls, A* scratch, math::DivergenceParams& prm) {
+template <class A, class Walk, class RowSum>
+__device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, A lz, A ls, math::DivergenceParams& prm) {
   auto teacher_prob = [&](A s) { return math::Ops<A>::exp(s * inv_t - ls); };
   math::AklTailSearch<A> search;
   const A mu = static_cast<A>(prm.akl_mu);
@@ -280,7 +289,7 @@ __device__ void akl_row_weights(Walk&& walk, A inv_t, A lz, A ls, A* scratch, ma
 #pragma unroll
       for (int j = 0; j < math::kAklCandidates; ++j) sums[j] += p <= thresholds[j] ? p : A(0);
     });
-    block_sum(sums, scratch);
+    row_sum(sums);
     search.advance(sums, mu);
   }
   const A tail_max = search.tail_threshold();
@@ -292,7 +301,7 @@ __device__ void akl_row_weights(Walk&& walk, A inv_t, A lz, A ls, A* scratch, ma
     g[0] += p <= tail_max ? A(0) : diff;
     g[1] += p <= tail_max ? diff : A(0);
   });
-  block_sum(g, scratch);
+  row_sum(g);
   math::set_akl_weights(g[0], g[1], prm);
 }
 
@@ -307,34 +316,144 @@ __device__ __forceinline__ T* cache_copy(unsigned char* base, const T* global) {
   return reinterpret_cast<T*>(base) + reinterpret_cast<uintptr_t>(global) % 16 / sizeof(T);
 }
 
+// Split rows: a cluster of `parts` blocks shares each row, block r taking
+// entries [r * chunk, (r + 1) * chunk). chunk is a multiple of 8 entries, so
+// every slice starts at its row's 16-byte misalignment.
+__host__ __device__ constexpr int64_t slice_chunk(int64_t vocab, int64_t parts) {
+  return (vocab + parts - 1) / parts + 7 & ~int64_t(7);
+}
+
+// Cluster-wide reductions over distributed shared memory (sm_90). Each block
+// publishes its block-level values in a slot, one cluster barrier, then every
+// thread combines the slots of ranks 0, 1, ... in that order: every block
+// gets bitwise the same totals. Two slot sets used in turn: a block rewrites
+// a set only after the next barrier, which every block reaches only once it
+// has read that set.
+constexpr int kClusterSlot = 16;  // values per slot (AKL's 15 sums at most)
+
+template <class A>
+struct ClusterSlots {
+  A* slots;  // 2 * kClusterSlot values in this block's shared memory
+  int parity = 0;
+
+  __device__ A* next() {
+    A* set = slots + parity * kClusterSlot;
+    parity ^= 1;
+    return set;
+  }
+};
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define TODI_EXT_HAS_CLUSTERS 1
+// v: block totals, the same in every thread (block_sum); afterwards the cluster's.
+template <int kN, class A>
+__device__ __forceinline__ void cluster_sum(A (&v)[kN], ClusterSlots<A>& slots) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  A* mine = slots.next();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) mine[k] = v[k];
+  }
+  cluster.sync();
+#pragma unroll
+  for (int k = 0; k < kN; ++k) v[k] = A(0);
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
+    const A* theirs = cluster.map_shared_rank(mine, r);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) v[k] += theirs[k];
+  }
+}
+
+template <class A, class L>
+__device__ __forceinline__ void cluster_merge(L& a, L& b, ClusterSlots<A>& slots) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  A* mine = slots.next();
+  if (threadIdx.x == 0) {
+    mine[0] = a.max;
+    mine[1] = a.sum;
+    mine[2] = b.max;
+    mine[3] = b.sum;
+  }
+  cluster.sync();
+  L ta, tb;
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
+    const A* theirs = cluster.map_shared_rank(mine, r);
+    ta.merge(theirs[0], theirs[1]);
+    tb.merge(theirs[2], theirs[3]);
+  }
+  a = ta;
+  b = tb;
+}
+#endif
+
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
 // T: the element type of both inputs, or AnyDtype. kCacheRow: keep the row
 // pair in dynamic shared memory (typed rows only). D: the divergence.
-template <class A, class T, bool kCacheRow, math::Divergence D>
+// kCluster: a thread-block cluster shares each row (slice_chunk), each block
+// caching its slice, so rows too long for one block's shared memory still
+// stay on chip; the row's reductions then span the cluster (sm_90+).
+template <class A, class T, bool kCacheRow, math::Divergence D, bool kCluster = false>
 __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const ForwardParams args) {
   constexpr bool kTyped = !std::is_same_v<T, AnyDtype>;
   static_assert(kTyped || !kCacheRow, "the row cache holds typed rows only");
+  static_assert(!kCluster || kCacheRow, "split rows are cached");
   using Lse = math::LogSumExp<A, true>;
-  extern __shared__ __align__(16) unsigned char row_cache[];
+  TODI_DYNAMIC_SHARED(row_cache);
   // Reduction scratch: 4 values per warp (AKL's search sums 15).
-  __shared__ A scratch[(D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp];
-  const int64_t vocab = args.vocab;
+  TODI_SHARED_ARRAY(A, scratch, (D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp);
+  TODI_SHARED_ARRAY(A, slot_memory, kCluster ? 2 * kClusterSlot : 1);
+  ClusterSlots<A> cluster_slots{slot_memory};
   const A inv_t = static_cast<A>(args.inv_temperature);
   const A scale2 = static_cast<A>(args.inv_temperature * kLog2e);  // logit -> base-2 exponent
 
-  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
+  // This block's part of each row: all of it, or with kCluster the rank-th slice.
+  int64_t parts = 1, rank = 0;
+  if constexpr (kCluster) {
+#ifdef TODI_EXT_HAS_CLUSTERS
+    parts = cooperative_groups::this_cluster().num_blocks();
+    rank = cooperative_groups::this_cluster().block_rank();
+#else
+    __trap();
+#endif
+  }
+  const int64_t chunk = kCluster ? slice_chunk(args.vocab, parts) : args.vocab;
+  const int64_t lo = rank * chunk < args.vocab ? rank * chunk : args.vocab;
+  const int64_t vocab = (args.vocab - lo < chunk ? args.vocab - lo : chunk);  // entries of this block's slice
+  const int64_t cache_stride = row_cache_stride(chunk);
+
+  // Sums and log-sum-exp merges over the row: the block, then the cluster.
+  auto row_sum = [&](auto& v) {
+    block_sum(v, scratch);
+#ifdef TODI_EXT_HAS_CLUSTERS
+    if constexpr (kCluster) cluster_sum(v, cluster_slots);
+#endif
+  };
+  auto row_merge = [&](Lse& a, Lse& b) {
+    block_merge(a, b, scratch);
+#ifdef TODI_EXT_HAS_CLUSTERS
+    if constexpr (kCluster) cluster_merge(a, b, cluster_slots);
+#endif
+  };
+
+  for (int64_t row = blockIdx.x / parts; row < args.rows; row += gridDim.x / parts) {
     A* loss_out = static_cast<A*>(args.loss) + row;
-    const int64_t out_base = row * vocab;
-    const RowSource<A, T> global_row(args, row);
+    const int64_t out_base = row * args.vocab + lo;
+    RowSource<A, T> global_row(args, row);
+    if constexpr (kTyped) {
+      global_row.z += lo;
+      global_row.s += lo;
+    }
 
     if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, A(0));
       }
-      if (threadIdx.x == 0) *loss_out = A(0);
+      if (threadIdx.x == 0 && rank == 0) *loss_out = A(0);
       continue;
     }
 
@@ -343,7 +462,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
     if constexpr (kTyped) {
       constexpr int kVec = 16 / sizeof(T);
       T* cz = kCacheRow ? cache_copy(row_cache, global_row.z) : nullptr;
-      T* cs = kCacheRow ? cache_copy(row_cache + row_cache_stride(vocab) * sizeof(T), global_row.s) : nullptr;
+      T* cs = kCacheRow ? cache_copy(row_cache + cache_stride * sizeof(T), global_row.s) : nullptr;
       // The copies' offsets from their 16-byte aligned bases, in entries.
       const int64_t i_shift_z = reinterpret_cast<uintptr_t>(global_row.z) % 16 / sizeof(T);
       const int64_t i_shift_s = reinterpret_cast<uintptr_t>(global_row.s) % 16 / sizeof(T);
@@ -381,7 +500,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
         lse2_fold(lse_s, ss, scale2);
       });
     }
-    block_merge(lse_z, lse_s, scratch);  // also orders the cache writes before the reads below
+    row_merge(lse_z, lse_s);  // also orders the cache writes before the reads below
     const A lz = lse_z.value() * static_cast<A>(kLn2);
     const A ls = lse_s.value() * static_cast<A>(kLn2);
 
@@ -391,7 +510,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, nan);
       }
-      if (threadIdx.x == 0) *loss_out = nan;
+      if (threadIdx.x == 0 && rank == 0) *loss_out = nan;
       continue;
     }
 
@@ -400,7 +519,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
     auto rs = global_row.s;
     if constexpr (kCacheRow) {
       rz = cache_copy(row_cache, global_row.z);
-      rs = cache_copy(row_cache + row_cache_stride(vocab) * sizeof(T), global_row.s);
+      rs = cache_copy(row_cache + cache_stride * sizeof(T), global_row.s);
     }
     auto walk = [&](auto&& f) {
       if constexpr (kTyped) {
@@ -410,7 +529,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       }
     };
     math::DivergenceParams prm = args.divergence_params;
-    if constexpr (D == math::Divergence::kAKL) akl_row_weights(walk, inv_t, lz, ls, scratch, prm);
+    if constexpr (D == math::Divergence::kAKL) akl_row_weights(walk, row_sum, inv_t, lz, ls, prm);
     auto terms = [&](A z, A s) {
       const A log_p = s * inv_t - ls;
       const A log_q = z * inv_t - lz;
@@ -433,8 +552,8 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       sums[1] += t.u;
       sums[2] += t.v;
     });
-    block_sum(sums, scratch);
-    if (threadIdx.x == 0) *loss_out = sums[0];
+    row_sum(sums);
+    if (threadIdx.x == 0 && rank == 0) *loss_out = sums[0];
 
     // Pass 3: gradients.
     if (args.grad_student.data || args.grad_teacher.data) {
@@ -503,6 +622,10 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
     }
     if constexpr (kCacheRow) __syncthreads();  // the next row overwrites the cache
   }
+#ifdef TODI_EXT_HAS_CLUSTERS
+  // No block may leave while another can still read its slots.
+  if constexpr (kCluster) cooperative_groups::this_cluster().sync();
+#endif
 }
 
 template <class A>

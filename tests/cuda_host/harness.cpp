@@ -1,0 +1,98 @@
+// Runs the CUDA kernels of csrc/cuda/todi_cuda_kernel.cuh on the CPU through
+// the host emulation (csrc/cuda/host_emulation.h). Built by
+// tests/test_cuda_host.py as the module `todi_cuda_host_harness`, never
+// installed: it is not todi_ext and registers no ops. The arguments go
+// through the extension's own checks and parameter set-up (todi_op_common).
+#include <torch/extension.h>
+
+#include <string>
+
+#include "todi_cuda_kernel.cuh"
+#include "todi_op_common.h"
+
+namespace {
+
+using todi_ext::ForwardParams;
+using todi_ext::math::Divergence;
+namespace kernels = todi_ext::cuda;
+
+struct Launch {
+  std::string variant;  // "cached", "streamed", "split" (cluster-split rows, cached)
+  unsigned threads;     // per block, a multiple of 32 (the real launch uses 32..512)
+  unsigned blocks;      // rows in flight: clusters (split) or blocks
+  unsigned parts;       // blocks per cluster (split only)
+};
+
+template <class A, class T, Divergence D>
+void launch_typed(const ForwardParams& args, const Launch& l) {
+  const int64_t chunk = l.variant == "split" ? kernels::slice_chunk(args.vocab, l.parts) : args.vocab;
+  const size_t cache_bytes = 2 * kernels::row_cache_stride(chunk) * sizeof(T);
+  if (l.variant == "cached") {
+    todi_host::launch(kernels::distill_forward_kernel<A, T, true, D>, l.blocks, l.threads, cache_bytes, 1, args);
+  } else if (l.variant == "split") {
+    todi_host::launch(kernels::distill_forward_kernel<A, T, true, D, true>, l.blocks * l.parts, l.threads, cache_bytes,
+                      l.parts, args);
+  } else {
+    TORCH_CHECK(l.variant == "streamed", "variant must be cached, streamed or split");
+    todi_host::launch(kernels::distill_forward_kernel<A, T, false, D>, l.blocks, l.threads, 0, 1, args);
+  }
+}
+
+template <Divergence D>
+void launch_divergence(const ForwardParams& args, at::ScalarType zt, at::ScalarType st, const Launch& l) {
+  if (zt != st) {  // the generic kernel, streamed only (as in the real launch)
+    if (args.double_math) {
+      todi_host::launch(kernels::distill_forward_kernel<double, kernels::AnyDtype, false, D>, l.blocks, l.threads, 0, 1, args);
+    } else {
+      todi_host::launch(kernels::distill_forward_kernel<float, kernels::AnyDtype, false, D>, l.blocks, l.threads, 0, 1, args);
+    }
+  } else if (zt == at::kFloat) {
+    launch_typed<float, float, D>(args, l);
+  } else if (zt == at::kBFloat16) {
+    launch_typed<float, __nv_bfloat16, D>(args, l);
+  } else if (zt == at::kHalf) {
+    launch_typed<float, __half, D>(args, l);
+  } else {
+    launch_typed<double, double, D>(args, l);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::string& divergence, double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature,
+    int64_t ignore_index, const std::string& reduction, bool student_grad, bool teacher_grad,
+    const std::string& variant, int64_t threads, int64_t blocks, int64_t parts) {
+  const auto setup = todi_ext::prepare_forward(student, teacher, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                                               temperature, ignore_index, reduction, student_grad, teacher_grad);
+  if (setup.view.rows > 0) {
+    const ForwardParams args = todi_ext::forward_params(setup, temperature, ignore_index);
+    const Launch l{variant, static_cast<unsigned>(threads), static_cast<unsigned>(blocks), static_cast<unsigned>(parts)};
+    todi_ext::dispatch_divergence(args.divergence, [&](auto d) {
+      launch_divergence<decltype(d)::value>(args, student.scalar_type(), teacher.scalar_type(), l);
+    });
+  }
+  return {todi_ext::reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
+}
+
+// scale_grad (out of place when in_place is false), as the CUDA op launches it.
+at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& scale, bool in_place, int64_t threads, int64_t blocks) {
+  at::Tensor out = in_place ? grad : at::empty(grad.sizes(), grad.options());
+  auto call = todi_ext::scale_grad_call(grad, scale, out);
+  if (grad.numel() > 0) {
+    const bool dbl = call.params.grad.dtype == at::kDouble || call.params.scale_dtype == at::kDouble;
+    if (dbl) {
+      todi_host::launch(kernels::scale_grad_kernel<double>, blocks, threads, 0, 1, call.params);
+    } else {
+      todi_host::launch(kernels::scale_grad_kernel<float>, blocks, threads, 0, 1, call.params);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "todi_ext's CUDA kernels executed on the CPU (test harness, not the extension)";
+  m.def("distill_forward", &distill_forward);
+  m.def("scale_grad", &scale_grad);
+}

@@ -1,0 +1,213 @@
+"""The CUDA kernels' own source, executed on the CPU.
+
+tests/cuda_host/harness.cpp compiles csrc/cuda/todi_cuda_kernel.cuh as C++
+with the host emulation of csrc/cuda/host_emulation.h (each GPU thread a real
+thread; __syncthreads, shuffles and cluster barriers real barriers; shared
+memory per emulated block) into the module `todi_cuda_host_harness` - a test
+harness, not the extension - and these tests run every kernel variant against
+the float64 oracle and the CPU kernel. What this cannot check: the hardware's
+own arithmetic (ex2/rcp approximations; host code uses libm), timing and real
+memory races; tests/test_cuda.py does that on a GPU.
+"""
+
+import glob
+import os
+import sys
+
+import pytest
+import torch
+
+import todi_ext
+from todi_ext import reference
+
+from conftest import TOLERANCES, assert_grad_close, make_labels, make_logits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIVERGENCES = ["todi", "fkl", "rkl", "tvd", "skl", "srkl", "gjsd", "akl"]
+# (variant, blocks per cluster): one block per row, the row cached or streamed,
+# or the row split over a cluster of 2 or 4 blocks, each caching its slice.
+VARIANTS = [("cached", 1), ("streamed", 1), ("split", 2), ("split", 4)]
+KW = dict(temperature=2.0, ignore_index=-100)
+
+
+def _cuda_include_dir():
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    candidates += glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*"))
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_bf16.h")):
+            return os.path.join(c, "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def harness():
+    include = _cuda_include_dir()
+    if include is None:
+        pytest.skip("no CUDA headers (cuda_bf16.h) to compile the kernel source against")
+    from torch.utils.cpp_extension import load
+
+    build = os.path.join(ROOT, "build", "cuda_host_harness")
+    os.makedirs(build, exist_ok=True)
+    flags = ["-std=c++20", "-O1", "-DTODI_EXT_HOST_EMULATION", "-Wno-attributes",
+             # as in the real build (CMakeLists.txt): c10::Half and __half must not both convert implicitly
+             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    return load(name="todi_cuda_host_harness",
+                sources=[os.path.join(ROOT, "tests", "cuda_host", "harness.cpp"), os.path.join(ROOT, "csrc", "todi_op_common.cpp")],
+                extra_include_paths=[os.path.join(ROOT, "csrc", d) for d in ("", "include", "cuda")] + [include],
+                extra_cflags=flags, build_directory=build)
+
+
+def host_forward(h, z, s, labels, divergence, variant="cached", parts=1, threads=64, blocks=2, teacher_grad=True,
+                 reduction="none", **params):
+    p = dict(beta=1.0, skew_lambda=0.1, akl_mu=0.5, jsd_beta=0.5)
+    p.update(params)
+    return h.distill_forward(z, s, labels, divergence, p["beta"], p["skew_lambda"], p["akl_mu"], p["jsd_beta"],
+                             KW["temperature"], KW["ignore_index"], reduction, True, teacher_grad, variant, threads,
+                             blocks, parts)
+
+
+def oracle(z, s, labels, divergence, reduction="none", **params):
+    """Loss and the gradients of the reduced loss ("none": of the sum), float64."""
+    zd, sd = z.double().requires_grad_(), s.double().requires_grad_()
+    loss = reference.distill_loss(zd, sd, labels, divergence=divergence, reduction=reduction, **KW, **params)
+    loss.sum().backward()
+    return loss.detach(), zd.grad, sd.grad
+
+
+def assert_matches(result, expected, dtype):
+    loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+    torch.testing.assert_close(result[0].double(), expected[0], rtol=loss_rtol, atol=loss_atol)
+    assert_grad_close(result[1], expected[1], grad_tol)
+    if result[2].numel():
+        assert_grad_close(result[2], expected[2], grad_tol)
+
+
+def cpu_kernel(z, s, labels, divergence, reduction="none", **params):
+    zc, sc = z.clone().requires_grad_(), s.clone().requires_grad_()
+    loss = todi_ext.distill_loss(zc, sc, labels, divergence=divergence, reduction=reduction, **KW, **params)
+    loss.sum().backward()
+    return loss.detach(), zc.grad, sc.grad
+
+
+@pytest.mark.parametrize("variant,parts", VARIANTS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_every_divergence_and_variant_matches_the_oracle_and_the_cpu_kernel(harness, divergence, variant, parts):
+    z, s = make_logits((5, 1003)), make_logits((5, 1003), seed=3)
+    labels = make_labels((5,), ignore_fraction=0.3)
+    got = host_forward(harness, z, s, labels, divergence, variant, parts)
+    assert_matches(got, oracle(z, s, labels, divergence), torch.float32)
+    assert_matches(got, tuple(t.double() for t in cpu_kernel(z, s, labels, divergence)), torch.float32)
+
+
+@pytest.mark.parametrize("variant,parts", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("divergence", ["todi", "akl", "gjsd"])
+def test_dtypes(harness, dtype, divergence, variant, parts):
+    z, s = make_logits((4, 777), dtype), make_logits((4, 777), dtype, seed=1)
+    labels = torch.tensor([3, -100, 5, 7])
+    got = host_forward(harness, z, s, labels, divergence, variant, parts, jsd_beta=0.3 if divergence == "gjsd" else 0.5)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    params = {"jsd_beta": 0.3} if divergence == "gjsd" else {}
+    assert_matches(got, oracle(z, s, labels, divergence, **params), dtype)
+
+
+@pytest.mark.parametrize("divergence", ["todi", "akl"])
+def test_mixed_dtypes_use_the_generic_kernel(harness, divergence):
+    z, s = make_logits((3, 501), torch.bfloat16), make_logits((3, 501), torch.float32, seed=2)
+    got = host_forward(harness, z, s, None, divergence, "streamed")
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    expected = oracle(z, s, None, divergence)
+    loss_rtol, loss_atol, _ = TOLERANCES[torch.float32]
+    torch.testing.assert_close(got[0].double(), expected[0], rtol=loss_rtol, atol=loss_atol)
+    assert_grad_close(got[1], expected[1], TOLERANCES[torch.bfloat16][2])
+    assert_grad_close(got[2], expected[2], TOLERANCES[torch.float32][2])
+
+
+@pytest.mark.parametrize("variant,parts", VARIANTS)
+@pytest.mark.parametrize("layout", ["shifted_3d", "misaligned_head", "different_offsets"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_layouts(harness, layout, dtype, variant, parts):
+    base_z, base_s = make_logits((2, 4, 1203), dtype), make_logits((2, 4, 1203), dtype, seed=1)
+    if layout == "shifted_3d":  # logits[:, :-1]: rows at the base's stride, in place
+        z, s = base_z[:, :-1], base_s[:, :-1]
+    elif layout == "misaligned_head":  # both rows start one element past a 16-byte boundary
+        z, s = base_z[..., 1:], base_s[..., 1:]
+    else:  # student and teacher misaligned differently: the kernels fall back to scalar loads
+        z, s = base_z[..., 1:], base_s[..., :-1]
+    labels = make_labels(z.shape[:-1], ignore_fraction=0.2)
+    got = host_forward(harness, z, s, labels, "todi", variant, parts)
+    assert_matches(got, oracle(z, s, labels, "todi"), dtype)
+
+
+@pytest.mark.parametrize("variant,parts", VARIANTS)
+def test_undefined_rows_are_nan_and_infinite_entries_are_left_out(harness, variant, parts):
+    from test_parity import nan_among_infinities
+
+    z, s = nan_among_infinities(rows=3, vocab=1024)
+    extra_z, extra_s = make_logits((4, 1024), seed=7), make_logits((4, 1024), seed=8)
+    extra_z[0] = float("-inf")              # all -inf: undefined
+    extra_s[1, 9] = float("inf")            # a +inf logit: undefined
+    extra_z[2, 100] = float("nan")          # a NaN: undefined
+    extra_s[3, ::3] = float("-inf")         # -inf entries: left out, the row stays finite
+    z, s = torch.cat([z, extra_z]), torch.cat([s, extra_s])
+    for divergence in ("todi", "akl"):
+        loss, gz, _ = host_forward(harness, z, s, None, divergence, variant, parts)
+        undefined = torch.tensor([False, True, True, True, True, True, False])
+        assert torch.isnan(loss[undefined]).all() and torch.isfinite(loss[~undefined]).all(), (divergence, loss)
+        assert torch.isnan(gz[undefined]).all() and torch.isfinite(gz[~undefined]).all()
+        expected = oracle(z[~undefined], s[~undefined], None, divergence)
+        torch.testing.assert_close(loss[~undefined].double(), expected[0], rtol=2e-5, atol=1e-6)
+        assert_grad_close(gz[~undefined], expected[1], TOLERANCES[torch.float32][2])
+
+
+@pytest.mark.parametrize("threads", [32, 160, 512])
+def test_block_sizes(harness, threads):
+    z, s = make_logits((3, 2500)), make_logits((3, 2500), seed=4)
+    for variant, parts in VARIANTS:
+        got = host_forward(harness, z, s, None, "todi", variant, parts, threads=threads, blocks=1)
+        assert_matches(got, oracle(z, s, None, "todi"), torch.float32)
+
+
+@pytest.mark.parametrize("variant,parts", VARIANTS)
+def test_mean_reduction_scales_the_gradient(harness, variant, parts):
+    z, s = make_logits((6, 800)), make_logits((6, 800), seed=5)
+    labels = torch.tensor([1, -100, 2, 3, -100, 4])
+    got = host_forward(harness, z, s, labels, "fkl", variant, parts, reduction="mean")
+    assert_matches(got, oracle(z, s, labels, "fkl", reduction="mean"), torch.float32)
+
+
+def test_ignored_rows_give_exact_zeros(harness):
+    z, s = make_logits((4, 600), torch.bfloat16), make_logits((4, 600), torch.bfloat16, seed=1)
+    labels = torch.tensor([-100, 1, -100, 2])
+    for variant, parts in VARIANTS:
+        loss, gz, gs = host_forward(harness, z, s, labels, "todi", variant, parts)
+        assert (loss[[0, 2]] == 0).all() and (gz[[0, 2]] == 0).all() and (gs[[0, 2]] == 0).all()
+
+
+def test_split_rows_are_bitwise_deterministic(harness):
+    z, s = make_logits((4, 1501)), make_logits((4, 1501), seed=6)
+    runs = [host_forward(harness, z, s, None, "akl", "split", 4, blocks=b) for b in (1, 2, 1)]
+    for r in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_scale_grad(harness, dtype, in_place, per_row):
+    grad = make_logits((2, 3, 700), dtype)[:, :, :650]  # rows at leading strides
+    if not in_place:
+        grad = grad.contiguous()[:, :-1]
+    grad = grad if not in_place else grad.contiguous()
+    scale = torch.tensor([[1.0, 0.5, -2.0], [3.0, 1.0, 0.25]])[:, : grad.shape[1]] if per_row else torch.tensor(0.5)
+    scale = scale.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    math = torch.float64 if dtype == torch.float64 else torch.float32  # the kernel's arithmetic
+    expected = (grad.to(math) * (scale.to(math)[..., None] if per_row else scale.to(math))).to(dtype)
+    original = grad.clone()
+    out = harness.scale_grad(grad, scale, in_place, 64, 2)
+    assert torch.equal(out, expected)
+    if in_place:
+        assert out.data_ptr() == grad.data_ptr()
+    else:
+        assert torch.equal(grad, original)
