@@ -30,7 +30,7 @@ bool launch_split_rows(const ForwardParams& args, int device, cudaStream_t strea
     cluster.val.clusterDim.z = 1;
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(args.rows, INT_MAX / parts) * parts));
-    config.blockDim = dim3(threads_for(chunk));
+    config.blockDim = dim3(threads_for(chunk, forward_max_threads(args.double_math)));
     config.dynamicSmemBytes = static_cast<size_t>(cache_bytes);
     config.stream = stream;
     config.attrs = &cluster;
@@ -44,7 +44,7 @@ bool launch_split_rows(const ForwardParams& args, int device, cudaStream_t strea
 
 template <class A, class T, math::Divergence D>
 void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
-  const int threads = threads_for(args.vocab);
+  const int threads = threads_for(args.vocab, forward_max_threads(args.double_math));
   const int64_t cache_bytes = 2 * row_cache_stride(args.vocab) * static_cast<int64_t>(sizeof(T));
   if (row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
     constexpr auto kernel = distill_forward_kernel<A, T, true, D>;
@@ -60,7 +60,8 @@ void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
 
 template <class A, math::Divergence D>
 void launch_any(const ForwardParams& args, cudaStream_t stream) {
-  distill_forward_kernel<A, AnyDtype, false, D><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
+  distill_forward_kernel<A, AnyDtype, false, D>
+      <<<grid_for(args.rows), threads_for(args.vocab, forward_max_threads(args.double_math)), 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

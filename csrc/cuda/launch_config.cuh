@@ -20,10 +20,21 @@
 
 namespace todi_ext::cuda {
 
-// Threads per row: about 16 entries per thread, 32..512. (Untuned: see README.md.)
-inline int threads_for(int64_t vocab) {
+// TODI_EXT_CUDA_MAX_THREADS: the largest forward block (default 512; up to
+// 1024 for float-accumulating kernels), for A/B runs.
+inline int forward_max_threads(bool double_math) {
+  static const int requested = [] {
+    const char* v = std::getenv("TODI_EXT_CUDA_MAX_THREADS");
+    return v == nullptr ? kMaxThreads : std::atoi(v);
+  }();
+  const int cap = double_math ? kMaxThreads : 2 * kMaxThreads;
+  return std::max(kWarp, std::min(requested, cap));
+}
+
+// Threads per row: about 16 entries per thread, 32..max_threads (a power of 2). (Untuned: see README.md.)
+inline int threads_for(int64_t vocab, int max_threads = kMaxThreads) {
   int threads = kWarp;
-  while (threads < kMaxThreads && threads * 16 < vocab) threads *= 2;
+  while (threads * 2 <= max_threads && threads * 16 < vocab) threads *= 2;
   return threads;
 }
 
@@ -70,11 +81,14 @@ void allow_max_dynamic_smem(int device) {
   });
 }
 
-// TODI_EXT_CUDA_SPLIT_ROWS=0 turns the cluster-split rows off (for A/B runs).
+// TODI_EXT_CUDA_SPLIT_ROWS=1 splits rows too long for one block's shared
+// memory over a cluster instead of streaming them. Off by default: measured
+// slower on an H200 (bf16 8192 x 128256: 6.52 ms split vs 4.02 ms streamed,
+// benchmarks/NOTES.md).
 inline bool split_rows_allowed() {
   static const bool allowed = [] {
     const char* v = std::getenv("TODI_EXT_CUDA_SPLIT_ROWS");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return allowed;
 }

@@ -34,6 +34,11 @@
 namespace todi_ext::cuda {
 
 constexpr int kMaxThreads = 512;
+// Forward kernels that accumulate in float allow 1024-thread blocks (the
+// register budget is then 64 per thread, which they fit without spills);
+// the launch uses them only when TODI_EXT_CUDA_MAX_THREADS asks (A/B runs).
+template <class A>
+constexpr int kForwardMaxThreads = sizeof(A) == 8 ? kMaxThreads : 2 * kMaxThreads;
 constexpr int kWarp = 32;
 
 // ---------------------------------------------------------------- elements
@@ -397,7 +402,7 @@ constexpr double kLn2 = 0.6931471805599453;
 // caching its slice, so rows too long for one block's shared memory still
 // stay on chip; the row's reductions then span the cluster (sm_90+).
 template <class A, class T, bool kCacheRow, math::Divergence D, bool kCluster = false>
-__global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const ForwardParams args) {
+__global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(const ForwardParams args) {
   constexpr bool kTyped = !std::is_same_v<T, AnyDtype>;
   static_assert(kTyped || !kCacheRow, "the row cache holds typed rows only");
   static_assert(!kCluster || kCacheRow, "split rows are cached");
