@@ -14,8 +14,8 @@ from conftest import TOLERANCES, assert_close_to_oracle, assert_grad_close, loss
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Covers both kernel variants: rows that fit the shared-memory row cache
-# (small V; bf16 up to ~57k) and rows streamed from global memory.
+# From one-block rows to rows far past L2 per block (the default streams every
+# row; the opt-in variants are compared with it below).
 VOCABS = [1, 7, 4096, 32000, 50257, 128256, 151936, 262144]
 
 
@@ -34,7 +34,7 @@ def test_matches_reference(dtype, vocab):
 
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl", "gjsd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("vocab", [4096, 128256])  # row cache and streamed kernels
+@pytest.mark.parametrize("vocab", [4096, 128256])
 def test_other_divergences_match_reference(divergence, dtype, vocab):
     student, teacher = cuda(make_logits((5, vocab), dtype), make_logits((5, vocab), dtype, seed=3))
     labels = make_labels((5,)).cuda()
@@ -93,17 +93,28 @@ def test_nan_among_infinite_entries_makes_the_row_nan(divergence):
 
 def test_several_row_cached_kernels_above_48k_of_shared_memory():
     # Each instantiation needs its own cudaFuncSetAttribute; when they shared
-    # one once-flag only the first launched kernel could use > 48 KB.
-    cases = [("todi", torch.bfloat16, 32000), ("todi", torch.float16, 32000), ("fkl", torch.bfloat16, 32000),
-             ("rkl", torch.float32, 20000), ("akl", torch.bfloat16, 40000)]
-    for divergence, dtype, vocab in cases:
-        student, teacher = make_logits((3, vocab), dtype), make_logits((3, vocab), dtype, seed=1)
-        kwargs = dict(divergence=divergence, temperature=2.0, reduction="none")
-        loss, grad, _ = loss_and_grads(todi_ext.distill_loss, *cuda(student, teacher), **kwargs)
-        ref, ref_grad, _ = loss_and_grads(reference.distill_loss, student.double(), teacher.double(), **kwargs)
-        loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
-        torch.testing.assert_close(loss.cpu().double(), ref, rtol=loss_rtol, atol=loss_atol)
-        assert_grad_close(grad.cpu(), ref_grad, grad_tol)
+    # one once-flag only the first launched kernel could use > 48 KB. The row
+    # cache is opt-in, hence a process of its own.
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, torch, todi_ext
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from todi_ext import reference
+from conftest import TOLERANCES, assert_grad_close, loss_and_grads, make_logits
+cases = [("todi", torch.bfloat16, 32000), ("todi", torch.float16, 32000), ("fkl", torch.bfloat16, 32000),
+         ("rkl", torch.float32, 20000), ("akl", torch.bfloat16, 40000)]
+for divergence, dtype, vocab in cases:
+    student, teacher = make_logits((3, vocab), dtype), make_logits((3, vocab), dtype, seed=1)
+    kwargs = dict(divergence=divergence, temperature=2.0, reduction="none")
+    loss, grad, _ = loss_and_grads(todi_ext.distill_loss, student.cuda(), teacher.cuda(), **kwargs)
+    ref, ref_grad, _ = loss_and_grads(reference.distill_loss, student.double(), teacher.double(), **kwargs)
+    loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.cpu().double(), ref, rtol=loss_rtol, atol=loss_atol)
+    assert_grad_close(grad.cpu(), ref_grad, grad_tol)
+"""
+    subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TODI_EXT_CUDA_ROW_CACHE="1"), check=True)
 
 
 @pytest.mark.parametrize("layout", ["shifted_3d", "vocab_strided", "odd_row_offset"])
@@ -202,7 +213,7 @@ def test_compile_fullgraph():
         torch.testing.assert_close(comp[1], eager[1])
 
 
-@pytest.mark.parametrize("vocab", [32000, 128256])  # row cached in one block; split over a cluster
+@pytest.mark.parametrize("vocab", [32000, 128256])
 def test_cuda_graph_capture_and_replay(vocab):
     z = make_logits((32, vocab), torch.bfloat16).cuda().requires_grad_()
     s = make_logits((32, vocab), torch.bfloat16, seed=1).cuda()
@@ -234,10 +245,19 @@ def test_cuda_graph_capture_and_replay(vocab):
     torch.testing.assert_close(z.grad, expected_grad)
 
 
-@pytest.mark.parametrize("dtype,vocab", [(torch.bfloat16, 70001), (torch.bfloat16, 262144), (torch.float32, 128256)])
-def test_split_rows_agree_with_streamed_rows(dtype, vocab, tmp_path):
-    # Rows too long for one block's shared memory are split over a cluster;
-    # TODI_EXT_CUDA_SPLIT_ROWS=0 (read once per process) streams them instead.
+# The launch's opt-in variants (environment switches, read once per process):
+# rows cached in one block's shared memory, rows split over a cluster.
+OPT_IN_CASES = [
+    ("TODI_EXT_CUDA_ROW_CACHE", torch.bfloat16, 32000),
+    ("TODI_EXT_CUDA_ROW_CACHE", torch.float32, 20000),
+    ("TODI_EXT_CUDA_SPLIT_ROWS", torch.bfloat16, 70001),
+    ("TODI_EXT_CUDA_SPLIT_ROWS", torch.bfloat16, 262144),
+    ("TODI_EXT_CUDA_SPLIT_ROWS", torch.float32, 128256),
+]
+
+
+@pytest.mark.parametrize("switch,dtype,vocab", OPT_IN_CASES)
+def test_opt_in_kernel_variants_agree_with_the_default(switch, dtype, vocab, tmp_path):
     import subprocess
     import sys
 
@@ -253,14 +273,13 @@ for d in ("todi", "akl"):
     torch.save((loss.cpu(), z.grad.cpu(), s.grad.cpu()), {str(tmp_path)!r} + f"/{{d}}-" + sys.argv[1])
     z.grad = s.grad = None
 """
-    for split in ("1", "0"):
-        env = dict(os.environ, TODI_EXT_CUDA_SPLIT_ROWS=split)
-        subprocess.run([sys.executable, "-c", script, split], env=env, check=True)
+    for value in ("1", "0"):
+        subprocess.run([sys.executable, "-c", script, value], env=dict(os.environ, **{switch: value}), check=True)
     loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
     for d in ("todi", "akl"):
-        split, streamed = torch.load(tmp_path / f"{d}-1"), torch.load(tmp_path / f"{d}-0")
-        torch.testing.assert_close(split[0], streamed[0], rtol=loss_rtol, atol=loss_atol)
-        for a, b in zip(split[1:], streamed[1:]):
+        variant, default = torch.load(tmp_path / f"{d}-1"), torch.load(tmp_path / f"{d}-0")
+        torch.testing.assert_close(variant[0], default[0], rtol=loss_rtol, atol=loss_atol)
+        for a, b in zip(variant[1:], default[1:]):
             assert_grad_close(a, b.double(), grad_tol)
 
 

@@ -50,7 +50,8 @@ void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
     constexpr auto kernel = distill_forward_kernel<A, T, true, D>;
     allow_max_dynamic_smem<kernel>(device);
     kernel<<<grid_for(args.rows), threads, cache_bytes, stream>>>(args);
-  } else if (row_cache_allowed() && split_rows_allowed() && launch_split_rows<A, T, D>(args, device, stream)) {
+  } else if (split_rows_allowed() && cache_bytes > max_dynamic_smem(device) &&
+             launch_split_rows<A, T, D>(args, device, stream)) {
     return;  // launched and checked
   } else {
     distill_forward_kernel<A, T, false, D><<<grid_for(args.rows), threads, 0, stream>>>(args);

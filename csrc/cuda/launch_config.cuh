@@ -40,12 +40,18 @@ inline int threads_for(int64_t vocab, int max_threads = kMaxThreads) {
 
 inline unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, INT_MAX)); }
 
-// TODI_EXT_CUDA_ROW_CACHE=0 turns the shared-memory row cache off (for A/B runs).
+// Whether an A/B switch (environment variable, read once) is set to "1".
+inline bool opted_in(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// TODI_EXT_CUDA_ROW_CACHE=1 keeps rows that fit one block's shared memory
+// there for passes 2-3. Off by default: its 1 block per SM (25% occupancy)
+// cost more than re-reading rows that L2 still holds, on an H200 at
+// bf16 8192 x 32000: 1.47 ms cached vs 1.06 ms streamed (benchmarks/NOTES.md).
 inline bool row_cache_allowed() {
-  static const bool allowed = [] {
-    const char* v = std::getenv("TODI_EXT_CUDA_ROW_CACHE");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool allowed = opted_in("TODI_EXT_CUDA_ROW_CACHE");
   return allowed;
 }
 
@@ -82,14 +88,11 @@ void allow_max_dynamic_smem(int device) {
 }
 
 // TODI_EXT_CUDA_SPLIT_ROWS=1 splits rows too long for one block's shared
-// memory over a cluster instead of streaming them. Off by default: measured
-// slower on an H200 (bf16 8192 x 128256: 6.52 ms split vs 4.02 ms streamed,
-// benchmarks/NOTES.md).
+// memory over a cluster, each block caching its slice, instead of streaming
+// them. Off by default: slower on an H200 (bf16 8192 x 128256: 6.52-7.21 ms
+// split vs 4.02 ms streamed, benchmarks/NOTES.md).
 inline bool split_rows_allowed() {
-  static const bool allowed = [] {
-    const char* v = std::getenv("TODI_EXT_CUDA_SPLIT_ROWS");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
+  static const bool allowed = opted_in("TODI_EXT_CUDA_SPLIT_ROWS");
   return allowed;
 }
 
