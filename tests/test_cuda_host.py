@@ -46,13 +46,18 @@ def harness():
         pytest.skip("no CUDA headers (cuda_bf16.h) to compile the kernel source against")
     from torch.utils.cpp_extension import load
 
-    build = os.path.join(ROOT, "build", "cuda_host_harness")
+    # TODI_EXT_HOST_SANITIZE=thread: a ThreadSanitizer build (run pytest with
+    # LD_PRELOAD=$(gcc -print-file-name=libtsan.so)); slow, kept out of CI.
+    sanitize = os.environ.get("TODI_EXT_HOST_SANITIZE", "")
+    name = "todi_cuda_host_harness" + (f"_{sanitize}" if sanitize else "")
+    build = os.path.join(ROOT, "build", name)
     os.makedirs(build, exist_ok=True)
-    flags = ["-std=c++20", "-O1", "-DTODI_EXT_HOST_EMULATION", "-Wno-attributes",
+    san = [f"-fsanitize={sanitize}", "-g"] if sanitize else []
+    flags = san + ["-std=c++20", "-O1", "-DTODI_EXT_HOST_EMULATION", "-Wno-attributes",
              # as in the real build (CMakeLists.txt): c10::Half and __half must not both convert implicitly
              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-    return load(name="todi_cuda_host_harness",
+    return load(name=name, extra_ldflags=san,
                 sources=[os.path.join(ROOT, "tests", "cuda_host", "harness.cpp"), os.path.join(ROOT, "csrc", "todi_op_common.cpp")],
                 extra_include_paths=[os.path.join(ROOT, "csrc", d) for d in ("", "include", "cuda")] + [include],
                 extra_cflags=flags, build_directory=build)
@@ -192,7 +197,7 @@ def test_split_rows_are_bitwise_deterministic(harness):
         assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("per_row", [True, False])
 def test_scale_grad(harness, dtype, in_place, per_row):

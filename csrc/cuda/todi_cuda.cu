@@ -46,11 +46,7 @@ void launch_scale_grad(const ScaleGradCall& call, const at::Tensor& grad) {
   const ScaleGradParams& args = call.params;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
   const int threads = threads_for(args.vocab);
-  if (args.grad.dtype == at::kDouble || args.scale_dtype == at::kDouble) {
-    scale_grad_kernel<double><<<grid_for(args.rows), threads, 0, stream>>>(args);
-  } else {
-    scale_grad_kernel<float><<<grid_for(args.rows), threads, 0, stream>>>(args);
-  }
+  scale_grad_kernel_for(args)<<<grid_for(args.rows), threads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -79,12 +79,7 @@ at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& scale, bool in_p
   at::Tensor out = in_place ? grad : at::empty(grad.sizes(), grad.options());
   auto call = todi_ext::scale_grad_call(grad, scale, out);
   if (grad.numel() > 0) {
-    const bool dbl = call.params.grad.dtype == at::kDouble || call.params.scale_dtype == at::kDouble;
-    if (dbl) {
-      todi_host::launch(kernels::scale_grad_kernel<double>, blocks, threads, 0, 1, call.params);
-    } else {
-      todi_host::launch(kernels::scale_grad_kernel<float>, blocks, threads, 0, 1, call.params);
-    }
+    todi_host::launch(kernels::scale_grad_kernel_for(call.params), blocks, threads, 0, 1, call.params);
   }
   return out;
 }
