@@ -1,0 +1,38 @@
+"""The parity and divergence tests once more under every CPU kernel copy this
+machine can run (the build compiles DEFAULT, AVX2 and AVX512 and picks the
+one ATen uses): each copy sums in its own vector width, so a copy the
+machine does not pick by default must be checked explicitly."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import todi_ext
+
+ORDER = ["default", "avx2", "avx512"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def runnable(capability):
+    best = todi_ext.build_info()["cpu_capability"].lower()
+    compiled = [c.lower() for c in todi_ext.build_info()["cpu_capabilities_compiled"]]
+    return capability in compiled and best in ORDER and ORDER.index(capability) <= ORDER.index(best)
+
+
+@pytest.mark.parametrize("capability", ORDER)
+def test_parity_under_each_cpu_kernel_copy(capability):
+    if not runnable(capability):
+        pytest.skip(f"this CPU or build does not run the {capability} copy")
+    if capability == todi_ext.build_info()["cpu_capability"].lower():
+        pytest.skip("the copy this machine picks runs in the main test session")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    probe = subprocess.run([sys.executable, "-c", "import todi_ext; print(todi_ext.build_info()['cpu_capability'])"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip().lower() == capability
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join(HERE, "test_parity.py"), os.path.join(HERE, "test_divergences.py")],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
