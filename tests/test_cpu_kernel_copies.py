@@ -1,4 +1,4 @@
-"""The parity and divergence tests once more under every CPU kernel copy this
+"""The parity, divergence and accuracy tests once more under every CPU kernel copy this
 machine can run (the build compiles DEFAULT, AVX2 and AVX512 and picks the
 one ATen uses): each copy sums in its own vector width, so a copy the
 machine does not pick by default must be checked explicitly."""
@@ -33,6 +33,6 @@ def test_parity_under_each_cpu_kernel_copy(capability):
                            env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip().lower() == capability
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          os.path.join(HERE, "test_parity.py"), os.path.join(HERE, "test_divergences.py")],
+                          *(os.path.join(HERE, f) for f in ("test_parity.py", "test_divergences.py", "test_accuracy.py"))],
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -111,6 +111,21 @@ int64_t load_chunk(const void* src, c10::ScalarType dtype, int64_t n, acc_t* dst
   return padded;
 }
 
+// load_chunk, then each entry times 1/T, rounded and stored: every pass
+// works from these same rounded x/T values, so the log-sum-exp and the
+// log-probabilities log p = (x/T - max) - log(sum) agree exactly, whatever
+// the compiler contracts into FMAs (a fused x * (1/T) - lse disagreed with
+// the rounded products of the log-sum-exp by up to half an ulp of x/T:
+// -4.6% at T = 1e-6).
+template <class acc_t>
+int64_t load_scaled_chunk(const void* src, c10::ScalarType dtype, int64_t n, acc_t* dst, acc_t inv_t) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t padded = load_chunk(src, dtype, n, dst);
+  const Vec scale(inv_t);
+  for (int64_t i = 0; i < padded; i += Vec::size()) (Vec::loadu(dst + i) * scale).store(dst + i);
+  return padded;
+}
+
 template <class acc_t>
 void store_chunk(const acc_t* src, int64_t n, void* dst, c10::ScalarType dtype) {
   switch (dtype) {
@@ -200,16 +215,16 @@ template <class acc_t>
 void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
                       math::LogSumExp<double>& lse_z, math::LogSumExp<double>& lse_s) {
   using Vec = Vectorized<acc_t>;
-  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
+  const auto inv_t = static_cast<acc_t>(p.inv_temperature);
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
-    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    const int64_t padded = load_scaled_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z, inv_t);
+    load_scaled_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, inv_t);
     for (int which = 0; which < 2; ++which) {
       acc_t* x = which == 0 ? c.z : c.s;
       Vec vmax(-std::numeric_limits<acc_t>::infinity());
       for (int64_t i = 0; i < padded; i += Vec::size()) {
-        vmax = at::vec::maximum(vmax, Vec::loadu(x + i) * inv_t);
+        vmax = at::vec::maximum(vmax, Vec::loadu(x + i));
       }
       const acc_t chunk_max = hmax(vmax);
       acc_t chunk_sum = 0;
@@ -217,7 +232,7 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
         const Vec shift(chunk_max);
         Vec vsum(acc_t(0));
         for (int64_t i = 0; i < padded; i += Vec::size()) {
-          vsum = vsum + (Vec::loadu(x + i) * inv_t - shift).exp();
+          vsum = vsum + (Vec::loadu(x + i) - shift).exp();
         }
         chunk_sum = hsum(vsum);
       }
@@ -236,15 +251,23 @@ Vectorized<acc_t> left_out(const Vectorized<acc_t>& z, const Vectorized<acc_t>& 
 
 // Terms of one vector of entries, zeroed where left_out: they carry neither
 // loss nor weight.
+// A row's log-sum-exp with its two parts kept apart: log p = (x/T - max) - log_sum
+// loses nothing to the magnitude of max.
+template <class acc_t>
+struct RowLse {
+  Vectorized<acc_t> max, log_sum;
+  Vectorized<acc_t> log_prob(const Vectorized<acc_t>& scaled) const { return (scaled - max) - log_sum; }
+};
+
+// z, s: scaled entries (x/T, load_scaled_chunk).
 template <math::Divergence D, class acc_t>
-math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const Vectorized<acc_t>& inv_t,
-                                                 const Vectorized<acc_t>& lse_z, const Vectorized<acc_t>& lse_s,
-                                                 const math::DivergenceParams& prm) {
+math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const RowLse<acc_t>& lse_z,
+                                                 const RowLse<acc_t>& lse_s, const math::DivergenceParams& prm) {
   using Vec = Vectorized<acc_t>;
   const Vec zv = Vec::loadu(z);
   const Vec sv = Vec::loadu(s);
   const Vec skip = left_out(zv, sv);
-  auto t = math::divergence_entry<D>(sv * inv_t - lse_s, zv * inv_t - lse_z, prm);
+  auto t = math::divergence_entry<D>(lse_s.log_prob(sv), lse_z.log_prob(zv), prm);
   const Vec zero(acc_t(0));
   t.loss = Vec::blendv(t.loss, zero, skip);
   t.u = Vec::blendv(t.u, zero, skip);
@@ -262,20 +285,20 @@ math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s,
 // 2.2x to ~1.5x FKL's time; see benchmarks/results/divergences.)
 template <class acc_t>
 void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
-                     acc_t lz, acc_t ls, math::DivergenceParams& prm) {
+                     const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s, math::DivergenceParams& prm) {
   using Vec = Vectorized<acc_t>;
-  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
-  const Vec lse_z(lz), lse_s(ls), inf(std::numeric_limits<acc_t>::infinity()), zero(acc_t(0));
+  const auto inv_t = static_cast<acc_t>(p.inv_temperature);
+  const Vec inf(std::numeric_limits<acc_t>::infinity()), zero(acc_t(0));
   int64_t padded_vocab = 0;
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
-    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    const int64_t padded = load_scaled_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z, inv_t);
+    load_scaled_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, inv_t);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
       const Vec zv = Vec::loadu(c.z + i), sv = Vec::loadu(c.s + i);
       const Vec skip = left_out(zv, sv);
-      const Vec prob = (sv * inv_t - lse_s).exp();
-      const Vec diff = (prob - (zv * inv_t - lse_z).exp()).abs();
+      const Vec prob = lse_s.log_prob(sv).exp();
+      const Vec diff = (prob - lse_z.log_prob(zv).exp()).abs();
       Vec::blendv(prob, inf, skip).store(scratch.akl_prob + start + i);
       Vec::blendv(diff, zero, skip).store(scratch.akl_diff + start + i);
     }
@@ -376,9 +399,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   // Chunk results merged in double (the blocked sum), rounded once at the end.
   math::LogSumExp<double> lse_z, lse_s;
   row_log_sum_exps(p, row, c, lse_z, lse_s);
-  const acc_t lz = static_cast<acc_t>(lse_z.value());
-  const acc_t ls = static_cast<acc_t>(lse_s.value());
-  if (!math::is_finite(lz) || !math::is_finite(ls)) {
+  if (!math::is_finite(lse_z.value()) || !math::is_finite(lse_s.value())) {
     // NaN, +inf, or a row that is all -inf: the distribution is undefined.
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     *loss_out = nan;
@@ -387,21 +408,22 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     return;
   }
 
+  // max is a scaled entry (exact in acc_t); log(sum) rounded once from double.
+  const RowLse<acc_t> lse_zv{Vec(static_cast<acc_t>(lse_z.max)), Vec(static_cast<acc_t>(std::log(lse_z.sum)))};
+  const RowLse<acc_t> lse_sv{Vec(static_cast<acc_t>(lse_s.max)), Vec(static_cast<acc_t>(std::log(lse_s.sum)))};
+  const auto inv_t = static_cast<acc_t>(p.inv_temperature);
   math::DivergenceParams prm = p.divergence_params;
-  if constexpr (D == math::Divergence::kAKL) akl_row_weights(p, row, c, scratch, lz, ls, prm);
-
-  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
-  const Vec lse_zv(lz), lse_sv(ls);
+  if constexpr (D == math::Divergence::kAKL) akl_row_weights(p, row, c, scratch, lse_zv, lse_sv, prm);
 
   // Pass 2: loss and the weight sums (blocked); keep what pass 3 needs.
   double loss_sum = 0, u_sum = 0, v_sum = 0;
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
-    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    const int64_t padded = load_scaled_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z, inv_t);
+    load_scaled_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, inv_t);
     Vec loss_acc(acc_t(0)), u_acc(acc_t(0)), v_acc(acc_t(0));
     for (int64_t i = 0; i < padded; i += Vec::size()) {
-      const auto t = masked_terms<D>(c.z + i, c.s + i, inv_t, lse_zv, lse_sv, prm);
+      const auto t = masked_terms<D>(c.z + i, c.s + i, lse_zv, lse_sv, prm);
       loss_acc = loss_acc + t.loss;
       u_acc = u_acc + t.u;
       v_acc = v_acc + t.v;

@@ -67,8 +67,10 @@ def per_position(
     # inf or NaN - not even a 0 * inf in backward - reaches the gradient.
     skip = student_logits.isinf() | teacher_logits.isinf()
     zero = torch.zeros((), dtype=dtype, device=z.device)
-    log_q = torch.where(skip, zero, z - lse_z)
-    log_p = torch.where(skip, zero, s - lse_s)
+    # log_softmax forms (x - max) - log(sum): x - logsumexp would lose ulp(max)
+    # per entry at large logits.
+    log_q = torch.where(skip, zero, torch.log_softmax(z, dim=-1))
+    log_p = torch.where(skip, zero, torch.log_softmax(s, dim=-1))
     p, q, r = log_p.exp(), log_q.exp(), log_p - log_q
     if divergence == "todi":
         a = torch.sigmoid(beta * r).detach()  # stop-gradient weight
