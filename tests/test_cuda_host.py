@@ -216,3 +216,24 @@ def test_scale_grad(harness, dtype, in_place, per_row):
         assert out.data_ptr() == grad.data_ptr()
     else:
         assert torch.equal(grad, original)
+
+
+@pytest.mark.parametrize("variant,parts", VARIANTS)
+@pytest.mark.parametrize("scale,temperature", [(40.0, 1.0), (3.0, 1e-6)])
+def test_as_accurate_as_the_best_float32_formulation(harness, variant, parts, scale, temperature):
+    # Large logits (max and log-sum kept apart) and a temperature whose
+    # reciprocal is inexact (every pass forms x / T with the same exact product).
+    z, s = make_logits((4, 3000), scale=scale, seed=21), make_logits((4, 3000), scale=scale, seed=22)
+    kw = dict(divergence="todi", temperature=temperature, reduction="none")
+    zd = z.double().requires_grad_()
+    ref = reference.distill_loss(zd, s.double(), **kw)
+    ref.sum().backward()
+    zf = z.clone().requires_grad_()
+    best = reference.distill_loss(zf, s, **kw)
+    best.sum().backward()
+    loss, grad, _ = harness.distill_forward(z, s, None, "todi", 1.0, 0.1, 0.5, 0.5, temperature, -100, "none",
+                                            True, False, variant, 64, 2, parts)
+    best_loss_err = float((best.detach().double() - ref.detach()).abs().max())
+    best_grad_err = float((zf.grad.double() - zd.grad).norm())
+    assert float((loss.double() - ref.detach()).abs().max()) <= 4 * best_loss_err + 1e-6 * float(ref.abs().max())
+    assert float((grad.double() - zd.grad).norm()) <= 4 * best_grad_err + 1e-6 * float(zd.grad.norm())

@@ -212,25 +212,36 @@ __device__ __forceinline__ void for_each_entry(const T* z, const T* s, int64_t v
       [&](int64_t i, T z_i, T s_i) { f(i, Elem<T>::template load<A>(z_i), Elem<T>::template load<A>(s_i)); });
 }
 
-// Pass 1 in base 2: folds x_k * scale (x raw logits, scale = log2(e) / T > 0)
-// into an online log-sum-exp. One max and one rescale per group, then one ex2
-// per entry (an FFMA and a MUFU) instead of a compare, a branch and an exp.
-// fmax ignores a NaN, but the NaN still reaches the sum through its own term.
+// Pass 1: folds x_k / T (x raw logits) into an online log-sum-exp: one max
+// and one rescale per group, then per entry one FFMA (x * inv_t - ref with the
+// exact product) and one exp. Passes 2-3 form log p = fma(x, inv_t, -max) -
+// log(sum) with the same exact product, so the log-sum-exp and the
+// log-probabilities agree whatever the rounding of x / T (an FMA is not a
+// contraction hazard here: it is the formulation), and max and log(sum) stay
+// apart, so large logits lose nothing to ulp(max). fmax ignores a NaN, but
+// the NaN still reaches the sum through its own term.
 template <class A, int N>
-__device__ __forceinline__ void lse2_fold(math::LogSumExp<A, true>& l, const A (&x)[N], A scale) {
+__device__ __forceinline__ void lse_fold(math::LogSumExp<A>& l, const A (&x)[N], A inv_t) {
   using O = math::Ops<A>;
   A top = x[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) top = O::max(top, x[k]);
   const A inf = std::numeric_limits<A>::infinity();
-  const A new_max = O::max(l.max, top * scale);     // max(x) * scale == max(x * scale): scale > 0
-  const A ref = new_max == -inf ? A(0) : new_max;   // all -inf so far: 2^(-inf - 0) = 0, not NaN
-  A sum = l.sum * O::exp2(l.max - ref);
+  const A new_max = O::max(l.max, top * inv_t);    // max(x) / T == max(x / T): 1/T > 0
+  const A ref = new_max == -inf ? A(0) : new_max;  // all -inf so far: exp(-inf - 0) = 0, not NaN
+  A sum = l.sum * O::exp(l.max - ref);
 #pragma unroll
-  for (int k = 0; k < N; ++k) sum += O::exp2(x[k] * scale - ref);
+  for (int k = 0; k < N; ++k) sum += O::exp(O::fma(x[k], inv_t, -ref));
   l.max = new_max;
   l.sum = sum;
 }
+
+// A row's log-sum-exp, its parts kept apart: log prob = fma(x, 1/T, -max) - log_sum.
+template <class A>
+struct RowLse {
+  A max, log_sum;
+  __device__ A log_prob(A x, A inv_t) const { return math::Ops<A>::fma(x, inv_t, -max) - log_sum; }
+};
 
 // The row source of one instantiation: typed (T) or generic (AnyDtype).
 template <class A, class T>
@@ -277,8 +288,9 @@ __device__ __forceinline__ bool left_out(A z, A s) {
 // is compared consistently. `walk(f)` calls f(i, z, s) for this thread's
 // entries.
 template <class A, class Walk, class RowSum>
-__device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, A lz, A ls, math::DivergenceParams& prm) {
-  auto teacher_prob = [&](A s) { return math::Ops<A>::exp(s * inv_t - ls); };
+__device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, const RowLse<A>& lz, const RowLse<A>& ls,
+                                math::DivergenceParams& prm) {
+  auto teacher_prob = [&](A s) { return math::Ops<A>::exp(ls.log_prob(s, inv_t)); };
   math::AklTailSearch<A> search;
   const A mu = static_cast<A>(prm.akl_mu);
   while (!search.done()) {
@@ -302,7 +314,7 @@ __device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, A lz, A 
   walk([&](int64_t, A z, A s) {
     if (left_out(z, s)) return;
     const A p = teacher_prob(s);
-    const A diff = math::Ops<A>::abs(p - math::Ops<A>::exp(z * inv_t - lz));
+    const A diff = math::Ops<A>::abs(p - math::Ops<A>::exp(lz.log_prob(z, inv_t)));
     g[0] += p <= tail_max ? A(0) : diff;
     g[1] += p <= tail_max ? diff : A(0);
   });
@@ -393,8 +405,6 @@ __device__ __forceinline__ void cluster_merge(L& a, L& b, ClusterSlots<A>& slots
 }
 #endif
 
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 // T: the element type of both inputs, or AnyDtype. kCacheRow: keep the row
 // pair in dynamic shared memory (typed rows only). D: the divergence.
@@ -406,14 +416,13 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   constexpr bool kTyped = !std::is_same_v<T, AnyDtype>;
   static_assert(kTyped || !kCacheRow, "the row cache holds typed rows only");
   static_assert(!kCluster || kCacheRow, "split rows are cached");
-  using Lse = math::LogSumExp<A, true>;
+  using Lse = math::LogSumExp<A>;
   TODI_DYNAMIC_SHARED(row_cache);
   // Reduction scratch: 4 values per warp (AKL's search sums 15).
   TODI_SHARED_ARRAY(A, scratch, (D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp);
   TODI_SHARED_ARRAY(A, slot_memory, kCluster ? 2 * kClusterSlot : 1);
   ClusterSlots<A> cluster_slots{slot_memory};
   const A inv_t = static_cast<A>(args.inv_temperature);
-  const A scale2 = static_cast<A>(args.inv_temperature * kLog2e);  // logit -> base-2 exponent
 
   // This block's part of each row: all of it, or with kCluster the rank-th slice.
   int64_t parts = 1, rank = 0;
@@ -462,7 +471,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       continue;
     }
 
-    // Pass 1: per-thread online log-sum-exps in base 2; the row cache is filled on the way.
+    // Pass 1: per-thread online log-sum-exps; the row cache is filled on the way.
     Lse lse_z, lse_s;
     if constexpr (kTyped) {
       constexpr int kVec = 16 / sizeof(T);
@@ -486,8 +495,8 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
               zs[k] = Elem<T>::template load<A>(ze[k]);
               ss[k] = Elem<T>::template load<A>(se[k]);
             }
-            lse2_fold(lse_z, zs, scale2);
-            lse2_fold(lse_s, ss, scale2);
+            lse_fold(lse_z, zs, inv_t);
+            lse_fold(lse_s, ss, inv_t);
           },
           [&](int64_t i, T z, T s) {
             if constexpr (kCacheRow) {
@@ -495,21 +504,21 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
               cs[i] = s;
             }
             const A zs[1] = {Elem<T>::template load<A>(z)}, ss[1] = {Elem<T>::template load<A>(s)};
-            lse2_fold(lse_z, zs, scale2);
-            lse2_fold(lse_s, ss, scale2);
+            lse_fold(lse_z, zs, inv_t);
+            lse_fold(lse_s, ss, inv_t);
           });
     } else {
       global_row.for_each(vocab, [&](int64_t, A z, A s) {
         const A zs[1] = {z}, ss[1] = {s};
-        lse2_fold(lse_z, zs, scale2);
-        lse2_fold(lse_s, ss, scale2);
+        lse_fold(lse_z, zs, inv_t);
+        lse_fold(lse_s, ss, inv_t);
       });
     }
     row_merge(lse_z, lse_s);  // also orders the cache writes before the reads below
-    const A lz = lse_z.value() * static_cast<A>(kLn2);
-    const A ls = lse_s.value() * static_cast<A>(kLn2);
+    const RowLse<A> lz{lse_z.max, math::Ops<A>::log(lse_z.sum)};
+    const RowLse<A> ls{lse_s.max, math::Ops<A>::log(lse_s.sum)};
 
-    if (!math::is_finite(lz) || !math::is_finite(ls)) {  // undefined distribution: NaN row
+    if (!math::is_finite(lse_z.value()) || !math::is_finite(lse_s.value())) {  // undefined distribution: NaN row
       const A nan = std::numeric_limits<A>::quiet_NaN();
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
@@ -536,8 +545,8 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     math::DivergenceParams prm = args.divergence_params;
     if constexpr (D == math::Divergence::kAKL) akl_row_weights(walk, row_sum, inv_t, lz, ls, prm);
     auto terms = [&](A z, A s) {
-      const A log_p = s * inv_t - ls;
-      const A log_q = z * inv_t - lz;
+      const A log_p = ls.log_prob(s, inv_t);
+      const A log_q = lz.log_prob(z, inv_t);
       auto t = math::divergence_entry<D>(log_p, log_q, prm);
       // The same entries as left_out(z, s) (a +-inf logit makes r = log p - log q infinite or NaN;
       // +inf and NaN logits never get here) for one compare instead of four.

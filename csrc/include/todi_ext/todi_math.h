@@ -40,7 +40,8 @@ struct Ops;
 // they weigh nothing in any row sum) instead of the ~10-instruction IEEE
 // routines: the kernels evaluate ~8 per entry and were instruction-bound.
 // The extra rounding of x * log2(e) is no larger than the rounding x itself
-// already carries (x = logit / T - lse). Host code keeps the libm functions.
+// already carries (x = log p = (logit / T - max) - log sum). Host code keeps
+// the libm functions.
 TODI_HOST_DEVICE float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
@@ -61,21 +62,10 @@ TODI_HOST_DEVICE float fast_recip(float x) {
 #endif
 }
 
-TODI_HOST_DEVICE float fast_exp2(float x) {
-#if defined(__CUDA_ARCH__)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return ::exp2f(x);
-#endif
-}
-
 template <>
 struct Ops<float> {
   static TODI_HOST_DEVICE float exp(float x) { return fast_exp(x); }
-  static TODI_HOST_DEVICE float exp2(float x) { return fast_exp2(x); }
-  static TODI_HOST_DEVICE float log2(float x) { return ::log2f(x); }
+  static TODI_HOST_DEVICE float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
   static TODI_HOST_DEVICE float recip(float x) { return fast_recip(x); }
   static TODI_HOST_DEVICE float log(float x) { return ::logf(x); }
   static TODI_HOST_DEVICE float log1p(float x) { return ::log1pf(x); }
@@ -88,8 +78,7 @@ struct Ops<float> {
 template <>
 struct Ops<double> {
   static TODI_HOST_DEVICE double exp(double x) { return ::exp(x); }
-  static TODI_HOST_DEVICE double exp2(double x) { return ::exp2(x); }
-  static TODI_HOST_DEVICE double log2(double x) { return ::log2(x); }
+  static TODI_HOST_DEVICE double fma(double a, double b, double c) { return ::fma(a, b, c); }
   static TODI_HOST_DEVICE double recip(double x) { return 1.0 / x; }
   static TODI_HOST_DEVICE double log(double x) { return ::log(x); }
   static TODI_HOST_DEVICE double log1p(double x) { return ::log1p(x); }
@@ -309,17 +298,14 @@ TODI_HOST_DEVICE F log_softmax_grad(F weight, F prob, F weight_sum, F inv_temper
   return (weight - prob * weight_sum) * inv_temperature;
 }
 
-// Online log-sum-exp: a running (max, sum of exp(x - max)) pair; with
-// kBase2, of 2^(x - max) (the CUDA kernel works in base 2: one ex2 per entry).
+// Online log-sum-exp: a running (max, sum of exp(x - max)) pair.
 // merge() folds in another pair. -inf entries contribute nothing; a NaN or
 // +inf anywhere makes the result non-finite, which the kernels turn into a
 // NaN row, as log_softmax would.
-template <class T, bool kBase2 = false>
+template <class T>
 struct LogSumExp {
   T max = -std::numeric_limits<T>::infinity();
   T sum = T(0);
-
-  static TODI_HOST_DEVICE T power(T x) { return kBase2 ? Ops<T>::exp2(x) : Ops<T>::exp(x); }
 
   TODI_HOST_DEVICE void merge(T other_max, T other_sum) {
     if (other_max == -std::numeric_limits<T>::infinity()) {
@@ -330,15 +316,14 @@ struct LogSumExp {
       return;
     }
     if (other_max > max) {
-      sum = sum * power(max - other_max) + other_sum;
+      sum = sum * Ops<T>::exp(max - other_max) + other_sum;
       max = other_max;
     } else {  // also taken when either max is NaN, which then propagates
-      sum = sum + other_sum * power(other_max - max);
+      sum = sum + other_sum * Ops<T>::exp(other_max - max);
     }
   }
 
-  // log (base e, or 2 with kBase2) of the sum of exponentials.
-  TODI_HOST_DEVICE T value() const { return max + (kBase2 ? Ops<T>::log2(sum) : Ops<T>::log(sum)); }
+  TODI_HOST_DEVICE T value() const { return max + Ops<T>::log(sum); }
 };
 
 template <class T>
