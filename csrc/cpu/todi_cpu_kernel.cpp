@@ -111,21 +111,6 @@ int64_t load_chunk(const void* src, c10::ScalarType dtype, int64_t n, acc_t* dst
   return padded;
 }
 
-// load_chunk, then each entry times 1/T, rounded and stored: every pass
-// works from these same rounded x/T values, so the log-sum-exp and the
-// log-probabilities log p = (x/T - max) - log(sum) agree exactly, whatever
-// the compiler contracts into FMAs (a fused x * (1/T) - lse disagreed with
-// the rounded products of the log-sum-exp by up to half an ulp of x/T:
-// -4.6% at T = 1e-6).
-template <class acc_t>
-int64_t load_scaled_chunk(const void* src, c10::ScalarType dtype, int64_t n, acc_t* dst, acc_t inv_t) {
-  using Vec = Vectorized<acc_t>;
-  const int64_t padded = load_chunk(src, dtype, n, dst);
-  const Vec scale(inv_t);
-  for (int64_t i = 0; i < padded; i += Vec::size()) (Vec::loadu(dst + i) * scale).store(dst + i);
-  return padded;
-}
-
 template <class acc_t>
 void store_chunk(const acc_t* src, int64_t n, void* dst, c10::ScalarType dtype) {
   switch (dtype) {
@@ -215,16 +200,16 @@ template <class acc_t>
 void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
                       math::LogSumExp<double>& lse_z, math::LogSumExp<double>& lse_s) {
   using Vec = Vectorized<acc_t>;
-  const auto inv_t = static_cast<acc_t>(p.inv_temperature);
+  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_scaled_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z, inv_t);
-    load_scaled_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, inv_t);
+    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     for (int which = 0; which < 2; ++which) {
       acc_t* x = which == 0 ? c.z : c.s;
       Vec vmax(-std::numeric_limits<acc_t>::infinity());
       for (int64_t i = 0; i < padded; i += Vec::size()) {
-        vmax = at::vec::maximum(vmax, Vec::loadu(x + i));
+        vmax = at::vec::maximum(vmax, Vec::loadu(x + i) * inv_t);
       }
       const acc_t chunk_max = hmax(vmax);
       acc_t chunk_sum = 0;
@@ -232,7 +217,8 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
         const Vec shift(chunk_max);
         Vec vsum(acc_t(0));
         for (int64_t i = 0; i < padded; i += Vec::size()) {
-          vsum = vsum + (Vec::loadu(x + i) - shift).exp();
+          // The same fmadd as RowLse::log_prob: both passes form x / T - m alike.
+          vsum = vsum + at::vec::fmadd(Vec::loadu(x + i), inv_t, -shift).exp();
         }
         chunk_sum = hsum(vsum);
       }
@@ -241,37 +227,39 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
   }
 }
 
-// Lanes whose logit is +-inf in either input (the -inf padding too): those
-// entries are left out of every sum (loss, gradient weights, AKL's split).
-template <class acc_t>
-Vectorized<acc_t> left_out(const Vectorized<acc_t>& z, const Vectorized<acc_t>& s) {
-  const Vectorized<acc_t> inf(std::numeric_limits<acc_t>::infinity());
-  return (z.abs() == inf) | (s.abs() == inf);
-}
-
-// Terms of one vector of entries, zeroed where left_out: they carry neither
-// loss nor weight.
-// A row's log-sum-exp with its two parts kept apart: log p = (x/T - max) - log_sum
-// loses nothing to the magnitude of max.
+// A row's log-sum-exp with its two parts kept apart: log p = (x/T - max) -
+// log_sum loses nothing to the magnitude of max. x/T - max is one fmadd,
+// the same call pass 1 makes, so the log-sum-exp and the log-probabilities
+// agree whatever the copy's fmadd rounds (a fused x * (1/T) - lse against a
+// log-sum-exp of rounded products was off by up to half an ulp of x/T:
+// -4.6% at T = 1e-6).
 template <class acc_t>
 struct RowLse {
-  Vectorized<acc_t> max, log_sum;
-  Vectorized<acc_t> log_prob(const Vectorized<acc_t>& scaled) const { return (scaled - max) - log_sum; }
+  Vectorized<acc_t> inv_t, neg_max, log_sum;
+  Vectorized<acc_t> log_prob(const Vectorized<acc_t>& x) const {
+    return at::vec::fmadd(x, inv_t, neg_max) - log_sum;
+  }
 };
 
-// z, s: scaled entries (x/T, load_scaled_chunk).
+// Lanes left out of every sum: a +-inf logit in either input, or one whose
+// x / T overflows (a finfo.min mask at T < 1), i.e. r = log p - log q not finite.
+template <class acc_t>
+Vectorized<acc_t> kept(const Vectorized<acc_t>& log_p, const Vectorized<acc_t>& log_q) {
+  return (log_p - log_q).abs() < Vectorized<acc_t>(std::numeric_limits<acc_t>::infinity());
+}
+
 template <math::Divergence D, class acc_t>
 math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const RowLse<acc_t>& lse_z,
                                                  const RowLse<acc_t>& lse_s, const math::DivergenceParams& prm) {
   using Vec = Vectorized<acc_t>;
-  const Vec zv = Vec::loadu(z);
-  const Vec sv = Vec::loadu(s);
-  const Vec skip = left_out(zv, sv);
-  auto t = math::divergence_entry<D>(lse_s.log_prob(sv), lse_z.log_prob(zv), prm);
+  const Vec log_p = lse_s.log_prob(Vec::loadu(s));
+  const Vec log_q = lse_z.log_prob(Vec::loadu(z));
+  const Vec keep = kept(log_p, log_q);
+  auto t = math::divergence_entry<D>(log_p, log_q, prm);
   const Vec zero(acc_t(0));
-  t.loss = Vec::blendv(t.loss, zero, skip);
-  t.u = Vec::blendv(t.u, zero, skip);
-  t.v = Vec::blendv(t.v, zero, skip);
+  t.loss = Vec::blendv(zero, t.loss, keep);
+  t.u = Vec::blendv(zero, t.u, keep);
+  t.v = Vec::blendv(zero, t.v, keep);
   return t;
 }
 
@@ -287,20 +275,20 @@ template <class acc_t>
 void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
                      const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s, math::DivergenceParams& prm) {
   using Vec = Vectorized<acc_t>;
-  const auto inv_t = static_cast<acc_t>(p.inv_temperature);
   const Vec inf(std::numeric_limits<acc_t>::infinity()), zero(acc_t(0));
   int64_t padded_vocab = 0;
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_scaled_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z, inv_t);
-    load_scaled_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, inv_t);
+    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
-      const Vec zv = Vec::loadu(c.z + i), sv = Vec::loadu(c.s + i);
-      const Vec skip = left_out(zv, sv);
-      const Vec prob = lse_s.log_prob(sv).exp();
-      const Vec diff = (prob - lse_z.log_prob(zv).exp()).abs();
-      Vec::blendv(prob, inf, skip).store(scratch.akl_prob + start + i);
-      Vec::blendv(diff, zero, skip).store(scratch.akl_diff + start + i);
+      const Vec log_p = lse_s.log_prob(Vec::loadu(c.s + i));
+      const Vec log_q = lse_z.log_prob(Vec::loadu(c.z + i));
+      const Vec keep = kept(log_p, log_q);
+      const Vec prob = log_p.exp();
+      const Vec diff = (prob - log_q.exp()).abs();
+      Vec::blendv(inf, prob, keep).store(scratch.akl_prob + start + i);
+      Vec::blendv(zero, diff, keep).store(scratch.akl_diff + start + i);
     }
     padded_vocab = start + padded;
   }
@@ -408,10 +396,10 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     return;
   }
 
-  // max is a scaled entry (exact in acc_t); log(sum) rounded once from double.
-  const RowLse<acc_t> lse_zv{Vec(static_cast<acc_t>(lse_z.max)), Vec(static_cast<acc_t>(std::log(lse_z.sum)))};
-  const RowLse<acc_t> lse_sv{Vec(static_cast<acc_t>(lse_s.max)), Vec(static_cast<acc_t>(std::log(lse_s.sum)))};
-  const auto inv_t = static_cast<acc_t>(p.inv_temperature);
+  // max is a rounded x / T (exact in acc_t); log(sum) rounded once from double.
+  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
+  const RowLse<acc_t> lse_zv{inv_t, Vec(static_cast<acc_t>(-lse_z.max)), Vec(static_cast<acc_t>(std::log(lse_z.sum)))};
+  const RowLse<acc_t> lse_sv{inv_t, Vec(static_cast<acc_t>(-lse_s.max)), Vec(static_cast<acc_t>(std::log(lse_s.sum)))};
   math::DivergenceParams prm = p.divergence_params;
   if constexpr (D == math::Divergence::kAKL) akl_row_weights(p, row, c, scratch, lse_zv, lse_sv, prm);
 
@@ -419,8 +407,8 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   double loss_sum = 0, u_sum = 0, v_sum = 0;
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_scaled_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z, inv_t);
-    load_scaled_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, inv_t);
+    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     Vec loss_acc(acc_t(0)), u_acc(acc_t(0)), v_acc(acc_t(0));
     for (int64_t i = 0; i < padded; i += Vec::size()) {
       const auto t = masked_terms<D>(c.z + i, c.s + i, lse_zv, lse_sv, prm);
