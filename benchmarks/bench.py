@@ -450,7 +450,10 @@ def main():
         f.write(table)
     written = [stem + ".json", stem + ".md"]
     if not args.no_plots:
-        written += plot.plots(report, stem)
+        try:
+            written += plot.plots(report, stem)
+        except ImportError as exc:  # matplotlib is optional: the tables are written already
+            print(f"[bench] plots skipped: install matplotlib ({exc})")
     print()
     print(table)
     print("[bench] wrote " + ", ".join(written))

@@ -27,6 +27,11 @@ CASES = [
     ("zero-size vocabulary", lambda s, t: dict(student_logits=s[:, :0], teacher_logits=t[:, :0]), ValueError, "V >= 1"),
     ("scalar logits", lambda s, t: dict(student_logits=s[0, 0], teacher_logits=t[0, 0]), ValueError, "shape (..., V)"),
     ("zero temperature", lambda s, t: dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    ("huge temperature", lambda s, t: dict(temperature=1e46), ValueError, "reciprocal that is a normal float32"),
+    ("tiny temperature", lambda s, t: dict(temperature=1e-39), ValueError, "reciprocal that is a normal float32"),
+    ("ignore_index past int64", lambda s, t: dict(ignore_index=2**63), ValueError, "ignore_index must fit in int64"),
+    ("ignore_index outside uint8 labels", lambda s, t: dict(labels=torch.zeros(4, dtype=torch.uint8)), ValueError,
+     "outside the range of labels' dtype torch.uint8"),
     ("negative temperature", lambda s, t: dict(temperature=-1.0), ValueError, "temperature must be > 0"),
     ("nan temperature", lambda s, t: dict(temperature=float("nan")), ValueError, "temperature must be finite"),
     ("infinite beta", lambda s, t: dict(beta=float("inf")), ValueError, "beta must be finite"),
@@ -85,3 +90,8 @@ def test_scale_grad_checks_its_arguments():
         torch.ops.todi_ext.scale_grad_(make_logits((3, 8)), torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match="unit stride"):
         torch.ops.todi_ext.scale_grad_(make_logits((8, 3)).t(), torch.ones(3))
+
+
+def test_module_arguments_are_keyword_only():
+    with pytest.raises(TypeError):
+        todi_ext.ToDiLoss(2.0)  # once silently beta

@@ -194,6 +194,27 @@ def test_nan_among_infinite_entries_makes_the_row_nan(divergence):
     assert torch.isnan(loss[1:]).all() and torch.isfinite(loss[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("divergence", ["todi", "fkl", "akl"])
+def test_finfo_min_masking_acts_like_minus_infinity(dtype, temperature, divergence):
+    # Hugging Face masks vocabulary entries with finfo(dtype).min; at T < 1
+    # that overflows to -inf in x / T. Either way the entry must drop out.
+    student, teacher = make_logits((3, 500), dtype), make_logits((3, 500), dtype, seed=1)
+    masked = torch.zeros(500, dtype=torch.bool)
+    masked[::7] = True
+    kw = dict(divergence=divergence, temperature=temperature, reduction="none")
+    results = []
+    for fill in (torch.finfo(dtype).min, float("-inf")):
+        z = student.masked_fill(masked, fill).requires_grad_()
+        loss = todi_ext.distill_loss(z, teacher.masked_fill(masked, fill), **kw)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(z.grad).all()
+        results.append((loss.detach(), z.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-6, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-9)
+
+
 def test_empty_batch():
     student = make_logits((0, 50)).requires_grad_()
     teacher = make_logits((0, 50))

@@ -33,6 +33,24 @@ def check_logits(student_logits, teacher_logits):
         )
 
 
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_ignore_index_fits(labels, ignore_index):
+    """An ignore_index outside the labels' dtype can never match (uint8 labels
+    and -100): the kernel would ignore nothing while a wrapped comparison
+    would ignore some other label."""
+    if labels is None or labels.dtype == torch.int64:
+        return
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(
+            f"ignore_index {ignore_index} is outside the range of labels' dtype {labels.dtype} "
+            f"[{info.min}, {info.max}]: use int64 labels or an ignore_index in that range"
+        )
+
+
 def check_labels(labels, student_logits):
     if labels is None:
         return
@@ -62,8 +80,15 @@ def check_scalars(beta, temperature, ignore_index, reduction="mean"):
     _check_real("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    # The kernels multiply by 1/T in float32: it must be a normal float32.
+    if not (_FLOAT32_TINY <= 1.0 / temperature <= _FLOAT32_MAX):
+        raise ValueError(
+            f"temperature must have a reciprocal that is a normal float32 (about 2.9e-39 < T < 8.5e37), got {temperature}"
+        )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
@@ -72,6 +97,7 @@ def check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_
     check_logits(student_logits, teacher_logits)
     check_labels(labels, student_logits)
     check_scalars(beta, temperature, ignore_index, reduction)
+    check_ignore_index_fits(labels, ignore_index)
 
 
 def loss_dtype(student_logits, teacher_logits):

@@ -137,5 +137,5 @@ class DistillLoss(torch.nn.Module):
 class ToDiLoss(DistillLoss):
     """Module form of :func:`todi_loss`: ``ToDiLoss(...)(student_logits, teacher_logits, labels)``."""
 
-    def __init__(self, beta: float = 1.0, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean"):
+    def __init__(self, *, beta: float = 1.0, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__("todi", beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction)
