@@ -97,3 +97,13 @@ def test_cuda_build_registers_every_op_and_carries_its_architectures():
         # The fatbin's entry header holds the number only: sm_90a code is listed as sm_90.
         base = arch.rstrip("af")
         assert base in archs, f"{base} (for {arch}) not in the module's fatbin ({sorted(archs)})"
+
+
+def test_importing_the_unbuilt_source_tree_says_so():
+    import os
+    import subprocess
+    import sys
+
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+    out = subprocess.run([sys.executable, "-c", "import todi_ext"], cwd=source, capture_output=True, text=True)
+    assert out.returncode != 0 and "a source tree without its compiled module" in out.stderr, out.stderr[-2000:]

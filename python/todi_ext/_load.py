@@ -5,9 +5,18 @@ with an undefined-symbol traceback; this turns that into a message that says
 what to do.
 """
 
+import os
+
 import torch
 
-from . import _build_config
+try:
+    from . import _build_config
+except ImportError as exc:  # the source tree (python/todi_ext) shadows the installed, built package
+    raise ImportError(
+        f"todi_ext was imported from {os.path.dirname(os.path.abspath(__file__))}, a source tree without its "
+        "compiled module (it shadows the installed package when Python starts in that folder): run from "
+        "another directory, or build and install it first (./scripts/setup.sh)"
+    ) from exc
 
 _REBUILD = (
     "Rebuild it against the installed torch: "
