@@ -95,3 +95,10 @@ def test_scale_grad_checks_its_arguments():
 def test_module_arguments_are_keyword_only():
     with pytest.raises(TypeError):
         todi_ext.ToDiLoss(2.0)  # once silently beta
+
+
+@pytest.mark.parametrize("transform", [torch.func.grad, torch.func.jacrev, torch.vmap])
+def test_torch_func_transforms_get_a_clear_error(transform):
+    z, s = _inputs()
+    with pytest.raises(NotImplementedError, match="does not support torch.func transforms"):
+        transform(lambda x: todi_ext.todi_loss(x, s if transform is not torch.vmap else s[0]))(z)

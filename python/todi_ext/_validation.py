@@ -100,6 +100,19 @@ def check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_
     check_ignore_index_fits(labels, ignore_index)
 
 
+def check_no_functorch(student_logits, teacher_logits):
+    """torch.func transforms (grad, vmap, jacrev, ...) need a functorch rule
+    the op does not have; say so instead of PyTorch's internal message."""
+    if torch.compiler.is_compiling():  # dynamo traces plain tensors here (and cannot trace the check)
+        return
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(student_logits) or wrapped(teacher_logits):
+        raise NotImplementedError(
+            "todi_ext does not support torch.func transforms (grad, vmap, jacrev, jvp); "
+            "use loss.backward() or torch.autograd.grad, which are supported"
+        )
+
+
 def loss_dtype(student_logits, teacher_logits):
     """float32, or float64 when either input is float64 (the math's precision)."""
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):

@@ -36,6 +36,7 @@ def distill_loss(
     as in :func:`todi_loss`; see docs/divergences.md for the formulas.
     """
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    _validation.check_no_functorch(student_logits, teacher_logits)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
     kernel_divergence = _validation.DIVERGENCES[divergence][0]
     grad_on = torch.is_grad_enabled()
