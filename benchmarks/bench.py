@@ -2,7 +2,8 @@
 
 Implementations, on the same inputs in one run:
   todi_ext     the fused kernel (CUDA or CPU)
-  eager        todi_ext.reference.todi_loss, the eager PyTorch formula
+  eager        todi_ext.reference.todi_loss, the eager PyTorch formula (careful float32)
+  eager_authors  ToDi as the paper's released code writes it (divergence todi only)
   compile      torch.compile of that eager formula
   liger_jsd    Liger-Kernel's JSD (beta 0.5) on log_softmax inputs      } CUDA only, when liger_kernel
   liger_kl     Liger-Kernel's KL divergence on log_softmax inputs      } imports: a different divergence
@@ -78,6 +79,21 @@ def _fkl_rows(z, s, temperature):
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+def _todi_authors_style(z, s, labels, temperature, ignore_index=-100):
+    """ToDi the way the paper's released training code computes it (our
+    transcription of its formula): softmax and log_softmax of both inputs in
+    float32, detached sigmoid weights for the teacher and student terms,
+    masked sum per position; here averaged over counted positions."""
+    z, s = z / temperature, s / temperature
+    q, p = z.softmax(-1, dtype=torch.float32), s.softmax(-1, dtype=torch.float32)
+    log_q, log_p = z.log_softmax(-1, dtype=torch.float32), s.log_softmax(-1, dtype=torch.float32)
+    weight_p, weight_q = torch.sigmoid(log_p - log_q).detach(), torch.sigmoid(log_q - log_p).detach()
+    per_entry = weight_p * p * (log_p - log_q) + weight_q * q * (log_q - log_p)
+    per_position = per_entry.masked_fill(z.isinf() | s.isinf(), 0.0).sum(-1)
+    counted = labels != ignore_index
+    return (per_position * counted).sum() / counted.sum().clamp_min(1)
+
+
 def make_implementations(device, divergence="todi"):
     """name -> (loss_fn(student, teacher, labels), float64 check fn or None, note) for one divergence."""
     T = LOSS_KWARGS["temperature"]
@@ -92,6 +108,9 @@ def make_implementations(device, divergence="todi"):
         "todi_ext": (lambda z, s, y: todi_ext.distill_loss(z, s, y, **kwargs), check, ""),
         "eager": (lambda z, s, y: reference.distill_loss(z, s, y, **kwargs), check, ""),
     }
+    if divergence == "todi":  # what people run today
+        impls["eager_authors"] = (lambda z, s, y: _todi_authors_style(z, s, y, T), check,
+                                  "the ToDi authors' eager formula")
     compiled = torch.compile(reference.distill_loss)
     impls["compile"] = (lambda z, s, y: compiled(z, s, y, **kwargs), check, "torch.compile of eager")
     if device == "cuda" and divergence == "todi":  # an anchor, measured once
