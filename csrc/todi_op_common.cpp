@@ -42,7 +42,7 @@ at::ScalarType math_dtype(const at::Tensor& student, const at::Tensor& teacher) 
 }
 
 RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                            const std::optional<at::Tensor>& labels, double temperature) {
+                            const std::optional<at::Tensor>& labels) {
   TORCH_CHECK_TYPE(is_logit_dtype(student_logits.scalar_type()),
                    "student_logits must be float32, bfloat16, float16 or float64, got ",
                    student_logits.scalar_type());
@@ -56,8 +56,6 @@ RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& 
                     teacher_logits.sizes());
   TORCH_CHECK_VALUE(teacher_logits.device() == student_logits.device(), "teacher_logits is on ",
                     teacher_logits.device(), " but student_logits is on ", student_logits.device());
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
-                    temperature);
 
   RowsView view;
   view.vocab = student_logits.size(-1);
@@ -107,7 +105,15 @@ at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan
   TORCH_INTERNAL_ASSERT(false);
 }
 
-math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double akl_mu,
+void check_scalar_tensor(const char* name, const at::Tensor& t, const c10::Device& device) {
+  // Values are not checked here (that would read device memory and sync):
+  // the Python API validates them before it makes these tensors.
+  TORCH_CHECK_VALUE(t.dim() == 0 && t.scalar_type() == at::kDouble, name, " must be a 0-dim float64 tensor, got ",
+                    t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but student_logits is on ", device);
+}
+
+math::Divergence parse_divergence(c10::string_view name, double skew_lambda, double akl_mu,
                                   double jsd_beta, math::DivergenceParams& params) {
   using math::Divergence;
   // The op-level names (python/todi_ext/_validation.py maps the API's onto these).
@@ -123,11 +129,9 @@ math::Divergence parse_divergence(c10::string_view name, double beta, double ske
     TORCH_CHECK_VALUE(false, "divergence must be one of ", choices, ", got '", name, "'");
   }
   const Divergence kind = found->second;
-  TORCH_CHECK_VALUE(std::isfinite(beta), "beta must be finite, got ", beta);
   TORCH_CHECK_VALUE(skew_lambda >= 0 && skew_lambda <= 1, "skew_lambda must be in [0, 1], got ", skew_lambda);
   TORCH_CHECK_VALUE(jsd_beta > 0 && jsd_beta < 1, "jsd_beta must be in (0, 1), got ", jsd_beta);
   TORCH_CHECK_VALUE(akl_mu >= 0 && akl_mu < 1, "akl_mu must be in [0, 1), got ", akl_mu);
-  params.beta = beta;
   params.skew_lambda = skew_lambda;
   params.jsd_beta = jsd_beta;
   params.akl_mu = akl_mu;
@@ -137,12 +141,17 @@ math::Divergence parse_divergence(c10::string_view name, double beta, double ske
 
 ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                              const std::optional<at::Tensor>& labels, c10::string_view divergence,
-                             double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature,
+                             const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+                             const at::Tensor& inv_temperature,
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
                              bool teacher_grad) {
   ForwardSetup setup;
-  setup.view = check_forward_args(student_logits, teacher_logits, labels, temperature);
-  setup.divergence = parse_divergence(divergence, beta, skew_lambda, akl_mu, jsd_beta, setup.divergence_params);
+  setup.view = check_forward_args(student_logits, teacher_logits, labels);
+  check_scalar_tensor("beta", beta, student_logits.device());
+  check_scalar_tensor("inv_temperature", inv_temperature, student_logits.device());
+  setup.beta = beta;
+  setup.inv_temperature = inv_temperature;
+  setup.divergence = parse_divergence(divergence, skew_lambda, akl_mu, jsd_beta, setup.divergence_params);
   const auto math_opts = student_logits.options().dtype(math_dtype(student_logits, teacher_logits));
   setup.plan = plan_reduction(reduction, setup.view, ignore_index, math_opts);
   setup.per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);
@@ -153,7 +162,7 @@ ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor&
   return setup;
 }
 
-ForwardParams forward_params(const ForwardSetup& setup, double temperature, int64_t ignore_index) {
+ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index) {
   ForwardParams p;
   p.student = RowMatrix{setup.view.student.const_data_ptr(), setup.view.student.scalar_type(),
                         row_layout(setup.view.student)};
@@ -165,7 +174,8 @@ ForwardParams forward_params(const ForwardSetup& setup, double temperature, int6
   p.ignore_index = ignore_index;
   p.divergence = setup.divergence;
   p.divergence_params = setup.divergence_params;
-  p.inv_temperature = 1.0 / temperature;
+  p.inv_temperature = setup.inv_temperature.const_data_ptr<double>();
+  p.beta = setup.beta.const_data_ptr<double>();
   p.double_math = setup.per_position.scalar_type() == at::kDouble;
   p.loss = setup.per_position.mutable_data_ptr();
   p.grad_scale = setup.plan.grad_scale.defined() ? setup.plan.grad_scale.const_data_ptr() : nullptr;

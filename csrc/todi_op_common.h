@@ -24,11 +24,14 @@ struct RowsView {
 
 // Checks the forward's arguments; the logits keep their leading strides.
 RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                            const std::optional<at::Tensor>& labels, double temperature);
+                            const std::optional<at::Tensor>& labels);
+
+// A 0-dim float64 tensor on `device` (the op's beta and inv_temperature).
+void check_scalar_tensor(const char* name, const at::Tensor& t, const c10::Device& device);
 
 // Checks the divergence's name and parameters: "todi", "fkl", "rkl", "tvd",
 // "skl", "srkl", "akl", "gjsd" ("js" is gjsd with jsd_beta 0.5, set by the caller).
-math::Divergence parse_divergence(c10::string_view name, double beta, double skew_lambda, double akl_mu,
+math::Divergence parse_divergence(c10::string_view name, double skew_lambda, double akl_mu,
                                   double jsd_beta, math::DivergenceParams& params);
 
 // x itself when its last dimension has unit stride and it has at most
@@ -71,16 +74,19 @@ struct ForwardSetup {
   at::Tensor per_position;  // the logits' leading shape, math dtype
   at::Tensor grad_student;
   at::Tensor grad_teacher;
+  at::Tensor beta;             // 0-dim float64, read by the kernels
+  at::Tensor inv_temperature;  // likewise
 };
 
 ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                              const std::optional<at::Tensor>& labels, c10::string_view divergence,
-                             double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature,
+                             const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+                             const at::Tensor& inv_temperature,
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
                              bool teacher_grad);
 
 // The forward kernel's parameters for a prepared call.
-ForwardParams forward_params(const ForwardSetup& setup, double temperature, int64_t ignore_index);
+ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index);
 
 // Checks scale_grad(_)'s arguments and builds the kernel's parameters; out
 // is grad (in place) or a contiguous tensor of its shape. `keep_alive` holds

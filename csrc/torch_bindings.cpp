@@ -21,10 +21,13 @@ TORCH_LIBRARY(todi_ext, m) {
   // written by the same pass over the logits. Ignored
   // positions count 0 and get a zero gradient. The autograd registration
   // (python/todi_ext/ops.py) saves the gradient outputs and scales them in
-  // place in backward.
+  // place in backward. beta and inv_temperature (1 / T) are 0-dim float64
+  // tensors on the logits' device, read by the kernels: values users sweep
+  // or schedule do not specialise a torch.compile graph, and nothing syncs.
   m.def(
       "distill_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
-      "float beta, float skew_lambda, float akl_mu, float jsd_beta, float temperature, int ignore_index, str reduction, "
+      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
+      "str reduction, "
       "bool student_grad, bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of distill_forward. scale is a scalar (0-dim) or one value per row; rows

@@ -24,6 +24,11 @@ def make_logits(shape, dtype=torch.float32, scale=3.0, seed=0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
+def op_scalar(value, device="cpu"):
+    """beta or 1/T as torch.ops.todi_ext.distill_forward takes them: a 0-dim float64 tensor."""
+    return torch.full((), value, dtype=torch.float64, device=device)
+
+
 def make_labels(shape, ignore_fraction=0.3, ignore_index=-100, seed=1, num_classes=1000):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, shape, generator=g)

@@ -8,6 +8,7 @@ import todi_ext
 
 from todi_ext import reference
 
+from conftest import op_scalar as _s
 from conftest import assert_grad_close, loss_and_grads, make_labels, make_logits
 
 
@@ -108,7 +109,7 @@ def test_double_backward_is_refused_not_silently_wrong():
 
 def test_direct_op_call_with_a_missing_flag_raises():
     student = make_logits((3, 50)).requires_grad_()
-    loss, _, _ = torch.ops.todi_ext.distill_forward(student, make_logits((3, 50)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "sum", False, False)
+    loss, _, _ = torch.ops.todi_ext.distill_forward(student, make_logits((3, 50)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "sum", False, False)
     with pytest.raises(RuntimeError, match="student_grad=False"):
         loss.sum().backward()
 

@@ -6,6 +6,7 @@ import torch
 import todi_ext
 from todi_ext import reference
 
+from conftest import op_scalar as _s
 from conftest import make_logits
 
 LOSSES = [todi_ext.todi_loss, reference.todi_loss, lambda *a, **k: todi_ext.ToDiLoss(**k)(*a)]
@@ -67,13 +68,13 @@ def test_module_checks_its_arguments_at_construction():
 @pytest.mark.parametrize(
     "args,exc,fragment",
     [
-        ((make_logits((3, 8)), make_logits((3, 7)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), ValueError, "teacher_logits must have the shape"),
-        ((make_logits((3, 8)).long(), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), TypeError, "student_logits must be"),
-        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(2, dtype=torch.long), "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), ValueError, "labels must have shape"),
-        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(3), "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), TypeError, "labels must be an integer"),
-        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 0.5, 0.0, -100, "mean", False, False), ValueError, "temperature must be"),
-        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "avg", False, False), ValueError, "reduction must be one of"),
-        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", float("nan"), 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False), ValueError, "beta must be finite"),
+        ((make_logits((3, 8)), make_logits((3, 7)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), ValueError, "teacher_logits must have the shape"),
+        ((make_logits((3, 8)).long(), make_logits((3, 8)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), TypeError, "student_logits must be"),
+        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(2, dtype=torch.long), "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), ValueError, "labels must have shape"),
+        ((make_logits((3, 8)), make_logits((3, 8)), torch.zeros(3), "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), TypeError, "labels must be an integer"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, torch.ones(2, dtype=torch.float64), -100, "mean", False, False), ValueError, "inv_temperature must be a 0-dim float64 tensor"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "avg", False, False), ValueError, "reduction must be one of"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", torch.tensor(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), ValueError, "beta must be a 0-dim float64 tensor"),
     ],
 )
 def test_direct_op_calls_are_checked_in_cpp(args, exc, fragment):

@@ -9,6 +9,7 @@ import torch
 import todi_ext
 from todi_ext import reference
 
+from conftest import op_scalar as _s
 from conftest import TOLERANCES, assert_close_to_oracle, assert_grad_close, loss_and_grads, make_labels, make_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -190,7 +191,7 @@ def test_opcheck(grads):
     labels = make_labels((3, 5)).cuda()
     for reduction in ("mean", "none"):
         torch.library.opcheck(
-            torch.ops.todi_ext.distill_forward.default, (student, teacher, labels, "todi", 1.5, 0.1, 0.5, 0.5, 2.0, -100, reduction, *grads)
+            torch.ops.todi_ext.distill_forward.default, (student, teacher, labels, "todi", _s(1.5, "cuda"), 0.1, 0.5, 0.5, _s(0.5, "cuda"), -100, reduction, *grads)
         )
     grad = student.detach().clone()
     torch.library.opcheck(torch.ops.todi_ext.scale_grad_.default, (grad, torch.rand(3, 5, device="cuda")))
@@ -298,6 +299,6 @@ def test_mixed_devices_are_rejected():
     with pytest.raises(ValueError, match="labels is on cpu"):
         todi_ext.todi_loss(student, student.clone(), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="teacher_logits is on cpu"):  # the op's own C++ check
-        torch.ops.todi_ext.distill_forward(student, make_logits((3, 10)), None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False)
+        torch.ops.todi_ext.distill_forward(student, make_logits((3, 10)), None, "todi", _s(1.0, "cuda"), 0.1, 0.5, 0.5, _s(1.0, "cuda"), -100, "mean", False, False)
     with pytest.raises(ValueError, match="teacher_logits is on cuda"):  # CPU student: the CUDA kernel may run
-        torch.ops.todi_ext.distill_forward(make_logits((3, 10)), student, None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False)
+        torch.ops.todi_ext.distill_forward(make_logits((3, 10)), student, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False)

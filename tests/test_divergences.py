@@ -9,6 +9,7 @@ import torch
 import todi_ext
 from todi_ext import reference
 
+from conftest import op_scalar as _s
 from conftest import TOLERANCES, assert_grad_close, loss_and_grads, make_labels, make_logits
 
 # (divergence, its own parameters) - every kernel path, some at non-default values.
@@ -157,14 +158,14 @@ def test_bad_divergence_arguments(kwargs, fragment):
         with pytest.raises(ValueError, match=re.escape(fragment)):
             fn(z, s, **kwargs)
     with pytest.raises(ValueError, match="divergence must be one of"):  # the op's own check
-        torch.ops.todi_ext.distill_forward(z, s, None, "js", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", False, False)
+        torch.ops.todi_ext.distill_forward(z, s, None, "js", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False)
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "tvd", "akl", "gjsd"])
 def test_opcheck(divergence):
     z = make_logits((3, 5, 65)).requires_grad_()
     s = make_logits((3, 5, 65), seed=1).requires_grad_()
-    args = (z, s, make_labels((3, 5)), divergence, 1.0, 0.1, 0.4, 0.3, 2.0, -100, "mean", True, True)
+    args = (z, s, make_labels((3, 5)), divergence, _s(1.0), 0.1, 0.4, 0.3, _s(0.5), -100, "mean", True, True)
     torch.library.opcheck(torch.ops.todi_ext.distill_forward.default, args)
 
 

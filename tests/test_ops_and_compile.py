@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import todi_ext
 from todi_ext import reference
 
-from conftest import make_labels, make_logits
+from conftest import op_scalar as _s
+from conftest import loss_and_grads, make_labels, make_logits
 
 FORWARD = torch.ops.todi_ext.distill_forward.default
 
@@ -17,7 +18,7 @@ def _forward_args(dtype, student_grad, teacher_grad, labels=True, reduction="mea
     teacher = make_logits(shape, dtype, seed=1).requires_grad_(teacher_grad)
     teacher.data[0, 0, :3] = float("-inf")
     lab = make_labels(shape[:-1]) if labels else None
-    return (student, teacher, lab, "todi", 2.0, 0.1, 0.5, 0.5, 1.5, -100, reduction, student_grad, teacher_grad)
+    return (student, teacher, lab, "todi", _s(2.0), 0.1, 0.5, 0.5, _s(1 / 1.5), -100, reduction, student_grad, teacher_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -43,9 +44,9 @@ def test_fake_tensor_shapes_and_dtypes():
     with FakeTensorMode():
         student = torch.empty(2, 3, 50, dtype=torch.bfloat16)
         teacher = torch.empty(2, 3, 50, dtype=torch.float64)
-        loss, gs, gt = FORWARD(student, teacher, None, "todi", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "none", True, False)
+        loss, gs, gt = FORWARD(student, teacher, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "none", True, False)
         assert loss.shape == (2, 3) and loss.dtype == torch.float64
-        assert FORWARD(student, teacher, None, "fkl", 1.0, 0.1, 0.5, 0.5, 1.0, -100, "mean", True, False)[0].shape == ()
+        assert FORWARD(student, teacher, None, "fkl", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", True, False)[0].shape == ()
         assert gs.shape == (2, 3, 50) and gs.dtype == torch.bfloat16
         assert gt.numel() == 0
 
@@ -119,3 +120,23 @@ def test_training_loop_converges_towards_teacher():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0]  # measured: 5.52 -> 0.09
+
+
+def test_changing_temperature_and_beta_do_not_recompile():
+    # A temperature schedule or a beta sweep: 20 values, fullgraph. The op
+    # takes beta and 1/T as 0-dim tensors, so after the first (specialised)
+    # compile the values are graph inputs.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda z, s, t, b: todi_ext.todi_loss(z, s, temperature=t, beta=b), backend=counter, fullgraph=True)
+    z, s = make_logits((4, 50)).requires_grad_(), make_logits((4, 50), seed=1)
+    for i in range(20):
+        t, b = 1.0 + 0.1 * i, 0.5 + 0.05 * i
+        z.grad = None
+        loss = step(z, s, t, b)
+        loss.backward()
+        expected, expected_grad, _ = loss_and_grads(todi_ext.todi_loss, z, s, temperature=t, beta=b)
+        torch.testing.assert_close(loss.detach(), expected)
+        torch.testing.assert_close(z.grad, expected_grad)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 20 values"

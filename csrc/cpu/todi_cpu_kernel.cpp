@@ -200,7 +200,7 @@ template <class acc_t>
 void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
                       math::LogSumExp<double>& lse_z, math::LogSumExp<double>& lse_s) {
   using Vec = Vectorized<acc_t>;
-  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
+  const Vec inv_t(static_cast<acc_t>(*p.inv_temperature));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
     const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
@@ -356,7 +356,7 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
   using Vec = Vectorized<acc_t>;
   // 1/T, times the reduction's factor (1/count for "mean").
   const acc_t scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
-  const Vec inv_t(static_cast<acc_t>(p.inv_temperature) * scale);
+  const Vec inv_t(static_cast<acc_t>(*p.inv_temperature) * scale);
   const Vec sum_v(weight_sum);
   const int64_t elem = c10::elementSize(out.dtype);
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
@@ -397,10 +397,11 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   }
 
   // max is a rounded x / T (exact in acc_t); log(sum) rounded once from double.
-  const Vec inv_t(static_cast<acc_t>(p.inv_temperature));
+  const Vec inv_t(static_cast<acc_t>(*p.inv_temperature));
   const RowLse<acc_t> lse_zv{inv_t, Vec(static_cast<acc_t>(-lse_z.max)), Vec(static_cast<acc_t>(std::log(lse_z.sum)))};
   const RowLse<acc_t> lse_sv{inv_t, Vec(static_cast<acc_t>(-lse_s.max)), Vec(static_cast<acc_t>(std::log(lse_s.sum)))};
   math::DivergenceParams prm = p.divergence_params;
+  prm.beta = *p.beta;
   if constexpr (D == math::Divergence::kAKL) akl_row_weights(p, row, c, scratch, lse_zv, lse_sv, prm);
 
   // Pass 2: loss and the weight sums (blocked); keep what pass 3 needs.

@@ -19,17 +19,17 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(const at::Tensor& student_logits,
                                                                  const at::Tensor& teacher_logits,
                                                                  const std::optional<at::Tensor>& labels,
-                                                                 c10::string_view divergence, double beta,
-                                                                double skew_lambda, double akl_mu, double jsd_beta, double temperature,
+                                                                 c10::string_view divergence, const at::Tensor& beta,
+                                                                double skew_lambda, double akl_mu, double jsd_beta, const at::Tensor& inv_temperature,
                                                                  int64_t ignore_index, c10::string_view reduction,
                                                                  bool student_grad, bool teacher_grad) {
   // Checks first: with inputs on mixed devices this kernel may be the one
   // dispatched, and the error must name the argument.
-  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature,
+  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
                                              ignore_index, reduction, student_grad, teacher_grad);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   if (setup.view.rows > 0) {
-    const ForwardParams args = forward_params(setup, temperature, ignore_index);
+    const ForwardParams args = forward_params(setup, ignore_index);
     const int device = student_logits.get_device();
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
     dispatch_divergence(args.divergence, [&](auto divergence) {

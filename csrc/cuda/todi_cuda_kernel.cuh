@@ -422,7 +422,8 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   TODI_SHARED_ARRAY(A, scratch, (D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp);
   TODI_SHARED_ARRAY(A, slot_memory, kCluster ? 2 * kClusterSlot : 1);
   ClusterSlots<A> cluster_slots{slot_memory};
-  const A inv_t = static_cast<A>(args.inv_temperature);
+  const A inv_t = static_cast<A>(*args.inv_temperature);  // 0-dim tensors in device memory
+  const double beta = *args.beta;
 
   // This block's part of each row: all of it, or with kCluster the rank-th slice.
   int64_t parts = 1, rank = 0;
@@ -543,6 +544,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       }
     };
     math::DivergenceParams prm = args.divergence_params;
+    prm.beta = beta;
     if constexpr (D == math::Divergence::kAKL) akl_row_weights(walk, row_sum, inv_t, lz, ls, prm);
     auto terms = [&](A z, A s) {
       const A log_p = ls.log_prob(s, inv_t);

@@ -69,7 +69,7 @@ def check_labels(labels, student_logits):
 
 
 def _check_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not (-math.inf < value < math.inf):  # False for NaN too; math.isfinite breaks torch.compile graphs
         raise ValueError(f"{name} must be finite, got {value}")
@@ -89,6 +89,10 @@ def check_scalars(beta, temperature, ignore_index, reduction="mean"):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    check_reduction(reduction)
+
+
+def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 

@@ -45,11 +45,11 @@ def distill_loss(
         teacher_logits,
         labels,
         kernel_divergence,
-        float(beta),
+        beta,  # made a tensor by ops.distill_forward: float() would specialise a torch.compile graph on it
         float(skew_lambda),
         float(akl_mu),
         0.5 if divergence == "js" else float(jsd_beta),
-        float(temperature),
+        temperature,
         int(ignore_index),
         reduction,
         grad_on and student_logits.requires_grad,

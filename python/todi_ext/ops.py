@@ -43,9 +43,21 @@ def distill_forward(
     place and hands them over as the inputs' .grad. Read them before backward.
     """
     return torch.ops.todi_ext.distill_forward.default(
-        student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature,
-        ignore_index, reduction, student_grad, teacher_grad,
+        student_logits, teacher_logits, labels, divergence, scalar_tensor(beta, student_logits), skew_lambda, akl_mu,
+        jsd_beta, scalar_tensor(1.0 / temperature, student_logits), ignore_index, reduction, student_grad, teacher_grad,
     )
+
+
+def scalar_tensor(value, like: Tensor) -> Tensor:
+    """value as the op takes beta and 1/T: a 0-dim float64 tensor on like's
+    device, made by a fill kernel (no host-device copy, no sync). Under
+    torch.compile a changing value is then a graph input, not a constant to
+    recompile for."""
+    if torch.compiler.is_compiling():
+        # A float input becomes a graph input only through tensor arithmetic
+        # (torch.full with it would specialise the graph on its value).
+        return torch.zeros((), dtype=torch.float64, device=like.device) + value
+    return torch.full((), value, dtype=torch.float64, device=like.device)
 
 
 def scale_grad_(grad: Tensor, scale: Tensor) -> None:
@@ -55,10 +67,15 @@ def scale_grad_(grad: Tensor, scale: Tensor) -> None:
 
 @torch.library.register_fake("todi_ext::distill_forward")
 def _distill_forward_fake(
-    student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature,
+    student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
     ignore_index, reduction, student_grad, teacher_grad,
 ):
-    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    _validation.check_logits(student_logits, teacher_logits)
+    _validation.check_labels(labels, student_logits)
+    _validation.check_reduction(reduction)
+    for name, t in (("beta", beta), ("inv_temperature", inv_temperature)):
+        if t.dim() != 0 or t.dtype != torch.float64 or t.device != student_logits.device:
+            raise ValueError(f"{name} must be a 0-dim float64 tensor on {student_logits.device}")
     _validation.check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta)
     loss_shape = student_logits.shape[:-1] if reduction == "none" else ()
     loss = student_logits.new_empty(loss_shape, dtype=_validation.loss_dtype(student_logits, teacher_logits))

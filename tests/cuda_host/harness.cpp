@@ -62,10 +62,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
     const std::string& divergence, double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature,
     int64_t ignore_index, const std::string& reduction, bool student_grad, bool teacher_grad,
     const std::string& variant, int64_t threads, int64_t blocks, int64_t parts) {
-  const auto setup = todi_ext::prepare_forward(student, teacher, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
-                                               temperature, ignore_index, reduction, student_grad, teacher_grad);
+  const auto scalar = [](double v) { return at::full({}, v, at::TensorOptions().dtype(at::kDouble)); };
+  const auto setup = todi_ext::prepare_forward(student, teacher, labels, divergence, scalar(beta), skew_lambda, akl_mu,
+                                               jsd_beta, scalar(1.0 / temperature), ignore_index, reduction,
+                                               student_grad, teacher_grad);
   if (setup.view.rows > 0) {
-    const ForwardParams args = todi_ext::forward_params(setup, temperature, ignore_index);
+    const ForwardParams args = todi_ext::forward_params(setup, ignore_index);
     const Launch l{variant, static_cast<unsigned>(threads), static_cast<unsigned>(blocks), static_cast<unsigned>(parts)};
     todi_ext::dispatch_divergence(args.divergence, [&](auto d) {
       launch_divergence<decltype(d)::value>(args, student.scalar_type(), teacher.scalar_type(), l);

@@ -35,7 +35,8 @@ struct ForwardParams {
   int64_t ignore_index = -100;
   math::Divergence divergence = math::Divergence::kToDi;
   math::DivergenceParams divergence_params;
-  double inv_temperature = 1.0;
+  const double* inv_temperature = nullptr;  // 1 / T, one value in the logits' memory (device for CUDA)
+  const double* beta = nullptr;             // ToDi's sharpness, likewise; read into DivergenceParams::beta
   bool double_math = false;          // accumulate in float64 (float64 inputs)
   void* loss = nullptr;              // (rows,) per-position losses, float32 (float64 with double_math)
   const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
