@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-IMPL_ORDER = ["todi_ext", "compile", "eager", "liger_jsd", "liger_kl", "floor"]
+IMPL_ORDER = ["todi_ext", "compile", "eager", "eager_authors", "liger_jsd", "liger_kl", "floor"]
 
 
 def fmt_bytes(b):
@@ -58,21 +58,22 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def _series(report, dtype, n, impl, value):
-    pts = []
+def _value(report, dtype, shape, impl, value):
+    """value(row) for one implementation at one (N, V) and dtype (ToDi rows and the floor only), or None."""
     for r in report["results"]:
-        # Plots show ToDi (the floor rows carry no divergence).
         if r.get("divergence", "todi") not in ("todi", ""):
             continue
-        if r["impl"] == impl and r["dtype"] == dtype and r["N"] == n:
+        if r["impl"] == impl and r["dtype"] == dtype and (r["N"], r["V"]) == shape:
             y = value(r)
-            if isinstance(y, (int, float)):
-                pts.append((r["V"], y))
-    return sorted(pts)
+            return y if isinstance(y, (int, float)) else None
+    return None
 
 
 def plots(report, stem):
-    """Writes <stem>-latency.png, -memory.png and -speedup.png; returns their paths."""
+    """Writes <stem>-latency.png, -memory.png and -speedup.png; returns their paths.
+
+    One panel per dtype, the shapes that were run along x, one bar per
+    implementation in each group: readable for one shape or for a grid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +81,7 @@ def plots(report, stem):
 
     results = report["results"]
     dtypes = sorted({r["dtype"] for r in results})
-    ns = sorted({r["N"] for r in results})
+    shapes = sorted({(r["N"], r["V"]) for r in results})
     impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in results)]
     device = report["machine"]["device"]
     where = report["machine"].get("gpu") or report["machine"].get("cpu_model")
@@ -94,26 +95,32 @@ def plots(report, stem):
     }
     paths = []
     for kind, (ylabel, value, logy, names) in kinds.items():
-        fig, axes = plt.subplots(len(dtypes), len(ns), figsize=(4 * len(ns), 3.4 * len(dtypes)), squeeze=False)
+        width = 0.8 / max(len(names), 1)
+        fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(6, 1.6 * len(shapes) + 2), 3.6 * len(dtypes)),
+                                 squeeze=False)
         for i, dtype in enumerate(dtypes):
-            for j, n in enumerate(ns):
-                ax = axes[i][j]
-                for impl in names:
-                    pts = _series(report, dtype, n, impl, value)
-                    if pts:
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                                linestyle="--" if impl == "floor" else "-", label=impl)
-                ax.set_title(f"N={n}, {dtype}", fontsize=9)
-                ax.set_xlabel("vocabulary V")
-                if logy:
-                    ax.set_yscale("log")
-                if j == 0:
-                    ax.set_ylabel(ylabel, fontsize=8)
-                ax.grid(True, alpha=0.3)
+            ax = axes[i][0]
+            for k, impl in enumerate(names):
+                xs, ys = [], []
+                for x, shape in enumerate(shapes):
+                    y = _value(report, dtype, shape, impl, value)
+                    if y is not None:
+                        xs.append(x + (k - (len(names) - 1) / 2) * width)
+                        ys.append(y)
+                if xs:
+                    ax.bar(xs, ys, width=width, label=impl, hatch="//" if impl == "floor" else None)
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels([f"{n}x{v}" for n, v in shapes], fontsize=8)
+            ax.set_title(dtype, fontsize=9)
+            ax.set_xlabel("N x V")
+            ax.set_ylabel(ylabel, fontsize=8)
+            if logy:
+                ax.set_yscale("log")
+            ax.grid(True, axis="y", alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper right", fontsize=8)
         fig.suptitle(f"todi_ext vs eager PyTorch, {device} ({where})", fontsize=10)
-        fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+        fig.tight_layout(rect=(0, 0, 0.85, 0.95))
         path = f"{stem}-{kind}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
