@@ -387,7 +387,8 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   // Chunk results merged in double (the blocked sum), rounded once at the end.
   math::LogSumExp<double> lse_z, lse_s;
   row_log_sum_exps(p, row, c, lse_z, lse_s);
-  if (!math::is_finite(lse_z.value()) || !math::is_finite(lse_s.value())) {
+  const double log_sum_z = std::log(lse_z.sum), log_sum_s = std::log(lse_s.sum);
+  if (!math::is_finite(lse_z.max + log_sum_z) || !math::is_finite(lse_s.max + log_sum_s)) {
     // NaN, +inf, or a row that is all -inf: the distribution is undefined.
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     *loss_out = nan;
@@ -398,8 +399,8 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
 
   // max is a rounded x / T (exact in acc_t); log(sum) rounded once from double.
   const Vec inv_t(static_cast<acc_t>(*p.inv_temperature));
-  const RowLse<acc_t> lse_zv{inv_t, Vec(static_cast<acc_t>(-lse_z.max)), Vec(static_cast<acc_t>(std::log(lse_z.sum)))};
-  const RowLse<acc_t> lse_sv{inv_t, Vec(static_cast<acc_t>(-lse_s.max)), Vec(static_cast<acc_t>(std::log(lse_s.sum)))};
+  const RowLse<acc_t> lse_zv{inv_t, Vec(static_cast<acc_t>(-lse_z.max)), Vec(static_cast<acc_t>(log_sum_z))};
+  const RowLse<acc_t> lse_sv{inv_t, Vec(static_cast<acc_t>(-lse_s.max)), Vec(static_cast<acc_t>(log_sum_s))};
   math::DivergenceParams prm = p.divergence_params;
   prm.beta = *p.beta;
   if constexpr (D == math::Divergence::kAKL) akl_row_weights(p, row, c, scratch, lse_zv, lse_sv, prm);

@@ -519,7 +519,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     const RowLse<A> lz{lse_z.max, math::Ops<A>::log(lse_z.sum)};
     const RowLse<A> ls{lse_s.max, math::Ops<A>::log(lse_s.sum)};
 
-    if (!math::is_finite(lse_z.value()) || !math::is_finite(lse_s.value())) {  // undefined distribution: NaN row
+    if (!math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum)) {  // undefined: NaN row
       const A nan = std::numeric_limits<A>::quiet_NaN();
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
@@ -657,12 +657,7 @@ __global__ void __launch_bounds__(kMaxThreads) scale_grad_kernel(const ScaleGrad
     if (in_place && scale == A(1)) continue;  // the usual loss.backward(): no memory traffic at all
     const T* src = static_cast<const T*>(args.grad.data) + args.grad.layout.row_offset(row);
     T* dst = in_place ? const_cast<T*>(src) : static_cast<T*>(args.out) + row * vocab;
-    const auto src_addr = reinterpret_cast<uintptr_t>(src);
-    int64_t head = vocab;
-    if (src_addr % 16 == reinterpret_cast<uintptr_t>(dst) % 16 && src_addr % sizeof(T) == 0) {
-      head = static_cast<int64_t>((16 - src_addr % 16) % 16 / sizeof(T));
-      if (head > vocab) head = vocab;
-    }
+    const int64_t head = vector_head<T>(src, dst, vocab);
     auto scaled = [&](T x) { return Elem<T>::from(Elem<T>::template load<A>(x) * scale); };
     for (int64_t i = threadIdx.x; i < head; i += blockDim.x) dst[i] = scaled(src[i]);
     const int64_t vectors = (vocab - head) / kVec;

@@ -322,8 +322,7 @@ struct LogSumExp {
       sum = sum + other_sum * Ops<T>::exp(other_max - max);
     }
   }
-
-  TODI_HOST_DEVICE T value() const { return max + Ops<T>::log(sum); }
+  // The log-sum-exp is max + log(sum); the kernels keep the two apart.
 };
 
 template <class T>
