@@ -106,11 +106,20 @@ at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan
 }
 
 void check_scalar_tensor(const char* name, const at::Tensor& t, const c10::Device& device) {
-  // Values are not checked here (that would read device memory and sync):
-  // the Python API validates them before it makes these tensors.
   TORCH_CHECK_VALUE(t.dim() == 0 && t.scalar_type() == at::kDouble, name, " must be a 0-dim float64 tensor, got ",
                     t.scalar_type(), " of shape ", t.sizes());
   TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but student_logits is on ", device);
+}
+
+// The values, where reading them costs nothing (CPU memory). On a GPU that
+// would sync: the Python API validates them before making the tensors, and
+// the CUDA kernel turns invalid values into NaN rows rather than numbers.
+void check_scalar_values(const at::Tensor& beta, const at::Tensor& inv_temperature) {
+  if (!beta.device().is_cpu()) return;
+  const double b = *beta.const_data_ptr<double>();
+  const double inv_t = *inv_temperature.const_data_ptr<double>();
+  TORCH_CHECK_VALUE(std::isfinite(b), "beta must be finite, got ", b);
+  TORCH_CHECK_VALUE(std::isfinite(inv_t) && inv_t > 0, "inv_temperature (1 / T) must be finite and > 0, got ", inv_t);
 }
 
 math::Divergence parse_divergence(c10::string_view name, double skew_lambda, double akl_mu,
@@ -149,6 +158,7 @@ ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor&
   setup.view = check_forward_args(student_logits, teacher_logits, labels);
   check_scalar_tensor("beta", beta, student_logits.device());
   check_scalar_tensor("inv_temperature", inv_temperature, student_logits.device());
+  check_scalar_values(beta, inv_temperature);
   setup.beta = beta;
   setup.inv_temperature = inv_temperature;
   setup.divergence = parse_divergence(divergence, skew_lambda, akl_mu, jsd_beta, setup.divergence_params);

@@ -29,6 +29,9 @@ RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& 
 // A 0-dim float64 tensor on `device` (the op's beta and inv_temperature).
 void check_scalar_tensor(const char* name, const at::Tensor& t, const c10::Device& device);
 
+// beta finite and 1/T finite and > 0, checked where the values are in CPU memory.
+void check_scalar_values(const at::Tensor& beta, const at::Tensor& inv_temperature);
+
 // Checks the divergence's name and parameters: "todi", "fkl", "rkl", "tvd",
 // "skl", "srkl", "akl", "gjsd" ("js" is gjsd with jsd_beta 0.5, set by the caller).
 math::Divergence parse_divergence(c10::string_view name, double skew_lambda, double akl_mu,

@@ -75,6 +75,8 @@ def test_module_checks_its_arguments_at_construction():
         ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, torch.ones(2, dtype=torch.float64), -100, "mean", False, False), ValueError, "inv_temperature must be a 0-dim float64 tensor"),
         ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "avg", False, False), ValueError, "reduction must be one of"),
         ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", torch.tensor(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), ValueError, "beta must be a 0-dim float64 tensor"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(float("nan")), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), ValueError, "beta must be finite"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(-2.0), -100, "mean", False, False), ValueError, r"inv_temperature \(1 / T\) must be finite and > 0"),
     ],
 )
 def test_direct_op_calls_are_checked_in_cpp(args, exc, fragment):

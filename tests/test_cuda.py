@@ -292,6 +292,16 @@ def test_second_device():
     assert loss.device == torch.device("cuda:1") and grad.device == torch.device("cuda:1")
 
 
+def test_invalid_scalars_in_a_direct_op_call_give_nan_not_numbers():
+    # Not checked on the host for CUDA tensors (that would sync): the kernel
+    # makes the counted rows NaN.
+    z, s = make_logits((3, 100)).cuda(), make_logits((3, 100), seed=1).cuda()
+    for beta, inv_t in ((1.0, -2.0), (float("nan"), 1.0), (1.0, float("inf"))):
+        loss, _, _ = torch.ops.todi_ext.distill_forward(
+            z, s, None, "todi", _s(beta, "cuda"), 0.1, 0.5, 0.5, _s(inv_t, "cuda"), -100, "none", False, False)
+        assert torch.isnan(loss).all(), (beta, inv_t, loss)
+
+
 def test_mixed_devices_are_rejected():
     student = make_logits((3, 10)).cuda()
     with pytest.raises(ValueError, match="teacher_logits is on cpu"):

@@ -424,6 +424,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   ClusterSlots<A> cluster_slots{slot_memory};
   const A inv_t = static_cast<A>(*args.inv_temperature);  // 0-dim tensors in device memory
   const double beta = *args.beta;
+  // Invalid scalars from a direct op call (not checked on the host: that would
+  // sync) make every counted row NaN instead of a wrong number.
+  const bool scalars_ok = inv_t > A(0) && math::is_finite(inv_t) && math::is_finite(beta);
 
   // This block's part of each row: all of it, or with kCluster the rank-th slice.
   int64_t parts = 1, rank = 0;
@@ -519,7 +522,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     const RowLse<A> lz{lse_z.max, math::Ops<A>::log(lse_z.sum)};
     const RowLse<A> ls{lse_s.max, math::Ops<A>::log(lse_s.sum)};
 
-    if (!math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum)) {  // undefined: NaN row
+    if (!scalars_ok || !math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum)) {  // NaN row
       const A nan = std::numeric_limits<A>::quiet_NaN();
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
