@@ -39,6 +39,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+# torch.compile's first use imports cpp_extension, which may log a CUDA_HOME
+# notice on a GPU-less machine: import it here, before any progress line.
+import torch.utils.cpp_extension  # noqa: F401
 
 import todi_ext
 from todi_ext import reference
@@ -347,10 +350,6 @@ def run(args):
         if args.impl:
             impls = {k: v for k, v in impls.items() if k in args.impl}
         impls_by_divergence[divergence] = impls
-    # torch.compile's first use imports cpp_extension, which may log a CUDA_HOME
-    # notice on a GPU-less machine: import it now, before the progress line.
-    import torch.utils.cpp_extension  # noqa: F401
-
     bandwidth = copy_bandwidth_gbs(device) if device == "cuda" else None
     results, reference_cache = [], {}
     progress = Progress(len(shapes) * len(dtypes) * sum(map(len, impls_by_divergence.values())))
