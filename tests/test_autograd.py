@@ -138,3 +138,18 @@ def test_upstream_gradient_scales_the_result():
         s64 = student.double().requires_grad_()
         (reference.todi_loss(s64, teacher.double(), labels, reduction=reduction) * weight.double()).sum().backward()
         assert_grad_close(s.grad, s64.grad, 2e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_vectorized_jacobian_matches_the_float64_oracle(reduction):
+    # jacobian(vectorize=True) back-propagates a batch of cotangents through
+    # vmap: the backward must scale with batchable ops, not the custom op.
+    student = make_logits((3, 40), torch.float64)
+    teacher = make_logits((3, 40), torch.float64, seed=1)
+    jac = torch.autograd.functional.jacobian(
+        lambda s: todi_ext.todi_loss(s, teacher, reduction=reduction, temperature=2.0), student, vectorize=True
+    )
+    expected = torch.autograd.functional.jacobian(
+        lambda s: reference.todi_loss(s, teacher, reduction=reduction, temperature=2.0), student
+    )
+    torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)

@@ -1,5 +1,9 @@
 """Op registration: opcheck, torch.compile(fullgraph=True), a training step."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +144,65 @@ def test_changing_temperature_and_beta_do_not_recompile():
         torch.testing.assert_close(loss.detach(), expected)
         torch.testing.assert_close(z.grad, expected_grad)
     assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 20 values"
+
+
+def test_compiled_backward_twice_with_retain_graph():
+    # A compiled backward scales the saved gradient with ops Inductor may run
+    # in place; with retain_graph it must keep the saved gradient intact.
+    torch._dynamo.reset()
+    z, s = make_logits((16, 300)).requires_grad_(), make_logits((16, 300), seed=1)
+    step = torch.compile(lambda z, s: 2.0 * todi_ext.todi_loss(z, s, temperature=1.5), fullgraph=True)
+    loss = step(z, s)
+    first = torch.autograd.grad(loss, z, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, z)[0]
+    _, expected, _ = loss_and_grads(lambda z, s, _: 2.0 * todi_ext.todi_loss(z, s, temperature=1.5), z, s)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+
+
+def test_compiled_function_may_return_the_op_gradient_output():
+    # The op's gradient output is also what the backward scales: a compiled
+    # function that returns it must still compile and leave it unscaled.
+    torch._dynamo.reset()
+
+    def fn(z, s):
+        loss, grad, _ = FORWARD(z, s, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", True, False)
+        return 3.0 * loss, grad
+
+    z, s = make_logits((8, 200)).requires_grad_(), make_logits((8, 200), seed=1)
+    loss, grad = torch.compile(fn, fullgraph=True)(z, s)
+    returned = grad.clone()
+    (dz,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(grad, returned, rtol=0, atol=0)
+    torch.testing.assert_close(dz, 3.0 * returned)
+
+
+_PEAK_MEMORY_SCRIPT = """
+import sys, torch, todi_ext
+def rss(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+n, v = 1024, 32000
+z = torch.randn(n, v).requires_grad_()
+s = torch.randn(n, v)
+step = torch.compile(lambda z, s: 2.0 * todi_ext.todi_loss(z, s), fullgraph=True)
+w = torch.randn(n, v).requires_grad_()
+step(w, s).backward()  # compile (and warm up) outside the measurement
+del w
+base = rss("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
+step(z, s).backward()
+print((rss("VmHWM") - base) / (n * v * 4))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read peak memory")
+def test_compiled_step_holds_the_gradient_once():
+    # Eager hands the forward's gradient over as .grad after scaling it in
+    # place; the compiled backward must not hold a second (N, V) copy.
+    # Measured 2048 x 32000 fp32: 250 MiB (one gradient) vs 500 MiB before.
+    # Caches off: a compiled graph cached by another version must not answer.
+    env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    out = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    gradients_held = float(out.stdout.strip().splitlines()[-1])
+    assert gradients_held < 1.5, f"peak extra memory is {gradients_held:.2f} gradients"

@@ -156,19 +156,42 @@ def _tracing(tensors):
     return any(type(t) is not torch.Tensor or is_functional(t) for t in tensors)
 
 
+def _batched(t):
+    """True for a tensor batched by vmap: torch.func's (FuncTorchBatched) or
+    the legacy one of autograd.grad(is_grads_batched=True), which
+    torch.autograd.functional.jacobian(vectorize=True) uses (Batched)."""
+    functorch = torch._C._functorch
+    return functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t)
+
+
+def _scaled_by_aten_ops(saved, grad_loss):
+    """saved * grad_loss (one value, or one per row) as plain ATen pointwise
+    ops, with the op's arithmetic (float32, float64 for float64; one rounding
+    to saved's dtype). Used where the backward is traced or batched: Inductor
+    fuses these into one kernel that can write into the saved gradient's
+    buffer once it is dead (AOTAutograd donates saved tensors nobody else
+    holds), so a compiled step holds the gradient once - and if the saved
+    gradient is still alive (retain_graph, or the caller kept the op's
+    gradient output), Inductor writes a new buffer instead. vmap batches
+    these ops too, which the custom op cannot be."""
+    scale = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(-1)
+    return (saved.to(scale.dtype) * scale).to(saved.dtype)
+
+
 def _distill_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
     if torch.is_grad_enabled():  # backward(create_graph=True)
         raise _double_backward_error()
     nothing = (None,) * 13  # one per schema argument
     if grad_loss is None:  # the loss was not used
         return nothing
-    # The fast path scales the saved gradient in place and hands it over, so
-    # it is never held twice. When the graph is kept (retain_graph=True,
-    # gradcheck, jacobians) the saved gradient must survive, and a traced
-    # graph (torch.compile) may hand the op's outputs to its caller: there,
-    # write the scaled gradient to a new tensor.
+    # Eager, the fast path scales the saved gradient in place and hands it
+    # over, so it is never held twice. When the graph is kept
+    # (retain_graph=True, gradcheck) the saved gradient must survive: the
+    # scaled gradient goes to a new tensor. Traced (torch.compile) or batched
+    # (vmap) backward passes use ATen ops that the compiler may run in place.
     saved = ctx.saved_tensors
-    in_place = not _graph_is_kept() and not _tracing(saved)
+    traced_or_batched = _tracing(saved) or _batched(grad_loss)
+    in_place = not traced_or_batched and not _graph_is_kept()
     outputs = [None, None]
     for i, (name, flag, wanted) in enumerate(
         (("student_logits", "student_grad", ctx.student_grad), ("teacher_logits", "teacher_grad", ctx.teacher_grad))
@@ -177,7 +200,9 @@ def _distill_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_gr
             continue
         if not wanted:
             raise _missing_grad(name, flag)
-        if in_place:
+        if traced_or_batched:
+            outputs[i] = _scaled_by_aten_ops(saved[i], grad_loss)
+        elif in_place:
             scale_grad_(saved[i], grad_loss)
             outputs[i] = saved[i]
         else:
