@@ -85,6 +85,29 @@ T hmax(const Vectorized<T>& v) {
   return best;
 }
 
+// x * (1/T), rounded to acc_t and never fused into the next addition: the
+// AVX2/AVX512 copies are built with -mfma, and GCC contracts a product and
+// a sum of vectors into an FMA, which differs from the rounded product by up
+// to half an ulp of x / T. The empty asm makes the product opaque, at no
+// instruction cost (a blanket -ffp-contract=off measured ~3% slower); the
+// DEFAULT copy has no FMA on x86 and is built with -ffp-contract=off for
+// other targets (CMakeLists.txt).
+template <class acc_t>
+Vectorized<acc_t> scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& inv_t) {
+  Vectorized<acc_t> y = x * inv_t;
+#if defined(__GNUC__) && (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
+#if defined(CPU_CAPABILITY_AVX512)
+  using Raw = std::conditional_t<std::is_same_v<acc_t, float>, __m512, __m512d>;
+#else
+  using Raw = std::conditional_t<std::is_same_v<acc_t, float>, __m256, __m256d>;
+#endif
+  Raw raw = y;
+  asm("" : "+v"(raw));
+  y = Vectorized<acc_t>(raw);
+#endif
+  return y;
+}
+
 // Converts n entries of src (any supported dtype) to acc_t, padding the
 // buffer with -inf up to a whole number of vectors. Returns the padded count.
 template <class acc_t>
@@ -209,7 +232,7 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
       acc_t* x = which == 0 ? c.z : c.s;
       Vec vmax(-std::numeric_limits<acc_t>::infinity());
       for (int64_t i = 0; i < padded; i += Vec::size()) {
-        vmax = at::vec::maximum(vmax, Vec::loadu(x + i) * inv_t);
+        vmax = at::vec::maximum(vmax, scaled(Vec::loadu(x + i), inv_t));
       }
       const acc_t chunk_max = hmax(vmax);
       acc_t chunk_sum = 0;
@@ -217,8 +240,8 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
         const Vec shift(chunk_max);
         Vec vsum(acc_t(0));
         for (int64_t i = 0; i < padded; i += Vec::size()) {
-          // The same fmadd as RowLse::log_prob: both passes form x / T - m alike.
-          vsum = vsum + at::vec::fmadd(Vec::loadu(x + i), inv_t, -shift).exp();
+          // x / T - m as RowLse::log_prob forms it: the max lane gives exp(0).
+          vsum = vsum + (scaled(Vec::loadu(x + i), inv_t) - shift).exp();
         }
         chunk_sum = hsum(vsum);
       }
@@ -228,17 +251,16 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
 }
 
 // A row's log-sum-exp with its two parts kept apart: log p = (x/T - max) -
-// log_sum loses nothing to the magnitude of max. x/T - max is one fmadd,
-// the same call pass 1 makes, so the log-sum-exp and the log-probabilities
-// agree whatever the copy's fmadd rounds (a fused x * (1/T) - lse against a
-// log-sum-exp of rounded products was off by up to half an ulp of x/T:
-// -4.6% at T = 1e-6).
+// log_sum loses nothing to the magnitude of max. x/T is the rounded product
+// x * (1/T) everywhere - pass 1's max and sum and here - so the max lane
+// is exactly 0 after the shift, and the copies agree. (With the product
+// fused into the subtraction, the probabilities were off by up to half an
+// ulp of x/T: -4.6% at T = 1e-6; at T = 1e-10 the max lane's exp(ulp/2)
+// overflowed to NaN rows.)
 template <class acc_t>
 struct RowLse {
   Vectorized<acc_t> inv_t, neg_max, log_sum;
-  Vectorized<acc_t> log_prob(const Vectorized<acc_t>& x) const {
-    return at::vec::fmadd(x, inv_t, neg_max) - log_sum;
-  }
+  Vectorized<acc_t> log_prob(const Vectorized<acc_t>& x) const { return (scaled(x, inv_t) + neg_max) - log_sum; }
 };
 
 // Lanes left out of every sum: a +-inf logit in either input, or one whose

@@ -213,13 +213,14 @@ __device__ __forceinline__ void for_each_entry(const T* z, const T* s, int64_t v
 }
 
 // Pass 1: folds x_k / T (x raw logits) into an online log-sum-exp: one max
-// and one rescale per group, then per entry one FFMA (x * inv_t - ref with the
-// exact product) and one exp. Passes 2-3 form log p = fma(x, inv_t, -max) -
-// log(sum) with the same exact product, so the log-sum-exp and the
-// log-probabilities agree whatever the rounding of x / T (an FMA is not a
-// contraction hazard here: it is the formulation), and max and log(sum) stay
-// apart, so large logits lose nothing to ulp(max). fmax ignores a NaN, but
-// the NaN still reaches the sum through its own term.
+// and one rescale per group, then per entry a multiply, a subtract and an exp.
+// x / T is the rounded product x * inv_t everywhere (mul_rn: nvcc may not
+// fuse it into the subtraction), in the max, in the sum and in passes 2-3's
+// log p = (x * inv_t - max) - log(sum): the max lane is exactly 0 after the
+// shift. With the exact product of an FMA instead, the max lane was off by up
+// to half an ulp of x / T, and at T = 1e-10 exp(ulp / 2) overflowed. max and
+// log(sum) stay apart, so large logits lose nothing to ulp(max). fmax ignores
+// a NaN, but the NaN still reaches the sum through its own term.
 template <class A, int N>
 __device__ __forceinline__ void lse_fold(math::LogSumExp<A>& l, const A (&x)[N], A inv_t) {
   using O = math::Ops<A>;
@@ -227,20 +228,20 @@ __device__ __forceinline__ void lse_fold(math::LogSumExp<A>& l, const A (&x)[N],
 #pragma unroll
   for (int k = 1; k < N; ++k) top = O::max(top, x[k]);
   const A inf = std::numeric_limits<A>::infinity();
-  const A new_max = O::max(l.max, top * inv_t);    // max(x) / T == max(x / T): 1/T > 0
+  const A new_max = O::max(l.max, O::mul_rn(top, inv_t));  // max(x) / T == max(x / T): 1/T > 0
   const A ref = new_max == -inf ? A(0) : new_max;  // all -inf so far: exp(-inf - 0) = 0, not NaN
   A sum = l.sum * O::exp(l.max - ref);
 #pragma unroll
-  for (int k = 0; k < N; ++k) sum += O::exp(O::fma(x[k], inv_t, -ref));
+  for (int k = 0; k < N; ++k) sum += O::exp(O::mul_rn(x[k], inv_t) - ref);
   l.max = new_max;
   l.sum = sum;
 }
 
-// A row's log-sum-exp, its parts kept apart: log prob = fma(x, 1/T, -max) - log_sum.
+// A row's log-sum-exp, its parts kept apart: log prob = (x * inv_t - max) - log_sum.
 template <class A>
 struct RowLse {
   A max, log_sum;
-  __device__ A log_prob(A x, A inv_t) const { return math::Ops<A>::fma(x, inv_t, -max) - log_sum; }
+  __device__ A log_prob(A x, A inv_t) const { return (math::Ops<A>::mul_rn(x, inv_t) - max) - log_sum; }
 };
 
 // The row source of one instantiation: typed (T) or generic (AnyDtype).

@@ -62,10 +62,30 @@ TODI_HOST_DEVICE float fast_recip(float x) {
 #endif
 }
 
+// a * b rounded to F, never fused into a following add: the kernels form
+// x / T as this product everywhere (see RowLse in each backend). nvcc fuses
+// a plain a * b - c into an FMA (the intrinsics below it may not); host
+// code is built with -ffp-contract=off.
+TODI_HOST_DEVICE float rounded_product(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+TODI_HOST_DEVICE double rounded_product(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 template <>
 struct Ops<float> {
   static TODI_HOST_DEVICE float exp(float x) { return fast_exp(x); }
-  static TODI_HOST_DEVICE float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
+  static TODI_HOST_DEVICE float mul_rn(float a, float b) { return rounded_product(a, b); }
   static TODI_HOST_DEVICE float recip(float x) { return fast_recip(x); }
   static TODI_HOST_DEVICE float log(float x) { return ::logf(x); }
   static TODI_HOST_DEVICE float log1p(float x) { return ::log1pf(x); }
@@ -78,7 +98,7 @@ struct Ops<float> {
 template <>
 struct Ops<double> {
   static TODI_HOST_DEVICE double exp(double x) { return ::exp(x); }
-  static TODI_HOST_DEVICE double fma(double a, double b, double c) { return ::fma(a, b, c); }
+  static TODI_HOST_DEVICE double mul_rn(double a, double b) { return rounded_product(a, b); }
   static TODI_HOST_DEVICE double recip(double x) { return 1.0 / x; }
   static TODI_HOST_DEVICE double log(double x) { return ::log(x); }
   static TODI_HOST_DEVICE double log1p(double x) { return ::log1p(x); }
