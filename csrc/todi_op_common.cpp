@@ -148,14 +148,37 @@ math::Divergence parse_divergence(c10::string_view name, double skew_lambda, dou
   return kind;
 }
 
+void check_label_weights(const RowsView& view, int64_t ignore_index, double soft_label_weight,
+                         double hard_label_weight) {
+  TORCH_CHECK_VALUE(std::isfinite(soft_label_weight), "soft_label_weight must be finite, got ", soft_label_weight);
+  TORCH_CHECK_VALUE(std::isfinite(hard_label_weight), "hard_label_weight must be finite, got ", hard_label_weight);
+  if (hard_label_weight == 0) return;
+  TORCH_CHECK_VALUE(view.labels.defined(), "hard_label_weight = ", hard_label_weight,
+                    " needs labels (the cross-entropy's targets), got labels=None");
+  // Where the labels are in CPU memory, check them; on a GPU that would
+  // sync, and the kernel makes a row with an out-of-range label NaN instead.
+  if (view.labels.device().is_cpu() && view.labels.numel() > 0) {
+    const at::Tensor& l = view.labels;
+    const at::Tensor bad = l.ne(ignore_index).logical_and_(l.lt(0).logical_or_(l.ge(view.vocab)));
+    if (bad.any().item<bool>()) {
+      const int64_t first = bad.nonzero()[0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "labels must be in [0, ", view.vocab, ") or equal ignore_index (", ignore_index,
+                        ") for the hard-label cross-entropy, got ", l[first].item<int64_t>(), " at position ", first);
+    }
+  }
+}
+
 ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                              const std::optional<at::Tensor>& labels, c10::string_view divergence,
                              const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
                              const at::Tensor& inv_temperature,
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
-                             bool teacher_grad) {
+                             bool teacher_grad, double soft_label_weight, double hard_label_weight) {
   ForwardSetup setup;
   setup.view = check_forward_args(student_logits, teacher_logits, labels);
+  check_label_weights(setup.view, ignore_index, soft_label_weight, hard_label_weight);
+  setup.soft_label_weight = soft_label_weight;
+  setup.hard_label_weight = hard_label_weight;
   check_scalar_tensor("beta", beta, student_logits.device());
   check_scalar_tensor("inv_temperature", inv_temperature, student_logits.device());
   check_scalar_values(beta, inv_temperature);
@@ -186,6 +209,8 @@ ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index) {
   p.divergence_params = setup.divergence_params;
   p.inv_temperature = setup.inv_temperature.const_data_ptr<double>();
   p.beta = setup.beta.const_data_ptr<double>();
+  p.soft_weight = setup.soft_label_weight;
+  p.hard_weight = setup.hard_label_weight;
   p.double_math = setup.per_position.scalar_type() == at::kDouble;
   p.loss = setup.per_position.mutable_data_ptr();
   p.grad_scale = setup.plan.grad_scale.defined() ? setup.plan.grad_scale.const_data_ptr() : nullptr;

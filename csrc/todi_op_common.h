@@ -79,6 +79,8 @@ struct ForwardSetup {
   at::Tensor grad_teacher;
   at::Tensor beta;             // 0-dim float64, read by the kernels
   at::Tensor inv_temperature;  // likewise
+  double soft_label_weight = 1.0;
+  double hard_label_weight = 0.0;
 };
 
 ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -86,7 +88,11 @@ ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor&
                              const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
                              const at::Tensor& inv_temperature,
                              int64_t ignore_index, c10::string_view reduction, bool student_grad,
-                             bool teacher_grad);
+                             bool teacher_grad, double soft_label_weight, double hard_label_weight);
+
+// soft/hard_label_weight finite; hard != 0 needs labels in [0, V) (checked where they are in CPU memory).
+void check_label_weights(const RowsView& view, int64_t ignore_index, double soft_label_weight,
+                         double hard_label_weight);
 
 // The forward kernel's parameters for a prepared call.
 ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index);

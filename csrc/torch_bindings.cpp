@@ -24,11 +24,14 @@ TORCH_LIBRARY(todi_ext, m) {
   // place in backward. beta and inv_temperature (1 / T) are 0-dim float64
   // tensors on the logits' device, read by the kernels: values users sweep
   // or schedule do not specialise a torch.compile graph, and nothing syncs.
+  // With hard_label_weight != 0 the loss is soft_label_weight * divergence
+  // + hard_label_weight * cross_entropy(student_logits at T = 1, labels),
+  // computed in the same pass.
   m.def(
       "distill_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
       "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
-      "str reduction, "
-      "bool student_grad, bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+      "str reduction, bool student_grad, bool teacher_grad, float soft_label_weight=1.0, "
+      "float hard_label_weight=0.0) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of distill_forward. scale is a scalar (0-dim) or one value per row; rows
   // whose scale is exactly 1 are not touched, so the usual loss.backward()

@@ -23,12 +23,15 @@ def runnable(capability):
 
 
 @pytest.mark.parametrize("capability", ORDER)
-def test_parity_under_each_cpu_kernel_copy(capability):
+def test_parity_under_each_cpu_kernel_copy(capability, tmp_path):
     if not runnable(capability):
         pytest.skip(f"this CPU or build does not run the {capability} copy")
     if capability == todi_ext.build_info()["cpu_capability"].lower():
         pytest.skip("the copy this machine picks runs in the main test session")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    # Inductor's cache is not keyed on ATEN_CPU_CAPABILITY: code compiled for
+    # one copy, loaded under another, crashed (measured with torch 2.14.1).
+    # Each copy's run gets its own cache.
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     probe = subprocess.run([sys.executable, "-c", "import todi_ext; print(todi_ext.build_info()['cpu_capability'])"],
                            env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip().lower() == capability

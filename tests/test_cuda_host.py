@@ -64,12 +64,13 @@ def harness():
 
 
 def host_forward(h, z, s, labels, divergence, variant="cached", parts=1, threads=64, blocks=2, teacher_grad=True,
-                 reduction="none", **params):
+                 reduction="none", temperature=KW["temperature"], soft_label_weight=1.0, hard_label_weight=0.0,
+                 **params):
     p = dict(beta=1.0, skew_lambda=0.1, akl_mu=0.5, jsd_beta=0.5)
     p.update(params)
     return h.distill_forward(z, s, labels, divergence, p["beta"], p["skew_lambda"], p["akl_mu"], p["jsd_beta"],
-                             KW["temperature"], KW["ignore_index"], reduction, True, teacher_grad, variant, threads,
-                             blocks, parts)
+                             temperature, KW["ignore_index"], reduction, True, teacher_grad, variant, threads,
+                             blocks, parts, soft_label_weight, hard_label_weight)
 
 
 def oracle(z, s, labels, divergence, reduction="none", **params):
@@ -233,8 +234,39 @@ def test_as_accurate_as_the_best_float32_formulation(harness, variant, parts, sc
     best = reference.distill_loss(zf, s, **kw)
     best.sum().backward()
     loss, grad, _ = harness.distill_forward(z, s, None, "todi", 1.0, 0.1, 0.5, 0.5, temperature, -100, "none",
-                                            True, False, variant, 64, 2, parts)
+                                            True, False, variant, 64, 2, parts, 1.0, 0.0)
     best_loss_err = float((best.detach().double() - ref.detach()).abs().max())
     best_grad_err = float((zf.grad.double() - zd.grad).norm())
     assert float((loss.double() - ref.detach()).abs().max()) <= 4 * best_loss_err + 1e-6 * float(ref.detach().abs().max())
     assert float((grad.double() - zd.grad).norm()) <= 4 * best_grad_err + 1e-6 * float(zd.grad.norm())
+
+
+@pytest.mark.parametrize("variant,parts", VARIANTS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", ["todi", "fkl", "akl"])
+def test_hard_label_cross_entropy_in_the_same_pass(harness, divergence, dtype, temperature, variant, parts):
+    # 0.5 CE (T = 1) + 0.5 divergence (T): the CE's log-sum-exp is pass 1's
+    # at T = 1 and a third one otherwise; its one-hot gradient is written by
+    # the block whose slice holds the label (labels near both ends too).
+    z, s = make_logits((5, 1003), dtype, seed=4), make_logits((5, 1003), dtype, seed=5)
+    labels = torch.tensor([0, -100, 1002, 517, 3])
+    weights = dict(hard_label_weight=0.5, soft_label_weight=0.5)
+    for reduction in ("none", "mean"):
+        got = host_forward(harness, z, s, labels, divergence, variant, parts, reduction=reduction,
+                           temperature=temperature, **weights)
+        zd, sd = z.double().requires_grad_(), s.double().requires_grad_()
+        ref = reference.distill_loss(zd, sd, labels, divergence=divergence, reduction=reduction,
+                                     temperature=temperature, ignore_index=-100, **weights)
+        ref.sum().backward()
+        assert_matches(got, (ref.detach(), zd.grad, sd.grad), dtype)
+
+
+@pytest.mark.parametrize("variant,parts", VARIANTS)
+def test_hard_label_outside_the_vocabulary_gives_a_nan_row(harness, variant, parts):
+    # The CUDA op cannot check labels without a host sync: the row is NaN.
+    z, s = make_logits((3, 300)), make_logits((3, 300), seed=1)
+    labels = torch.tensor([5, 300, -7])
+    loss, grad, _ = host_forward(harness, z, s, labels, "todi", variant, parts, hard_label_weight=1.0)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()

@@ -46,9 +46,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(const at::Ten
                                                                 c10::string_view divergence, const at::Tensor& beta,
                                                                 double skew_lambda, double akl_mu, double jsd_beta, const at::Tensor& inv_temperature,
                                                                 int64_t ignore_index, c10::string_view reduction,
-                                                                bool student_grad, bool teacher_grad) {
+                                                                bool student_grad, bool teacher_grad,
+                                                                double soft_label_weight, double hard_label_weight) {
   const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
-                                             ignore_index, reduction, student_grad, teacher_grad);
+                                             ignore_index, reduction, student_grad, teacher_grad, soft_label_weight,
+                                             hard_label_weight);
   if (setup.view.rows > 0) kernels().forward(forward_params(setup, ignore_index));
   return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }

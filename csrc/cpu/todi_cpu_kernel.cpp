@@ -218,21 +218,25 @@ struct RowScratch {
   }
 };
 
-// Pass 1: log-sum-exp of z/T and s/T over the row.
+// Pass 1: log-sum-exp of z/T and s/T over the row, and with lse_z1 that of
+// z itself (the hard-label cross-entropy's, when T != 1).
 template <class acc_t>
-void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
-                      math::LogSumExp<double>& lse_z, math::LogSumExp<double>& lse_s) {
+void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, math::LogSumExp<double>& lse_z,
+                      math::LogSumExp<double>& lse_s, math::LogSumExp<double>* lse_z1) {
   using Vec = Vectorized<acc_t>;
   const Vec inv_t(static_cast<acc_t>(*p.inv_temperature));
+  const Vec one(acc_t(1));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
     const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
     load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
-    for (int which = 0; which < 2; ++which) {
-      acc_t* x = which == 0 ? c.z : c.s;
+    for (int which = 0; which < 3; ++which) {
+      if (which == 2 && lse_z1 == nullptr) break;
+      acc_t* x = which == 1 ? c.s : c.z;
+      const Vec scale = which == 2 ? one : inv_t;
       Vec vmax(-std::numeric_limits<acc_t>::infinity());
       for (int64_t i = 0; i < padded; i += Vec::size()) {
-        vmax = at::vec::maximum(vmax, scaled(Vec::loadu(x + i), inv_t));
+        vmax = at::vec::maximum(vmax, scaled(Vec::loadu(x + i), scale));
       }
       const acc_t chunk_max = hmax(vmax);
       acc_t chunk_sum = 0;
@@ -241,11 +245,11 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c,
         Vec vsum(acc_t(0));
         for (int64_t i = 0; i < padded; i += Vec::size()) {
           // x / T - m as RowLse::log_prob forms it: the max lane gives exp(0).
-          vsum = vsum + (scaled(Vec::loadu(x + i), inv_t) - shift).exp();
+          vsum = vsum + (scaled(Vec::loadu(x + i), scale) - shift).exp();
         }
         chunk_sum = hsum(vsum);
       }
-      (which == 0 ? lse_z : lse_s).merge(chunk_max, chunk_sum);
+      (which == 0 ? lse_z : which == 1 ? lse_s : *lse_z1).merge(chunk_max, chunk_sum);
     }
   }
 }
@@ -371,23 +375,42 @@ void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Ro
   math::set_akl_weights(static_cast<acc_t>(head_sum), static_cast<acc_t>(tail_sum), prm);
 }
 
-// grad = (weight - prob * sum(weight)) / T over one row, stored in out's dtype.
+// hard_weight * d CE / dz for one student row: hard_weight * (softmax(z) - onehot(label)).
+template <class acc_t>
+struct HardLabelGrad {
+  bool on = false;
+  int64_t label = 0;
+  acc_t weight = 0;         // hard_weight times the reduction's factor
+  bool probs_are_q = true;  // T == 1: softmax(z) is the q already in the scratch
+  acc_t neg_max = 0, log_sum = 0;  // else: z's own log-sum-exp
+};
+
+// grad = soft_weight * (weight - prob * sum(weight)) / T (+ the hard-label
+// term) over one row, stored in out's dtype.
 template <class acc_t>
 void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, const ForwardParams& p,
-                    const OutMatrix& out, int64_t out_offset, acc_t* buffer) {
+                    const OutMatrix& out, int64_t out_offset, RowChunk<acc_t>& c, int64_t row,
+                    const HardLabelGrad<acc_t>& hard) {
   using Vec = Vectorized<acc_t>;
-  // 1/T, times the reduction's factor (1/count for "mean").
+  // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
   const acc_t scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
-  const Vec inv_t(static_cast<acc_t>(*p.inv_temperature) * scale);
+  const Vec inv_t(static_cast<acc_t>(*p.inv_temperature) * scale * static_cast<acc_t>(p.soft_weight));
   const Vec sum_v(weight_sum);
+  const Vec hard_w(hard.weight * scale), neg_max(hard.neg_max), log_sum(hard.log_sum);
   const int64_t elem = c10::elementSize(out.dtype);
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
+    if (hard.on && !hard.probs_are_q) load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
     for (int64_t i = 0; i < n; i += Vec::size()) {
-      math::log_softmax_grad(Vec::loadu(weight + start + i), Vec::loadu(prob + start + i), sum_v, inv_t)
-          .store(buffer + i);
+      Vec g = math::log_softmax_grad(Vec::loadu(weight + start + i), Vec::loadu(prob + start + i), sum_v, inv_t);
+      if (hard.on) {
+        const Vec probs = hard.probs_are_q ? Vec::loadu(prob + start + i) : ((Vec::loadu(c.z + i) + neg_max) - log_sum).exp();
+        g = g + hard_w * probs;
+      }
+      g.store(c.grad + i);
     }
-    store_chunk(buffer, n, static_cast<char*>(out.data) + (out_offset + start) * elem, out.dtype);
+    if (hard.on && hard.label >= start && hard.label < start + n) c.grad[hard.label - start] -= hard.weight * scale;
+    store_chunk(c.grad, n, static_cast<char*>(out.data) + (out_offset + start) * elem, out.dtype);
   }
 }
 
@@ -407,8 +430,13 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   }
 
   // Chunk results merged in double (the blocked sum), rounded once at the end.
-  math::LogSumExp<double> lse_z, lse_s;
-  row_log_sum_exps(p, row, c, lse_z, lse_s);
+  // The hard-label cross-entropy needs z's own log-sum-exp: lse_z's when T = 1.
+  const bool hard = p.hard_weight != 0;
+  const bool unit_t = *p.inv_temperature == 1.0;
+  math::LogSumExp<double> lse_z, lse_s, lse_z1;
+  row_log_sum_exps(p, row, c, lse_z, lse_s, hard && !unit_t ? &lse_z1 : nullptr);
+  if (hard && unit_t) lse_z1 = lse_z;
+  const double log_sum_z1 = hard ? std::log(lse_z1.sum) : 0.0;
   const double log_sum_z = std::log(lse_z.sum), log_sum_s = std::log(lse_s.sum);
   if (!math::is_finite(lse_z.max + log_sum_z) || !math::is_finite(lse_s.max + log_sum_s)) {
     // NaN, +inf, or a row that is all -inf: the distribution is undefined.
@@ -452,11 +480,28 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     u_sum += hsum(u_acc);
     v_sum += hsum(v_acc);
   }
-  *loss_out = static_cast<acc_t>(loss_sum);
+  HardLabelGrad<acc_t> hard_grad;
+  double cross_entropy = 0;
+  if (hard) {
+    // The host checked 0 <= label < vocab (and not ignore_index: skipped above).
+    const int64_t label = p.labels[row];
+    alignas(64) acc_t z_label[Vectorized<acc_t>::size()];  // load_chunk pads to a whole vector
+    load_chunk(row_ptr(p.student, row, label), p.student.dtype, 1, z_label);
+    // log sum exp(z) - z_label, with max and log(sum) kept apart.
+    cross_entropy = log_sum_z1 - (static_cast<double>(z_label[0]) - lse_z1.max);
+    hard_grad = {true, label, static_cast<acc_t>(p.hard_weight), unit_t, static_cast<acc_t>(-lse_z1.max),
+                 static_cast<acc_t>(log_sum_z1)};
+  }
+  *loss_out = static_cast<acc_t>(p.soft_weight * loss_sum + p.hard_weight * cross_entropy);
 
   // Pass 3: gradients from the scratch.
-  if (want_gs) write_grad_row(scratch.u, scratch.q, static_cast<acc_t>(u_sum), p, p.grad_student, out_offset, c.grad);
-  if (want_gt) write_grad_row(scratch.v, scratch.p, static_cast<acc_t>(v_sum), p, p.grad_teacher, out_offset, c.grad);
+  if (want_gs) {
+    write_grad_row(scratch.u, scratch.q, static_cast<acc_t>(u_sum), p, p.grad_student, out_offset, c, row, hard_grad);
+  }
+  if (want_gt) {
+    write_grad_row(scratch.v, scratch.p, static_cast<acc_t>(v_sum), p, p.grad_teacher, out_offset, c, row,
+                   HardLabelGrad<acc_t>{});
+  }
 }
 
 // Rows per parallel task: enough entries (~32k) that scheduling is noise.

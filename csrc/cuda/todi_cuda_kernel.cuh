@@ -428,6 +428,11 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   // Invalid scalars from a direct op call (not checked on the host: that would
   // sync) make every counted row NaN instead of a wrong number.
   const bool scalars_ok = inv_t > A(0) && math::is_finite(inv_t) && math::is_finite(beta);
+  // The hard-label cross-entropy (hard_weight != 0) needs z's own log-sum-exp:
+  // lse_z's when T = 1, else a third one in pass 1.
+  const bool hard = args.hard_weight != 0;
+  const bool unit_t = *args.inv_temperature == 1.0;
+  const bool need_z1 = hard && !unit_t;
 
   // This block's part of each row: all of it, or with kCluster the rank-th slice.
   int64_t parts = 1, rank = 0;
@@ -477,7 +482,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     }
 
     // Pass 1: per-thread online log-sum-exps; the row cache is filled on the way.
-    Lse lse_z, lse_s;
+    Lse lse_z, lse_s, lse_z1;
     if constexpr (kTyped) {
       constexpr int kVec = 16 / sizeof(T);
       T* cz = kCacheRow ? cache_copy(row_cache, global_row.z) : nullptr;
@@ -502,6 +507,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
             }
             lse_fold(lse_z, zs, inv_t);
             lse_fold(lse_s, ss, inv_t);
+            if (need_z1) lse_fold(lse_z1, zs, A(1));
           },
           [&](int64_t i, T z, T s) {
             if constexpr (kCacheRow) {
@@ -511,19 +517,29 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
             const A zs[1] = {Elem<T>::template load<A>(z)}, ss[1] = {Elem<T>::template load<A>(s)};
             lse_fold(lse_z, zs, inv_t);
             lse_fold(lse_s, ss, inv_t);
+            if (need_z1) lse_fold(lse_z1, zs, A(1));
           });
     } else {
       global_row.for_each(vocab, [&](int64_t, A z, A s) {
         const A zs[1] = {z}, ss[1] = {s};
         lse_fold(lse_z, zs, inv_t);
         lse_fold(lse_s, ss, inv_t);
+        if (need_z1) lse_fold(lse_z1, zs, A(1));
       });
     }
     row_merge(lse_z, lse_s);  // also orders the cache writes before the reads below
+    if (need_z1) {
+      Lse unused;
+      row_merge(lse_z1, unused);
+    }
     const RowLse<A> lz{lse_z.max, math::Ops<A>::log(lse_z.sum)};
     const RowLse<A> ls{lse_s.max, math::Ops<A>::log(lse_s.sum)};
+    const RowLse<A> lz1 = need_z1 ? RowLse<A>{lse_z1.max, math::Ops<A>::log(lse_z1.sum)} : lz;
+    const int64_t label = hard ? args.labels[row] : 0;
+    const bool label_ok = !hard || (label >= 0 && label < args.vocab);  // not checked on the host (a sync)
 
-    if (!scalars_ok || !math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum)) {  // NaN row
+    if (!scalars_ok || !label_ok || !math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum) ||
+        !math::is_finite(lz1.max + lz1.log_sum)) {  // NaN row
       const A nan = std::numeric_limits<A>::quiet_NaN();
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
@@ -573,14 +589,32 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       sums[2] += t.v;
     });
     row_sum(sums);
-    if (threadIdx.x == 0 && rank == 0) *loss_out = sums[0];
+    // The student's own logit at the label, for the cross-entropy and its gradient's fix-up.
+    const A z_label = hard ? load_any<A>(args.student.data, args.student.dtype,
+                                         args.student.layout.row_offset(row) + label)
+                           : A(0);
+    if (threadIdx.x == 0 && rank == 0) {
+      A loss = static_cast<A>(args.soft_weight) * sums[0];
+      // log sum exp(z) - z_label, with max and log(sum) kept apart.
+      if (hard) loss += static_cast<A>(args.hard_weight) * (lz1.log_sum - (z_label - lz1.max));
+      *loss_out = loss;
+    }
 
     // Pass 3: gradients.
     if (args.grad_student.data || args.grad_teacher.data) {
       const A u_sum = sums[1];
       const A v_sum = sums[2];
-      // 1/T, times the reduction's factor (1/count for "mean").
-      const A grad_t = args.grad_scale ? inv_t * *static_cast<const A*>(args.grad_scale) : inv_t;
+      // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
+      const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
+      const A grad_t = inv_t * reduction_scale * static_cast<A>(args.soft_weight);
+      const A hard_t = static_cast<A>(args.hard_weight) * reduction_scale;
+      // d loss / dz: the divergence's part, plus hard_weight * softmax(z) (the
+      // one-hot part is fixed up below, at the label only).
+      auto student_grad = [&](const math::EntryTerms<A>& t, A z) {
+        A g = math::log_softmax_grad(t.u, t.q, u_sum, grad_t);
+        if (hard) g += hard_t * (unit_t ? t.q : math::Ops<A>::exp((math::Ops<A>::mul_rn(z, A(1)) - lz1.max) - lz1.log_sum));
+        return g;
+      };
       if constexpr (kTyped) {
         // 16-byte stores where the output row shares the input row's misalignment (then its
         // vectors line up with the input's), scalar stores otherwise.
@@ -600,8 +634,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
               T* gs = reinterpret_cast<T*>(&gsw);
 #pragma unroll
               for (int k = 0; k < kVec; ++k) {
-                const auto t = terms(Elem<T>::template load<A>(ze[k]), Elem<T>::template load<A>(se[k]));
-                if (out_z) gz[k] = Elem<T>::from(math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
+                const A z = Elem<T>::template load<A>(ze[k]);
+                const auto t = terms(z, Elem<T>::template load<A>(se[k]));
+                if (out_z) gz[k] = Elem<T>::from(student_grad(t, z));
                 if (out_s) gs[k] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
               }
               if (out_z) {
@@ -622,22 +657,34 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
               }
             },
             [&](int64_t i, T z, T s) {
-              const auto t = terms(Elem<T>::template load<A>(z), Elem<T>::template load<A>(s));
-              if (out_z) out_z[i] = Elem<T>::from(math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
+              const A za = Elem<T>::template load<A>(z);
+              const auto t = terms(za, Elem<T>::template load<A>(s));
+              if (out_z) out_z[i] = Elem<T>::from(student_grad(t, za));
               if (out_s) out_s[i] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
             });
       } else {
         walk([&](int64_t i, A z, A s) {
           const auto t = terms(z, s);
           if (args.grad_student.data) {
-            global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i,
-                             math::log_softmax_grad(t.u, t.q, u_sum, grad_t));
+            global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, student_grad(t, z));
           }
           if (args.grad_teacher.data) {
             global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i,
                              math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
           }
         });
+      }
+      if (hard && args.grad_student.data) {
+        // The one-hot part of the cross-entropy's gradient, -hard_t at the
+        // label: its entry is rewritten by the block whose slice holds it, once
+        // the block's stores above are visible to this thread.
+        __syncthreads();
+        if (threadIdx.x == 0 && label >= lo && label < lo + vocab) {
+          const A s_label = load_any<A>(args.teacher.data, args.teacher.dtype, args.teacher.layout.row_offset(row) + label);
+          const auto t = terms(z_label, s_label);
+          global_row.store(args.grad_student.data, args.grad_student.dtype, row * args.vocab + label,
+                           student_grad(t, z_label) - hard_t);
+        }
       }
     }
     if constexpr (kCacheRow) __syncthreads();  // the next row overwrites the cache

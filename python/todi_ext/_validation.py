@@ -140,6 +140,31 @@ DIVERGENCES = {
 PARAM_DEFAULTS = {"beta": 1.0, "skew_lambda": 0.1, "akl_mu": 0.5, "jsd_beta": 0.5}
 
 
+def check_label_weights(soft_label_weight, hard_label_weight, labels=None, *, with_labels=True):
+    """Weights of the divergence and of the hard-label cross-entropy; the
+    cross-entropy needs labels (with_labels=False: not known yet)."""
+    _check_real("soft_label_weight", soft_label_weight)
+    _check_real("hard_label_weight", hard_label_weight)
+    if with_labels and hard_label_weight != 0 and labels is None:
+        raise ValueError(
+            f"hard_label_weight={hard_label_weight} needs labels (the cross-entropy's targets), got labels=None"
+        )
+
+
+def check_label_range(labels, vocab, ignore_index):
+    """Labels in [0, V) or ignore_index, checked where that costs no host
+    sync (CPU tensors); on a GPU the kernel makes such a row NaN."""
+    if labels is None or labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or equal ignore_index ({ignore_index}) for the hard-label "
+            f"cross-entropy, got {value}"
+        )
+
+
 def check_divergence(divergence, **params):
     """Checks the divergence name and that only its own parameters differ from their defaults."""
     if divergence not in DIVERGENCES:

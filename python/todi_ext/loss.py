@@ -21,6 +21,8 @@ def distill_loss(
     skew_lambda: float = 0.1,
     akl_mu: float = 0.5,
     jsd_beta: float = 0.5,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
 ) -> Tensor:
     """A distillation divergence between student and teacher next-token logits, fused.
 
@@ -34,10 +36,21 @@ def distill_loss(
     (1 - jsd_beta) q, jsd_beta in (0, 1)). A parameter that does not apply to the divergence must
     keep its default. Masking, reduction, temperature, dtypes and gradients
     as in :func:`todi_loss`; see docs/divergences.md for the formulas.
+
+    hard_label_weight, soft_label_weight: the loss is soft_label_weight *
+    divergence + hard_label_weight * cross_entropy(student_logits at T = 1,
+    labels), both in the same kernel pass and reduced alike ("mean": over the
+    counted positions). The paper's objective is hard_label_weight=0.5,
+    soft_label_weight=0.5, temperature=2. A nonzero hard_label_weight needs
+    labels in [0, V) (or ignore_index): checked for CPU tensors; on CUDA,
+    where checking would sync, a position with such a label gets a NaN loss.
     """
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
     _validation.check_no_functorch(student_logits, teacher_logits)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
+    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+    if hard_label_weight != 0:
+        _validation.check_label_range(labels, student_logits.shape[-1], ignore_index)
     kernel_divergence = _validation.DIVERGENCES[divergence][0]
     grad_on = torch.is_grad_enabled()
     loss, _, _ = ops.distill_forward(
@@ -54,6 +67,8 @@ def distill_loss(
         reduction,
         grad_on and student_logits.requires_grad,
         grad_on and teacher_logits.requires_grad,
+        float(soft_label_weight),
+        float(hard_label_weight),
     )
     return loss
 
@@ -67,6 +82,8 @@ def todi_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
 ) -> Tensor:
     """ToDi distillation loss between student and teacher next-token logits.
 
@@ -81,6 +98,9 @@ def todi_loss(
         temperature: both logits are divided by it; no T^2 factor is applied.
         reduction: "mean" (over counted positions; 0 when none counts),
             "sum", or "none" (one value per position, 0 where skipped).
+        hard_label_weight, soft_label_weight: soft_label_weight * ToDi +
+            hard_label_weight * cross-entropy of the student at T = 1 against
+            labels, in one pass (see :func:`distill_loss`).
 
     Returns:
         float32 (float64 for float64 inputs): a scalar, or shape (...) for "none".
@@ -98,6 +118,8 @@ def todi_loss(
         temperature=temperature,
         ignore_index=ignore_index,
         reduction=reduction,
+        hard_label_weight=hard_label_weight,
+        soft_label_weight=soft_label_weight,
     )
 
 
@@ -106,11 +128,13 @@ class DistillLoss(torch.nn.Module):
 
     def __init__(self, divergence: str = "todi", *, temperature: float = 1.0, ignore_index: int = -100,
                  reduction: str = "mean", beta: float = 1.0, skew_lambda: float = 0.1, akl_mu: float = 0.5,
-                 jsd_beta: float = 0.5):
+                 jsd_beta: float = 0.5, hard_label_weight: float = 0.0, soft_label_weight: float = 1.0):
         super().__init__()
         _validation.check_scalars(beta, temperature, ignore_index, reduction)
         self.params = dict(beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
         _validation.check_divergence(divergence, **self.params)
+        _validation.check_label_weights(soft_label_weight, hard_label_weight, with_labels=False)
+        self.label_weights = dict(hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight)
         self.divergence = divergence
         self.temperature = temperature
         self.ignore_index = ignore_index
@@ -126,17 +150,21 @@ class DistillLoss(torch.nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             **self.params,
+            **self.label_weights,
         )
 
     def extra_repr(self) -> str:
         return (
             f"divergence={self.divergence!r}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, " + ", ".join(f"{k}={v}" for k, v in self.params.items())
+            f"reduction={self.reduction!r}, "
+            + ", ".join(f"{k}={v}" for k, v in {**self.params, **self.label_weights}.items())
         )
 
 
 class ToDiLoss(DistillLoss):
     """Module form of :func:`todi_loss`: ``ToDiLoss(...)(student_logits, teacher_logits, labels)``."""
 
-    def __init__(self, *, beta: float = 1.0, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean"):
-        super().__init__("todi", beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction)
+    def __init__(self, *, beta: float = 1.0, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
+                 hard_label_weight: float = 0.0, soft_label_weight: float = 1.0):
+        super().__init__("todi", beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                         hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight)

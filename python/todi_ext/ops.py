@@ -35,6 +35,8 @@ def distill_forward(
     reduction: str,
     student_grad: bool,
     teacher_grad: bool,
+    soft_label_weight: float = 1.0,
+    hard_label_weight: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The reduced loss and, when the flags ask, d(loss)/d(student_logits) and
     d(loss)/d(teacher_logits) for an upstream gradient of 1 (else empty tensors).
@@ -45,6 +47,7 @@ def distill_forward(
     return torch.ops.todi_ext.distill_forward.default(
         student_logits, teacher_logits, labels, divergence, scalar_tensor(beta, student_logits), skew_lambda, akl_mu,
         jsd_beta, scalar_tensor(1.0 / temperature, student_logits), ignore_index, reduction, student_grad, teacher_grad,
+        soft_label_weight, hard_label_weight,
     )
 
 
@@ -68,9 +71,10 @@ def scale_grad_(grad: Tensor, scale: Tensor) -> None:
 @torch.library.register_fake("todi_ext::distill_forward")
 def _distill_forward_fake(
     student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
-    ignore_index, reduction, student_grad, teacher_grad,
+    ignore_index, reduction, student_grad, teacher_grad, soft_label_weight=1.0, hard_label_weight=0.0,
 ):
     _validation.check_logits(student_logits, teacher_logits)
+    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
     _validation.check_labels(labels, student_logits)
     _validation.check_reduction(reduction)
     for name, t in (("beta", beta), ("inv_temperature", inv_temperature)):
@@ -181,7 +185,7 @@ def _scaled_by_aten_ops(saved, grad_loss):
 def _distill_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
     if torch.is_grad_enabled():  # backward(create_graph=True)
         raise _double_backward_error()
-    nothing = (None,) * 13  # one per schema argument
+    nothing = (None,) * 15  # one per schema argument
     if grad_loss is None:  # the loss was not used
         return nothing
     # Eager, the fast path scales the saved gradient in place and hands it

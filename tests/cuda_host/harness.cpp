@@ -61,13 +61,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const std::string& divergence, double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature,
     int64_t ignore_index, const std::string& reduction, bool student_grad, bool teacher_grad,
-    const std::string& variant, int64_t threads, int64_t blocks, int64_t parts) {
+    const std::string& variant, int64_t threads, int64_t blocks, int64_t parts, double soft_label_weight,
+    double hard_label_weight) {
   const auto scalar = [](double v) { return at::full({}, v, at::TensorOptions().dtype(at::kDouble)); };
   const auto setup = todi_ext::prepare_forward(student, teacher, labels, divergence, scalar(beta), skew_lambda, akl_mu,
                                                jsd_beta, scalar(1.0 / temperature), ignore_index, reduction,
-                                               student_grad, teacher_grad);
+                                               student_grad, teacher_grad, soft_label_weight, 0.0);
   if (setup.view.rows > 0) {
-    const ForwardParams args = todi_ext::forward_params(setup, ignore_index);
+    ForwardParams args = todi_ext::forward_params(setup, ignore_index);
+    // Set after the checks: the CUDA op cannot range-check labels in device
+    // memory, so the harness lets out-of-range labels reach the kernel too.
+    args.hard_weight = hard_label_weight;
     const Launch l{variant, static_cast<unsigned>(threads), static_cast<unsigned>(blocks), static_cast<unsigned>(parts)};
     todi_ext::dispatch_divergence(args.divergence, [&](auto d) {
       launch_divergence<decltype(d)::value>(args, student.scalar_type(), teacher.scalar_type(), l);

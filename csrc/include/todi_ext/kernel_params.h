@@ -37,6 +37,11 @@ struct ForwardParams {
   math::DivergenceParams divergence_params;
   const double* inv_temperature = nullptr;  // 1 / T, one value in the logits' memory (device for CUDA)
   const double* beta = nullptr;             // ToDi's sharpness, likewise; read into DivergenceParams::beta
+  // loss = soft_weight * divergence + hard_weight * cross_entropy(z at T = 1,
+  // label), in the same pass (hard_weight != 0 needs labels; a label outside
+  // [0, vocab) makes its row NaN on CUDA, where checking would sync).
+  double soft_weight = 1.0;
+  double hard_weight = 0.0;
   bool double_math = false;          // accumulate in float64 (float64 inputs)
   void* loss = nullptr;              // (rows,) per-position losses, float32 (float64 with double_math)
   const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
