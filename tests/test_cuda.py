@@ -312,3 +312,28 @@ def test_mixed_devices_are_rejected():
         torch.ops.todi_ext.distill_forward(student, make_logits((3, 10)), None, "todi", _s(1.0, "cuda"), 0.1, 0.5, 0.5, _s(1.0, "cuda"), -100, "mean", False, False)
     with pytest.raises(ValueError, match="teacher_logits is on cuda"):  # CPU student: the CUDA kernel may run
         torch.ops.todi_ext.distill_forward(make_logits((3, 10)), student, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False)
+
+
+@pytest.mark.parametrize("divergence", ["todi", "fkl", "akl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("vocab", [4096, 128256])
+def test_hard_label_cross_entropy_matches_reference(divergence, dtype, temperature, vocab):
+    student, teacher = cuda(make_logits((5, vocab), dtype), make_logits((5, vocab), dtype, seed=3))
+    labels = torch.tensor([0, -100, vocab - 1, 17, vocab // 2]).cuda()
+    kwargs = dict(divergence=divergence, temperature=temperature, reduction="none", hard_label_weight=0.5,
+                  soft_label_weight=0.5)
+    loss, gs, gt = loss_and_grads(todi_ext.distill_loss, student, teacher, labels, True, **kwargs)
+    ref, ref_gs, ref_gt = loss_and_grads(reference.distill_loss, student.double(), teacher.double(), labels, True,
+                                         **kwargs)
+    loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), ref, rtol=loss_rtol, atol=loss_atol)
+    assert_grad_close(gs, ref_gs, grad_tol)
+    assert_grad_close(gt, ref_gt, grad_tol)
+
+
+def test_hard_label_outside_the_vocabulary_is_a_nan_row_not_a_sync():
+    student, teacher = cuda(make_logits((3, 100)), make_logits((3, 100), seed=1))
+    labels = torch.tensor([5, 100, -100]).cuda()
+    loss = todi_ext.distill_loss(student, teacher, labels, hard_label_weight=1.0, reduction="none")
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2] == 0
