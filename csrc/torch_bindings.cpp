@@ -32,6 +32,19 @@ TORCH_LIBRARY(todi_ext, m) {
       "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
       "str reduction, bool student_grad, bool teacher_grad, float soft_label_weight=1.0, "
       "float hard_label_weight=0.0) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  // The same loss from hidden states and lm_head weights (csrc/fused_linear.cpp):
+  // logits are formed a chunk of rows at a time (chunk_size rows) and never
+  // held whole. hidden: (N, H); weight: (V, H); labels: (N,). The gradients
+  // asked for (of the reduced loss; for "none", of sum(row_weights * loss))
+  // are computed in the same pass: grad_hidden in hidden's dtype, grad_weight
+  // and grad_bias accumulated in float32 and returned in the weight's dtype.
+  m.def(
+      "fused_linear_distill_forward(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
+      "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? labels, str divergence, "
+      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
+      "str reduction, float soft_label_weight, float hard_label_weight, int chunk_size, Tensor? row_weights, "
+      "bool hidden_grad, bool weight_grad, bool bias_grad) "
+      "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of distill_forward. scale is a scalar (0-dim) or one value per row; rows
   // whose scale is exactly 1 are not touched, so the usual loss.backward()

@@ -9,6 +9,8 @@ from ._load import build_info  # loads the compiled ops first; raises a clear Im
 from . import ops  # noqa: F401  (fake and autograd registrations)
 from . import reference
 from .loss import DistillLoss, ToDiLoss, distill_loss, todi_loss
+from .fused_linear import FusedLinearDistillLoss, fused_linear_distill_loss
 
 __version__ = build_info()["version"]
-__all__ = ["todi_loss", "ToDiLoss", "distill_loss", "DistillLoss", "reference", "build_info", "__version__"]
+__all__ = ["todi_loss", "ToDiLoss", "distill_loss", "DistillLoss", "fused_linear_distill_loss",
+           "FusedLinearDistillLoss", "reference", "build_info", "__version__"]

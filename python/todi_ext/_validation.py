@@ -202,3 +202,50 @@ def check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta):
     if divergence not in kernel_names:
         raise ValueError(f"divergence must be one of {sorted(kernel_names)}, got {divergence!r}")
     _check_ranges(skew_lambda, akl_mu, jsd_beta)
+
+
+def check_fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias):
+    """Hidden states (..., H) and lm_head weights (V, H) (+ biases (V,)) of
+    the student and the teacher; V must agree (no padding: padded entries
+    would get probability mass)."""
+    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16 (or float64), got {t.dtype}")
+    for who, hidden, weight, bias in (("student", student_hidden, student_weight, student_bias),
+                                      ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        if hidden.dim() < 1:
+            raise ValueError(f"{who}_hidden must have shape (..., H), got {tuple(hidden.shape)}")
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+            raise ValueError(
+                f"{who}_weight must have shape (V, {hidden.shape[-1]}) for {who}_hidden of shape "
+                f"{tuple(hidden.shape)}, got {tuple(weight.shape)}"
+            )
+        if weight.dtype != hidden.dtype:
+            raise TypeError(f"{who}_weight must have {who}_hidden's dtype {hidden.dtype}, got {weight.dtype}")
+        if weight.device != hidden.device:
+            raise ValueError(f"{who}_weight is on {weight.device} but {who}_hidden is on {hidden.device}")
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"{who}_bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            if tuple(bias.shape) != (weight.shape[0],):
+                raise ValueError(f"{who}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+            if bias.dtype != hidden.dtype or bias.device != hidden.device:
+                raise ValueError(
+                    f"{who}_bias must be {hidden.dtype} on {hidden.device} like {who}_hidden, "
+                    f"got {bias.dtype} on {bias.device}"
+                )
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"the student's vocabulary size ({student_weight.shape[0]}, rows of student_weight) differs from the "
+            f"teacher's ({teacher_weight.shape[0]}, rows of teacher_weight); distillation needs one vocabulary"
+        )
+    if tuple(teacher_hidden.shape[:-1]) != tuple(student_hidden.shape[:-1]):
+        raise ValueError(
+            f"teacher_hidden must have student_hidden's leading shape {tuple(student_hidden.shape[:-1])}, "
+            f"got {tuple(teacher_hidden.shape[:-1])}"
+        )
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {student_hidden.device}")

@@ -182,39 +182,144 @@ def _scaled_by_aten_ops(saved, grad_loss):
     return (saved.to(scale.dtype) * scale).to(saved.dtype)
 
 
+def _scaled_saved_gradients(saved, grad_loss, wanted):
+    """The saved gradients (None where not wanted) scaled by grad_loss.
+
+    Eager, the fast path scales each saved gradient in place and hands it
+    over, so it is never held twice. When the graph is kept
+    (retain_graph=True, gradcheck) the saved gradient must survive: the
+    scaled gradient goes to a new tensor. Traced (torch.compile) or batched
+    (vmap) backward passes use ATen ops that the compiler may run in place.
+    """
+    traced_or_batched = _tracing(saved) or _batched(grad_loss)
+    in_place = not traced_or_batched and not _graph_is_kept()
+    out = []
+    for grad, want in zip(saved, wanted):
+        if not want:
+            out.append(None)
+        elif traced_or_batched:
+            out.append(_scaled_by_aten_ops(grad, grad_loss))
+        elif in_place:
+            scale_grad_(grad, grad_loss)
+            out.append(grad)
+        else:
+            out.append(scale_grad(grad, grad_loss))
+    return out
+
+
 def _distill_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
     if torch.is_grad_enabled():  # backward(create_graph=True)
         raise _double_backward_error()
     nothing = (None,) * 15  # one per schema argument
     if grad_loss is None:  # the loss was not used
         return nothing
-    # Eager, the fast path scales the saved gradient in place and hands it
-    # over, so it is never held twice. When the graph is kept
-    # (retain_graph=True, gradcheck) the saved gradient must survive: the
-    # scaled gradient goes to a new tensor. Traced (torch.compile) or batched
-    # (vmap) backward passes use ATen ops that the compiler may run in place.
-    saved = ctx.saved_tensors
-    traced_or_batched = _tracing(saved) or _batched(grad_loss)
-    in_place = not traced_or_batched and not _graph_is_kept()
-    outputs = [None, None]
-    for i, (name, flag, wanted) in enumerate(
-        (("student_logits", "student_grad", ctx.student_grad), ("teacher_logits", "teacher_grad", ctx.teacher_grad))
-    ):
-        if not ctx.needs_input_grad[i]:
-            continue
-        if not wanted:
+    wanted = ctx.needs_input_grad[:2]
+    for name, flag, computed, want in (("student_logits", "student_grad", ctx.student_grad, wanted[0]),
+                                       ("teacher_logits", "teacher_grad", ctx.teacher_grad, wanted[1])):
+        if want and not computed:
             raise _missing_grad(name, flag)
-        if traced_or_batched:
-            outputs[i] = _scaled_by_aten_ops(saved[i], grad_loss)
-        elif in_place:
-            scale_grad_(saved[i], grad_loss)
-            outputs[i] = saved[i]
-        else:
-            outputs[i] = scale_grad(saved[i], grad_loss)
-    return tuple(outputs) + nothing[2:]
+    return tuple(_scaled_saved_gradients(ctx.saved_tensors, grad_loss, wanted)) + nothing[2:]
 
 
 torch.library.register_autograd(
     "todi_ext::distill_forward", _distill_forward_backward, setup_context=_distill_forward_setup_context
 )
 
+
+
+# ------------------------------------------------------- fused linear + loss
+_FL_SCHEMA_ARGS = 22
+_FL_REDUCTION, _FL_GRAD_FLAGS = 14, 19  # positions in the schema
+
+
+def fused_linear_distill_forward(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+    divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, ignore_index, reduction, soft_label_weight,
+    hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
+):
+    """Thin wrapper of the op: beta and 1/T as the op takes them."""
+    return torch.ops.todi_ext.fused_linear_distill_forward.default(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+        divergence, scalar_tensor(beta, student_hidden), skew_lambda, akl_mu, jsd_beta,
+        scalar_tensor(1.0 / temperature, student_hidden), ignore_index, reduction, soft_label_weight,
+        hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
+    )
+
+
+@torch.library.register_fake("todi_ext::fused_linear_distill_forward")
+def _fused_linear_fake(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+    divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature, ignore_index, reduction, soft_label_weight,
+    hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
+):
+    _validation.check_fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                   teacher_bias)
+    _validation.check_reduction(reduction)
+    _validation.check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta)
+    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+    math = torch.float64 if torch.float64 in (student_hidden.dtype, teacher_hidden.dtype) else torch.float32
+    rows, vocab = student_hidden.shape[0], student_weight.shape[0]
+    loss = student_hidden.new_empty((rows,) if reduction == "none" else (), dtype=math)
+    grad_hidden = student_hidden.new_empty(student_hidden.shape if hidden_grad else _EMPTY)
+    grad_weight = student_weight.new_empty(student_weight.shape if weight_grad else _EMPTY)
+    grad_bias = student_bias.new_empty((vocab,)) if bias_grad else student_hidden.new_empty(_EMPTY)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+def _fused_linear_setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[_FL_REDUCTION]
+    ctx.computed = inputs[_FL_GRAD_FLAGS:_FL_GRAD_FLAGS + 3]
+    if ctx.reduction == "none":
+        # The upstream gradient differs per row: backward runs the chunks again
+        # with it (the forward computed no gradient).
+        tensors = [inputs[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 12)]
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in tensors))
+        ctx.present = [t is not None for t in tensors]
+        ctx.scalars = {i: inputs[i] for i in (7, 9, 10, 11, 13, 15, 16, 17)}
+    else:
+        ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _teacher_requires_grad_error(name):
+    return RuntimeError(
+        f"todi_ext: {name} requires grad, but the teacher is a constant in fused_linear_distill_loss: compute "
+        "the teacher's hidden states under torch.no_grad() and freeze its weights (requires_grad_(False))"
+    )
+
+
+def _fused_linear_backward(ctx, grad_loss, *_grads_of_grads):
+    if torch.is_grad_enabled():
+        raise _double_backward_error()
+    nothing = [None] * _FL_SCHEMA_ARGS
+    if grad_loss is None:
+        return tuple(nothing)
+    for i, name in ((3, "teacher_hidden"), (4, "teacher_weight"), (5, "teacher_bias")):
+        if ctx.needs_input_grad[i]:
+            raise _teacher_requires_grad_error(name)
+    wanted = ctx.needs_input_grad[:3]
+    if ctx.reduction == "none":
+        saved = [t if present else None for t, present in zip(ctx.saved_tensors, ctx.present)]
+        sh, sw, sb, th, tw, tb, labels, beta, inv_t = saved
+        sc = ctx.scalars
+        _, g_hidden, g_weight, g_bias = torch.ops.todi_ext.fused_linear_distill_forward.default(
+            sh, sw, sb, th, tw, tb, labels, sc[7], beta, sc[9], sc[10], sc[11], inv_t, sc[13], "none", sc[15],
+            sc[16], sc[17], grad_loss.reshape(-1), wanted[0], wanted[1], wanted[2] and sb is not None,
+        )
+        grads = [g if w else None for g, w in zip((g_hidden, g_weight, g_bias), wanted)]
+    else:
+        for name, computed, want in zip(("student_hidden", "student_weight", "student_bias"), ctx.computed, wanted):
+            if want and not computed:
+                raise RuntimeError(
+                    f"todi_ext: {name} requires grad but fused_linear_distill_forward was called without its "
+                    "gradient flag; call it through todi_ext.fused_linear_distill_loss, which sets the flags"
+                )
+        grads = _scaled_saved_gradients(ctx.saved_tensors, grad_loss, wanted)
+    nothing[:3] = grads
+    return tuple(nothing)
+
+
+torch.library.register_autograd(
+    "todi_ext::fused_linear_distill_forward", _fused_linear_backward, setup_context=_fused_linear_setup_context
+)
