@@ -10,7 +10,8 @@
 #   4. compute-sanitizer memcheck, then racecheck, on small cases of every
 #      kernel variant (after 5),
 #   5. the streamed kernel on the long rows (A/B against the cluster split),
-#   6. every divergence against eager (GPU_CHECK_DIVERGENCES=0 skips it).
+#   6. fused linear + distillation vs the materialised path and Liger,
+#   7. every divergence against eager (GPU_CHECK_DIVERGENCES=0 skips it).
 # Logs and results are packed after every stage into $OUT/gpu-check.tar.gz
 # (the device tool brings back few files), with a one-page $OUT/summary.txt.
 #
@@ -67,7 +68,8 @@ if ! stage build 240 "$PY" -m pip install -v --no-build-isolation --no-deps .; t
 fi
 "$PY" -c "import todi_ext; print(todi_ext.build_info())" | tee -a "$WORK/summary.txt"
 
-stage tests "${GPU_CHECK_TESTS_S:-180}" "$PY" -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py tests/test_build.py
+stage tests "${GPU_CHECK_TESTS_S:-180}" "$PY" -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py tests/test_build.py \
+  tests/test_fused_linear_cuda.py
 grep -E "passed|failed" "$WORK/tests.log" | tail -1 >> "$WORK/summary.txt"; pack
 
 # The issue's grid: N = 8192, three vocabularies, bf16 and fp32; forward alone
@@ -104,6 +106,14 @@ print("sanitizer cases ran")
 PYEOF
 stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" "$WORK/sanitize_cases.py" memcheck
 stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" "$WORK/sanitize_cases.py" racecheck
+
+# Fused linear + distillation (issue 15's GPU target): N = 8192, H = 4096,
+# V = 128256, bf16, against the materialised path and Liger's chunked
+# LigerFusedLinearJSDLoss.
+stage fused-linear "${GPU_CHECK_FUSED_LINEAR_S:-180}" "$PY" benchmarks/bench_fused_linear.py --device cuda \
+  --out "$WORK/fused-linear" --repeats 5
+[ -f "$WORK/fused-linear/fused-linear-cuda.md" ] && cat "$WORK/fused-linear/fused-linear-cuda.md" >> "$WORK/summary.txt"
+pack
 
 if [ "${GPU_CHECK_DIVERGENCES:-1}" = 1 ]; then
   stage divergences "${GPU_CHECK_DIVERGENCES_S:-150}" "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --out "$WORK/divergences" --no-plots \

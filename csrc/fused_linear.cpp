@@ -171,15 +171,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distill_
                              hard_label_weight);
     loss_rows.slice(0, start, end).copy_(chunk_loss);
     if (!any_grad) continue;
-    if (reduction == "mean") {
-      grad_logits.mul_(grad_rows_scale);
-    } else if (per_row) {
-      grad_logits.mul_(grad_rows_scale.slice(0, start, end).unsqueeze(1));
-    }
+    // "mean" scales by 1/count after the matmuls (an (N, H) and a (V, H)
+    // pass instead of one over every chunk's (rows, V) gradient); per-row
+    // weights ("none", from backward) scale the logits gradient itself.
+    if (per_row) grad_logits.mul_(grad_rows_scale.slice(0, start, end).unsqueeze(1));
     // With a low-precision weight on CUDA the matmuls take the gradient in
     // that dtype (as autograd of F.linear would) and accumulate in float32.
     const at::Tensor g = student.mixed ? grad_logits.to(student.weight.scalar_type()) : grad_logits;
-    if (hidden_grad) grad_hidden.slice(0, start, end).copy_(matmul(g, student.weight, student, math));
+    if (hidden_grad) {
+      at::Tensor gh = matmul(g, student.weight, student, math);
+      if (reduction == "mean") gh.mul_(grad_rows_scale);
+      grad_hidden.slice(0, start, end).copy_(gh);
+    }
     if (weight_grad) {
       if (student.mixed) {
         at::addmm_out(grad_weight_acc, grad_weight_acc, g.t(), h.to(g.scalar_type()), math);
@@ -189,6 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distill_
     }
     if (bias_grad) grad_bias_acc.add_(grad_logits.sum(0));
   }
+  if (reduction == "mean" && weight_grad) grad_weight_acc.mul_(grad_rows_scale);
+  if (reduction == "mean" && bias_grad) grad_bias_acc.mul_(grad_rows_scale);
 
   at::Tensor loss = per_row ? loss_rows : reduction == "sum" ? loss_rows.sum() : loss_rows.sum().div_(count);
   at::Tensor grad_weight = weight_grad ? grad_weight_acc.to(student_weight.scalar_type()) : at::empty({0}, student_weight.options());
