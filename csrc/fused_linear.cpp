@@ -62,9 +62,11 @@ struct Head {
 Head make_head(const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::ScalarType math) {
   Head head;
   head.bias = bias.has_value() ? std::optional<at::Tensor>(bias->to(math)) : std::nullopt;
+  const bool low_precision = weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
   if (weight.scalar_type() == math) {
     head.weight = weight;
-  } else if (weight.is_cuda()) {
+  } else if (weight.is_cuda() && low_precision && math == at::kFloat) {
+    // mm's out_dtype takes fp16/bf16 inputs to a float32 result only.
     head.weight = weight;
     head.mixed = true;
   } else {
@@ -116,6 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distill_
                       rows, "), got ", row_weights->sizes());
   }
   if (labels.has_value()) {
+    TORCH_CHECK_TYPE(!at::isFloatingType(labels->scalar_type()) && !at::isComplexType(labels->scalar_type()) &&
+                         labels->scalar_type() != at::kBool,
+                     "labels must be an integer tensor, got ", labels->scalar_type());
     TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == rows, "labels must have shape (", rows, "), got ",
                       labels->sizes());
     TORCH_CHECK_VALUE(labels->device() == student_hidden.device(), "labels is on ", labels->device(),

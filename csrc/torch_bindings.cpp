@@ -45,6 +45,26 @@ TORCH_LIBRARY(todi_ext, m) {
       "str reduction, float soft_label_weight, float hard_label_weight, int chunk_size, Tensor? row_weights, "
       "bool hidden_grad, bool weight_grad, bool bias_grad) "
       "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // The vocabulary-parallel phases (python/todi_ext/distributed.py): the
+  // logits are this rank's slice of the vocabulary; labels are local indices
+  // (outside [0, V_local): another rank's token). Row statistics: this
+  // slice's (max, sum exp(x - max)) of z/T, s/T and (with_cross_entropy) z,
+  // (rows, 6) float64. Partial sums, given the merged (max, log sum) pairs:
+  // this slice's sums of the loss, u, v and z[label], (rows, 4) float64.
+  // Gradients, given all slices' sums: this slice's logits gradients, scaled
+  // by grad_scale (math dtype, 0-dim).
+  m.def(
+      "vocab_parallel_row_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor inv_temperature, int ignore_index, bool with_cross_entropy) -> Tensor");
+  m.def(
+      "vocab_parallel_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
+      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
+      "Tensor global_stats, bool with_cross_entropy) -> Tensor");
+  m.def(
+      "vocab_parallel_gradients(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
+      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
+      "Tensor global_stats, Tensor global_sums, Tensor grad_scale, float soft_label_weight, "
+      "float hard_label_weight, bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of distill_forward. scale is a scalar (0-dim) or one value per row; rows
   // whose scale is exactly 1 are not touched, so the usual loss.backward()

@@ -5,6 +5,7 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <torch/library.h>
 
 #include <string>
@@ -67,9 +68,97 @@ at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   return out;
 }
 
+// ---- vocabulary-parallel phases: the same kernel, one phase per call.
+
+void check_row_table(const char* name, const at::Tensor& t, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols &&
+                        t.is_contiguous() && t.device().is_cpu(),
+                    name, " must be a contiguous (", rows, ", ", cols, ") float64 CPU tensor, got ", t.scalar_type(),
+                    " of shape ", t.sizes());
+}
+
+ForwardSetup prepare_phase(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                           const std::optional<at::Tensor>& labels, c10::string_view divergence, const at::Tensor& beta,
+                           double skew_lambda, double akl_mu, double jsd_beta, const at::Tensor& inv_temperature,
+                           int64_t ignore_index, bool student_grad, bool teacher_grad) {
+  // hard_label_weight 0 here: local labels outside the slice are legal.
+  return prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                         inv_temperature, ignore_index, "sum", student_grad, teacher_grad, 1.0, 0.0);
+}
+
+at::Tensor vocab_parallel_row_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                        const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature,
+                                        int64_t ignore_index, bool with_cross_entropy) {
+  const at::Tensor one = at::ones({}, inv_temperature.options());
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "fkl", one, 0.1, 0.5, 0.5,
+                                           inv_temperature, ignore_index, false, false);
+  at::Tensor stats = at::empty({setup.view.rows, 6}, student_logits.options().dtype(at::kDouble));
+  if (setup.view.rows > 0) {
+    ForwardParams p = forward_params(setup, ignore_index);
+    p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
+    p.vocab_parallel.phase = Phase::kRowStats;
+    p.vocab_parallel.stats = stats.mutable_data_ptr<double>();
+    kernels().forward(p);
+  }
+  return stats;
+}
+
+at::Tensor vocab_parallel_partial_sums_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                           const std::optional<at::Tensor>& labels, c10::string_view divergence,
+                                           const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+                                           const at::Tensor& inv_temperature, int64_t ignore_index,
+                                           const at::Tensor& global_stats, bool with_cross_entropy) {
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
+                                           akl_mu, jsd_beta, inv_temperature, ignore_index, false, false);
+  TORCH_CHECK_VALUE(setup.divergence != math::Divergence::kAKL,
+                    "vocab-parallel AKL is not implemented (its split needs a collective per search walk)");
+  check_row_table("global_stats", global_stats, setup.view.rows, 6);
+  at::Tensor sums = at::empty({setup.view.rows, 4}, student_logits.options().dtype(at::kDouble));
+  if (setup.view.rows > 0) {
+    ForwardParams p = forward_params(setup, ignore_index);
+    p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
+    p.vocab_parallel.phase = Phase::kPartialSums;
+    p.vocab_parallel.global_stats = global_stats.const_data_ptr<double>();
+    p.vocab_parallel.sums = sums.mutable_data_ptr<double>();
+    kernels().forward(p);
+  }
+  return sums;
+}
+
+std::tuple<at::Tensor, at::Tensor> vocab_parallel_gradients_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    c10::string_view divergence, const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+    const at::Tensor& inv_temperature, int64_t ignore_index, const at::Tensor& global_stats,
+    const at::Tensor& global_sums, const at::Tensor& grad_scale, double soft_label_weight, double hard_label_weight,
+    bool student_grad, bool teacher_grad) {
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
+                                           akl_mu, jsd_beta, inv_temperature, ignore_index, student_grad, teacher_grad);
+  TORCH_CHECK_VALUE(setup.divergence != math::Divergence::kAKL,
+                    "vocab-parallel AKL is not implemented (its split needs a collective per search walk)");
+  check_row_table("global_stats", global_stats, setup.view.rows, 6);
+  check_row_table("global_sums", global_sums, setup.view.rows, 4);
+  TORCH_CHECK_VALUE(grad_scale.dim() == 0 && grad_scale.scalar_type() == setup.per_position.scalar_type(),
+                    "grad_scale must be a 0-dim ", setup.per_position.scalar_type(), " tensor, got ",
+                    grad_scale.scalar_type(), " of shape ", grad_scale.sizes());
+  if (setup.view.rows > 0 && (student_grad || teacher_grad)) {
+    ForwardParams p = forward_params(setup, ignore_index);
+    p.soft_weight = soft_label_weight;
+    p.hard_weight = hard_label_weight;
+    p.grad_scale = grad_scale.const_data_ptr();
+    p.vocab_parallel.phase = Phase::kGradients;
+    p.vocab_parallel.global_stats = global_stats.const_data_ptr<double>();
+    p.vocab_parallel.global_sums = global_sums.const_data_ptr<double>();
+    kernels().forward(p);
+  }
+  return {setup.grad_student, setup.grad_teacher};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(todi_ext, CPU, m) {
+  m.impl("vocab_parallel_row_stats", &vocab_parallel_row_stats_cpu);
+  m.impl("vocab_parallel_partial_sums", &vocab_parallel_partial_sums_cpu);
+  m.impl("vocab_parallel_gradients", &vocab_parallel_gradients_cpu);
   m.impl("distill_forward", &distill_forward_cpu);
   m.impl("scale_grad_", &scale_grad_cpu_);
   m.impl("scale_grad", &scale_grad_cpu);

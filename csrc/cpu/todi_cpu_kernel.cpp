@@ -422,8 +422,18 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   const bool want_gs = p.grad_student.data != nullptr;
   const bool want_gt = p.grad_teacher.data != nullptr;
 
+  const VocabParallelParams& vp = p.vocab_parallel;
+  const Phase phase = vp.phase;
   if (p.labels != nullptr && p.labels[row] == p.ignore_index) {
-    *loss_out = 0;  // skipped position: no loss, exactly-zero gradient
+    if (phase == Phase::kRowStats) {
+      for (int k = 0; k < 6; ++k) vp.stats[row * 6 + k] = k % 2;  // (max 0, sum 1): log-sum-exp 0
+      return;
+    }
+    if (phase == Phase::kPartialSums) {
+      std::fill(vp.sums + row * 4, vp.sums + row * 4 + 4, 0.0);
+      return;
+    }
+    if (phase == Phase::kFused) *loss_out = 0;  // skipped position: no loss, exactly-zero gradient
     if (want_gs) fill_row<acc_t>(p.grad_student.data, p.grad_student.dtype, out_offset, p.vocab, 0);
     if (want_gt) fill_row<acc_t>(p.grad_teacher.data, p.grad_teacher.dtype, out_offset, p.vocab, 0);
     return;
@@ -434,14 +444,30 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   const bool hard = p.hard_weight != 0;
   const bool unit_t = *p.inv_temperature == 1.0;
   math::LogSumExp<double> lse_z, lse_s, lse_z1;
-  row_log_sum_exps(p, row, c, lse_z, lse_s, hard && !unit_t ? &lse_z1 : nullptr);
-  if (hard && unit_t) lse_z1 = lse_z;
-  const double log_sum_z1 = hard ? std::log(lse_z1.sum) : 0.0;
-  const double log_sum_z = std::log(lse_z.sum), log_sum_s = std::log(lse_s.sum);
+  double log_sum_z, log_sum_s, log_sum_z1 = 0;
+  if (phase == Phase::kPartialSums || phase == Phase::kGradients) {
+    // The whole vocabulary's log-sum-exps, merged from every slice's.
+    const double* g = vp.global_stats + row * 6;
+    lse_z.max = g[0], log_sum_z = g[1], lse_s.max = g[2], log_sum_s = g[3], lse_z1.max = g[4], log_sum_z1 = g[5];
+  } else {
+    row_log_sum_exps(p, row, c, lse_z, lse_s, hard && !unit_t ? &lse_z1 : nullptr);
+    if (hard && unit_t) lse_z1 = lse_z;
+    if (phase == Phase::kRowStats) {
+      const double stats[6] = {lse_z.max, lse_z.sum, lse_s.max, lse_s.sum, hard ? lse_z1.max : 0.0, hard ? lse_z1.sum : 1.0};
+      std::copy(stats, stats + 6, vp.stats + row * 6);
+      return;
+    }
+    log_sum_z1 = hard ? std::log(lse_z1.sum) : 0.0;
+    log_sum_z = std::log(lse_z.sum), log_sum_s = std::log(lse_s.sum);
+  }
   if (!math::is_finite(lse_z.max + log_sum_z) || !math::is_finite(lse_s.max + log_sum_s)) {
     // NaN, +inf, or a row that is all -inf: the distribution is undefined.
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    *loss_out = nan;
+    if (phase == Phase::kPartialSums) {
+      std::fill(vp.sums + row * 4, vp.sums + row * 4 + 4, std::numeric_limits<double>::quiet_NaN());
+      return;
+    }
+    if (phase == Phase::kFused) *loss_out = nan;
     if (want_gs) fill_row<acc_t>(p.grad_student.data, p.grad_student.dtype, out_offset, p.vocab, nan);
     if (want_gt) fill_row<acc_t>(p.grad_teacher.data, p.grad_teacher.dtype, out_offset, p.vocab, nan);
     return;
@@ -481,18 +507,34 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     v_sum += hsum(v_acc);
   }
   HardLabelGrad<acc_t> hard_grad;
-  double cross_entropy = 0;
+  double cross_entropy = 0, z_label_here = 0;
   if (hard) {
-    // The host checked 0 <= label < vocab (and not ignore_index: skipped above).
+    // The host checked 0 <= label < vocab (and not ignore_index: skipped
+    // above), except in the vocabulary-parallel phases, where a label
+    // outside this slice is another rank's.
     const int64_t label = p.labels[row];
-    alignas(64) acc_t z_label[Vectorized<acc_t>::size()];  // load_chunk pads to a whole vector
-    load_chunk(row_ptr(p.student, row, label), p.student.dtype, 1, z_label);
+    const bool here = label >= 0 && label < p.vocab;
+    if (here) {
+      alignas(64) acc_t z_label[Vectorized<acc_t>::size()];  // load_chunk pads to a whole vector
+      load_chunk(row_ptr(p.student, row, label), p.student.dtype, 1, z_label);
+      z_label_here = z_label[0];
+    }
     // log sum exp(z) - z_label, with max and log(sum) kept apart.
-    cross_entropy = log_sum_z1 - (static_cast<double>(z_label[0]) - lse_z1.max);
-    hard_grad = {true, label, static_cast<acc_t>(p.hard_weight), unit_t, static_cast<acc_t>(-lse_z1.max),
-                 static_cast<acc_t>(log_sum_z1)};
+    cross_entropy = log_sum_z1 - (z_label_here - lse_z1.max);
+    hard_grad = {true, here ? label : -1, static_cast<acc_t>(p.hard_weight), unit_t,
+                 static_cast<acc_t>(-lse_z1.max), static_cast<acc_t>(log_sum_z1)};
   }
-  *loss_out = static_cast<acc_t>(p.soft_weight * loss_sum + p.hard_weight * cross_entropy);
+  if (phase == Phase::kPartialSums) {
+    const double sums[4] = {loss_sum, u_sum, v_sum, z_label_here};
+    std::copy(sums, sums + 4, vp.sums + row * 4);
+    return;
+  }
+  if (phase == Phase::kGradients) {  // the whole row's weight sums
+    u_sum = vp.global_sums[row * 4 + 1];
+    v_sum = vp.global_sums[row * 4 + 2];
+  } else {
+    *loss_out = static_cast<acc_t>(p.soft_weight * loss_sum + p.hard_weight * cross_entropy);
+  }
 
   // Pass 3: gradients from the scratch.
   if (want_gs) {

@@ -323,3 +323,30 @@ def _fused_linear_backward(ctx, grad_loss, *_grads_of_grads):
 torch.library.register_autograd(
     "todi_ext::fused_linear_distill_forward", _fused_linear_backward, setup_context=_fused_linear_setup_context
 )
+
+
+# ------------------------------------------- vocabulary-parallel phase ops
+def _rows(logits):
+    return logits.numel() // logits.shape[-1] if logits.shape[-1] else 0
+
+
+@torch.library.register_fake("todi_ext::vocab_parallel_row_stats")
+def _row_stats_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, with_cross_entropy):
+    _validation.check_logits(student_logits, teacher_logits)
+    return student_logits.new_empty((_rows(student_logits), 6), dtype=torch.float64)
+
+
+@torch.library.register_fake("todi_ext::vocab_parallel_partial_sums")
+def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                       inv_temperature, ignore_index, global_stats, with_cross_entropy):
+    _validation.check_logits(student_logits, teacher_logits)
+    return student_logits.new_empty((_rows(student_logits), 4), dtype=torch.float64)
+
+
+@torch.library.register_fake("todi_ext::vocab_parallel_gradients")
+def _gradients_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                    inv_temperature, ignore_index, global_stats, global_sums, grad_scale, soft_label_weight,
+                    hard_label_weight, student_grad, teacher_grad):
+    _validation.check_logits(student_logits, teacher_logits)
+    return (student_logits.new_empty(student_logits.shape if student_grad else _EMPTY),
+            teacher_logits.new_empty(teacher_logits.shape if teacher_grad else _EMPTY))

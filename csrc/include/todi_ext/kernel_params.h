@@ -26,6 +26,25 @@ struct OutMatrix {
   c10::ScalarType dtype = c10::ScalarType::Float;
 };
 
+// Vocabulary-parallel phases (todi_ext.distributed): every rank holds a
+// slice of the vocabulary and runs the kernel on it three times, with the
+// collectives in between; the fused single-process kernel is kFused.
+enum class Phase : int { kFused = 0, kRowStats = 1, kPartialSums = 2, kGradients = 3 };
+
+struct VocabParallelParams {
+  Phase phase = Phase::kFused;
+  // kRowStats writes, per row, this slice's (max, sum of exp(x - max)) of
+  // z / T, s / T and z (the last pair with hard_weight != 0): (rows, 6).
+  double* stats = nullptr;
+  // The merged pairs of all slices, as (max, log sum): read by the later phases.
+  const double* global_stats = nullptr;
+  // kPartialSums writes this slice's sums of loss, u and v, and z[label] if
+  // the label is in this slice (else 0): (rows, 4).
+  double* sums = nullptr;
+  // All slices' sums (u and v used), read by kGradients.
+  const double* global_sums = nullptr;
+};
+
 struct ForwardParams {
   RowMatrix student;
   RowMatrix teacher;
@@ -47,6 +66,9 @@ struct ForwardParams {
   const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
   OutMatrix grad_student;            // d loss / d student logits
   OutMatrix grad_teacher;            // d loss / d teacher logits
+  // With a phase other than kFused, a label outside [0, vocab) (and not
+  // ignore_index) is in another rank's slice: no one-hot term here.
+  VocabParallelParams vocab_parallel;
 };
 
 // out = grad * scale (rows of out contiguous). In place when out == grad,

@@ -1,0 +1,196 @@
+"""Vocabulary-parallel distillation on torch.distributed: each rank holds the
+logits of a contiguous slice of the vocabulary (a column-parallel lm_head,
+Megatron-style), and no rank ever gathers whole rows.
+
+    import todi_ext.distributed as td
+    loss = td.vocab_parallel_distill_loss(student_logits, teacher_logits, labels, group=tp_group)
+
+Per call (forward; the backward needs no collective):
+  0. one all-gather of 16 int64 per rank: shapes, dtypes, the divergence and
+     a checksum of the labels, so that mismatched ranks all raise the same
+     ValueError instead of hanging in the collectives below;
+  1. the kernel's row statistics on the local slice: (max, sum exp(x - max))
+     of z/T, s/T (and z, for the hard-label cross-entropy), then one
+     all-gather of those (N, 6) float64 values, merged on every rank into the
+     whole rows' log-sum-exps;
+  2. the kernel's partial sums given them (loss, U = sum u, V = sum v, the
+     label's logit where this slice holds it), then one all-reduce (sum) of
+     those (N, 4) float64 values;
+  3. the local gradient, (u - q U) / T on this slice, from the global sums.
+Every rank returns the same loss; each gets the gradient of its own slice.
+AKL is not supported: its head/tail split is a search over the whole row's
+sorted probabilities, which would take one all-reduce of 15 values per row
+per search walk (8 walks in float32) plus one for the head and tail sums.
+CPU tensors only in this version (gloo); the collectives use the plain
+torch.distributed API, so a compiled step breaks its graph around this call.
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _validation, ops
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_DIVERGENCE_CODES = {name: i for i, name in enumerate(_validation.DIVERGENCES)}
+_REDUCTION_CODES = {name: i for i, name in enumerate(_validation.REDUCTIONS)}
+_META = ("rows", "vocab slice", "student dtype", "teacher dtype", "divergence", "reduction", "labels given",
+         "hard_label_weight != 0", "labels checksum", "labels weighted checksum")
+_LOCAL_IGNORE = -1  # the phase ops' ignore_index: local labels are >= 0
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    """(world, *t.shape): every rank's t."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def _check_ranks_agree(student, teacher, labels, divergence, reduction, hard_label_weight, group):
+    """Step 0: gathers what every rank must agree on; returns the slice sizes."""
+    rows = student.numel() // student.shape[-1]
+    meta = torch.zeros(16, dtype=torch.int64)
+    meta[:8] = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
+                             _DIVERGENCE_CODES[divergence], _REDUCTION_CODES[reduction], labels is not None,
+                             hard_label_weight != 0])
+    if labels is not None:
+        flat = labels.reshape(-1).to(torch.int64)
+        meta[8] = flat.sum()
+        meta[9] = (flat * torch.arange(1, flat.numel() + 1)).sum()
+    table = _all_gather(meta, group)
+    for i, name in enumerate(_META):
+        if i == 1:
+            continue  # slices may differ in size
+        values = table[:, i].tolist()
+        if len(set(values)) > 1:
+            raise ValueError(
+                f"vocab_parallel_distill_loss: ranks disagree on {name} ({values} by rank); every rank must pass "
+                "the same rows, dtypes, divergence, reduction and (global) labels"
+            )
+    return table[:, 1].tolist()
+
+
+def _merge_row_stats(stats: Tensor) -> Tensor:
+    """(world, N, 6) per-slice (max, sum exp(x - max)) pairs -> (N, 6) whole-row (max, log sum)."""
+    maxes, sums = stats[..., 0::2], stats[..., 1::2]
+    top = maxes.max(dim=0).values
+    # A slice with nothing (max -inf, sum 0) adds 0 (not exp(-inf - -inf) = NaN).
+    scaled = torch.where(sums > 0, sums * torch.exp(maxes - top), torch.zeros_like(sums))
+    merged = torch.empty_like(stats[0])
+    merged[:, 0::2] = top
+    merged[:, 1::2] = torch.log(scaled.sum(dim=0))
+    return merged
+
+
+class _VocabParallelLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels_local, ignored, params, group):
+        (divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, reduction, soft, hard) = params
+        rows = student.numel() // student.shape[-1]
+        z, s = student.reshape(rows, -1), teacher.reshape(rows, -1)
+        inv_t = ops.scalar_tensor(1.0 / temperature, z)
+        beta_t = ops.scalar_tensor(beta, z)
+        with_ce = hard != 0
+        # 1: local row statistics, merged across ranks (one all-gather).
+        local_stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels_local, inv_t, _LOCAL_IGNORE, with_ce)
+        global_stats = _merge_row_stats(_all_gather(local_stats, group))
+        # 2: partial sums, summed across ranks (one all-reduce).
+        sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels_local, divergence, beta_t, skew_lambda,
+                                                              akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE, global_stats,
+                                                              with_ce)
+        dist.all_reduce(sums, group=group)
+        per_row = soft * sums[:, 0]
+        if with_ce:  # log sum exp(z) - z[label], max and log(sum) kept apart
+            per_row = per_row + hard * (global_stats[:, 5] - (sums[:, 3] - global_stats[:, 4]))
+        if ignored is not None:
+            per_row = torch.where(ignored, torch.zeros_like(per_row), per_row)
+        math = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+        count = None
+        if reduction == "mean":
+            count = (~ignored).sum().clamp(min=1) if ignored is not None else max(rows, 1)
+        # 3: this slice's gradients from the whole rows' sums (no collective).
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_s = grad_t = None
+        if want_s or want_t:
+            grad_scale = torch.ones((), dtype=math) if count is None else torch.as_tensor(count, dtype=math).reciprocal()
+            grad_s, grad_t = torch.ops.todi_ext.vocab_parallel_gradients(
+                z, s, labels_local, divergence, beta_t, skew_lambda, akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE,
+                global_stats, sums, grad_scale, soft, hard, want_s, want_t)
+            grad_s, grad_t = grad_s.view(student.shape) if want_s else None, grad_t.view(teacher.shape) if want_t else None
+        ctx.save_for_backward(grad_s, grad_t)
+        per_row = per_row.to(math)
+        if reduction == "none":
+            return per_row.reshape(student.shape[:-1])
+        total = per_row.sum()
+        return total if count is None else total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise ops._double_backward_error()
+        wanted = ctx.needs_input_grad[:2]
+        saved = [t if t is not None else torch.empty(0) for t in ctx.saved_tensors]
+        if grad_loss.dim() > 0:
+            grad_loss = grad_loss.reshape(saved[0].shape[:-1] if wanted[0] else saved[1].shape[:-1])
+        grads = ops._scaled_saved_gradients(saved, grad_loss, wanted)
+        return grads[0], grads[1], None, None, None, None
+
+
+def vocab_parallel_distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    group=None,
+    divergence: str = "todi",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    beta: float = 1.0,
+    skew_lambda: float = 0.1,
+    akl_mu: float = 0.5,
+    jsd_beta: float = 0.5,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+) -> Tensor:
+    """distill_loss over whole rows whose vocabulary is split across the ranks of `group`.
+
+    student_logits, teacher_logits: (..., V_local), this rank's contiguous
+    slice of the vocabulary (ranks in order; slices may differ in size).
+    labels: (...) GLOBAL token ids (the same on every rank). Every rank
+    returns the same loss, that of the whole rows; backward gives each rank
+    the gradient of its own slice. Other arguments as in
+    :func:`todi_ext.distill_loss`; divergence="akl" is not supported.
+    """
+    group = group if group is not None else dist.group.WORLD
+    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
+    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+    if divergence == "akl":
+        raise NotImplementedError(
+            "vocab_parallel_distill_loss: AKL is not supported (its head/tail split would take one all-reduce "
+            "per search walk); use another divergence or gather the rows"
+        )
+    if student_logits.device.type != "cpu":
+        raise NotImplementedError("vocab_parallel_distill_loss runs on CPU tensors (gloo) in this version")
+    slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction, hard_label_weight,
+                                group)
+    rank = dist.get_rank(group)
+    offset, vocab = sum(slices[:rank]), sum(slices)
+    labels_local = ignored = None
+    if labels is not None:
+        flat = labels.reshape(-1).to(torch.int64)
+        ignored = flat == ignore_index
+        if hard_label_weight != 0:
+            _validation.check_label_range(labels, vocab, ignore_index)  # the same labels, so every rank raises
+        local = flat - offset
+        here = (local >= 0) & (local < slices[rank])
+        # Local ids: -1 ignored, [0, V_local) in this slice, V_local elsewhere.
+        labels_local = torch.where(ignored, torch.full_like(local, _LOCAL_IGNORE),
+                                   torch.where(here, local, torch.full_like(local, slices[rank])))
+    params = (_validation.DIVERGENCES[divergence][0], float(beta), float(skew_lambda), float(akl_mu),
+              0.5 if divergence == "js" else float(jsd_beta), float(temperature), reduction,
+              float(soft_label_weight), float(hard_label_weight))
+    return _VocabParallelLoss.apply(student_logits, teacher_logits, labels_local, ignored, params, group)

@@ -1,0 +1,173 @@
+"""Vocabulary-parallel distillation (todi_ext.distributed) on gloo: world
+sizes 2 and 3 spawned from pytest, vocabulary slices of unequal sizes, every
+supported divergence and reduction, ignored positions, hard labels landing on
+every rank, float32 and float64. Each rank's loss and slice gradient must
+equal the single-process result on the gathered rows."""
+
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import todi_ext
+import todi_ext.distributed as td
+
+from conftest import TOLERANCES, assert_grad_close, make_labels, make_logits
+
+DIVERGENCES = ["todi", "fkl", "rkl", "js", "tvd", "skl", "srkl", "gjsd"]
+TIMEOUT_S = 120  # a bug must fail the test, not hang it
+
+
+def _slices(vocab, world):
+    # Unequal, and not a divisor split: e.g. 1001 over 3 -> 400, 301, 300.
+    base = [vocab // world] * world
+    base[0] += vocab - sum(base)
+    return base
+
+
+def _cases():
+    for dtype in (torch.float64, torch.float32):
+        for divergence in DIVERGENCES:
+            for reduction in ("mean", "sum", "none"):
+                yield dtype, divergence, reduction, dict(temperature=2.0)
+        yield dtype, "todi", "mean", dict(temperature=2.0, hard_label_weight=0.5, soft_label_weight=0.5)
+        yield dtype, "fkl", "none", dict(temperature=1.0, hard_label_weight=0.3)
+
+
+def _check_case(rank, world, dtype, divergence, reduction, kwargs):
+    vocab = 1001
+    z, s = make_logits((3, 4, vocab), dtype, seed=1), make_logits((3, 4, vocab), dtype, seed=2)
+    labels = make_labels((3, 4), num_classes=vocab, seed=3)
+    # Labels on every rank's slice, and the slice edges.
+    sizes = _slices(vocab, world)
+    edges = [sum(sizes[:r]) for r in range(world)]
+    for r, e in enumerate(edges):
+        labels[r % 3, 0] = e
+        labels[r % 3, 1] = e + sizes[r] - 1
+    lo, hi = edges[rank], edges[rank] + sizes[rank]
+    cotangent = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.5
+
+    def backward(loss):
+        (loss * cotangent.to(loss.dtype)).sum().backward() if loss.dim() else loss.backward()
+
+    zl = z[..., lo:hi].clone().requires_grad_()
+    sl = s[..., lo:hi].clone().requires_grad_()
+    loss = td.vocab_parallel_distill_loss(zl, sl, labels, divergence=divergence, reduction=reduction, **kwargs)
+    backward(loss)
+    zf, sf = z.clone().requires_grad_(), s.clone().requires_grad_()
+    expected = todi_ext.distill_loss(zf, sf, labels, divergence=divergence, reduction=reduction, **kwargs)
+    backward(expected)
+    if dtype == torch.float64:
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(zl.grad, zf.grad[..., lo:hi], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sl.grad, sf.grad[..., lo:hi], rtol=1e-9, atol=1e-12)
+    else:  # float32: to the single-process accuracy, against the float64 oracle
+        zd, sd = z.double().requires_grad_(), s.double().requires_grad_()
+        oracle = todi_ext.distill_loss(zd, sd, labels, divergence=divergence, reduction=reduction, **kwargs)
+        backward(oracle)
+        loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+        torch.testing.assert_close(loss.double(), oracle.detach(), rtol=loss_rtol, atol=loss_atol)
+        assert_grad_close(zl.grad, zd.grad[..., lo:hi], grad_tol)
+        assert_grad_close(sl.grad, sd.grad[..., lo:hi], grad_tol)
+
+
+def _check_bad_inputs(rank, world):
+    # Row counts that differ between ranks: every rank raises, nobody hangs.
+    rows = 4 if rank == 0 else 5
+    z, s = make_logits((rows, 10)), make_logits((rows, 10), seed=1)
+    with pytest.raises(ValueError, match="ranks disagree on rows"):
+        td.vocab_parallel_distill_loss(z, s)
+    z, s = make_logits((4, 10)), make_logits((4, 10), seed=1)
+    with pytest.raises(ValueError, match="ranks disagree on divergence"):
+        td.vocab_parallel_distill_loss(z, s, divergence="fkl" if rank == 0 else "rkl")
+    with pytest.raises(ValueError, match="ranks disagree on student dtype"):
+        td.vocab_parallel_distill_loss(z.double() if rank == 0 else z, s)
+    with pytest.raises(ValueError, match="labels checksum"):
+        td.vocab_parallel_distill_loss(z, s, torch.tensor([1, 2, 3, rank]))
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {10 * world}\)"):
+        td.vocab_parallel_distill_loss(z, s, torch.tensor([1, 2, 3, 10 * world]), hard_label_weight=1.0)
+    with pytest.raises(NotImplementedError, match="AKL"):
+        td.vocab_parallel_distill_loss(z, s, divergence="akl")
+    # Still in step after the errors: a valid call works.
+    td.vocab_parallel_distill_loss(z.requires_grad_(), s).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def _worker(rank, world, init_file, error_file, what):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        torch.set_num_threads(1)
+        if what == "cases":
+            for case in _cases():
+                try:
+                    _check_case(rank, world, *case)
+                except AssertionError as e:
+                    raise AssertionError(f"case {case[:3]} {case[3]}: {e}") from e
+        else:
+            _check_bad_inputs(rank, world)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(f"{error_file}.{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _spawn(world, tmp_path, what):
+    init_file, error_file = str(tmp_path / "rendezvous"), str(tmp_path / "error")
+    ctx = mp.start_processes(_worker, args=(world, init_file, error_file, what), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S * 3
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"world {world}: timed out after {TIMEOUT_S * 3} s")
+    except Exception:
+        errors = [open(f"{error_file}.{r}").read() for r in range(world) if os.path.exists(f"{error_file}.{r}")]
+        pytest.fail("\n".join(errors) or "a rank failed")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_loss_and_slice_gradients_equal_the_single_process_ones(world, tmp_path):
+    _spawn(world, tmp_path, "cases")
+
+
+def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
+    _spawn(2, tmp_path, "bad")
+
+
+def test_phase_ops_pass_opcheck_and_check_their_tables():
+    from conftest import op_scalar as _s
+
+    z, s = make_logits((5, 40)), make_logits((5, 40), seed=1)
+    labels = torch.tensor([3, -1, 40, 0, 39])  # local ids: -1 ignored, 40 in another slice
+    stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels, _s(0.5), -1, True)
+    merged = td._merge_row_stats(stats.unsqueeze(0))
+    sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
+                                                          merged, True)
+    torch.library.opcheck(torch.ops.todi_ext.vocab_parallel_row_stats.default, (z, s, labels, _s(0.5), -1, True))
+    torch.library.opcheck(torch.ops.todi_ext.vocab_parallel_partial_sums.default,
+                          (z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1, merged, True))
+    torch.library.opcheck(torch.ops.todi_ext.vocab_parallel_gradients.default,
+                          (z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1, merged, sums,
+                           torch.tensor(0.25), 0.5, 0.5, True, True))
+    # One slice holding the whole row: the phases give the fused op's loss.
+    per_row = 0.5 * sums[:, 0] + 0.5 * (merged[:, 5] - (sums[:, 3] - merged[:, 4]))
+    fused = todi_ext.distill_loss(z, s, torch.tensor([3, -100, 1, 0, 39]), temperature=2.0, reduction="none",
+                                  hard_label_weight=0.5, soft_label_weight=0.5)
+    assert sums[1].eq(0).all() and sums[2, 3] == 0  # ignored row; label elsewhere: no logit
+    torch.testing.assert_close(per_row[[0, 3, 4]].float(), fused[[0, 3, 4]], rtol=2e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"global_stats must be a contiguous \(5, 6\) float64"):
+        torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
+                                                       merged[:4], True)
+    with pytest.raises(ValueError, match="AKL is not implemented"):
+        torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "akl", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
+                                                       merged, True)
