@@ -98,6 +98,28 @@ def _check_bad_inputs(rank, world):
     assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
+def _check_compiled_step(rank, world):
+    # Functional collectives: the whole step compiles as one graph.
+    vocab = 301
+    z, s = make_logits((2, 5, vocab), seed=5), make_logits((2, 5, vocab), seed=6)
+    labels = make_labels((2, 5), num_classes=vocab, seed=7)
+    sizes = _slices(vocab, world)
+    lo = sum(sizes[:rank])
+    kw = dict(temperature=2.0, hard_label_weight=0.5, soft_label_weight=0.5)
+
+    def step(z, s, labels):
+        return td.vocab_parallel_distill_loss(z, s, labels, **kw)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        zl = z[..., lo:lo + sizes[rank]].clone().requires_grad_()
+        loss = fn(zl, s[..., lo:lo + sizes[rank]], labels)
+        loss.backward()
+        results.append((loss.detach(), zl.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
 def _worker(rank, world, init_file, error_file, what):
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -109,6 +131,8 @@ def _worker(rank, world, init_file, error_file, what):
                     _check_case(rank, world, *case)
                 except AssertionError as e:
                     raise AssertionError(f"case {case[:3]} {case[3]}: {e}") from e
+            if world == 2:
+                _check_compiled_step(rank, world)
         else:
             _check_bad_inputs(rank, world)
         dist.barrier()

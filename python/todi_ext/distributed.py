@@ -21,14 +21,18 @@ Every rank returns the same loss; each gets the gradient of its own slice.
 AKL is not supported: its head/tail split is a search over the whole row's
 sorted probabilities, which would take one all-reduce of 15 values per row
 per search walk (8 walks in float32) plus one for the head and tail sums.
-CPU tensors only in this version (gloo); the collectives use the plain
-torch.distributed API, so a compiled step breaks its graph around this call.
+CPU tensors only in this version (gloo). The collectives are functional
+collectives, so a step that calls this compiles with fullgraph=True; under
+torch.compile the agreement check of step 0 still gathers but does not read
+the table on the host (that would break the graph), so mismatched ranks are
+only caught eagerly.
 """
 
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
 from . import _validation, ops
@@ -43,13 +47,13 @@ _LOCAL_IGNORE = -1  # the phase ops' ignore_index: local labels are >= 0
 
 def _all_gather(t: Tensor, group) -> Tensor:
     """(world, *t.shape): every rank's t."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.stack(parts)
+    gathered = fc.all_gather_tensor(t.contiguous(), 0, group)
+    return gathered.view(dist.get_world_size(group), *t.shape)
 
 
 def _check_ranks_agree(student, teacher, labels, divergence, reduction, hard_label_weight, group):
-    """Step 0: gathers what every rank must agree on; returns the slice sizes."""
+    """Step 0: gathers what every rank must agree on; returns the slice sizes
+    (a tensor, one per rank)."""
     rows = student.numel() // student.shape[-1]
     meta = torch.zeros(16, dtype=torch.int64)
     meta[:8] = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
@@ -60,6 +64,8 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, hard_lab
         meta[8] = flat.sum()
         meta[9] = (flat * torch.arange(1, flat.numel() + 1)).sum()
     table = _all_gather(meta, group)
+    if torch.compiler.is_compiling():
+        return table[:, 1]
     for i, name in enumerate(_META):
         if i == 1:
             continue  # slices may differ in size
@@ -69,7 +75,7 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, hard_lab
                 f"vocab_parallel_distill_loss: ranks disagree on {name} ({values} by rank); every rank must pass "
                 "the same rows, dtypes, divergence, reduction and (global) labels"
             )
-    return table[:, 1].tolist()
+    return table[:, 1]
 
 
 def _merge_row_stats(stats: Tensor) -> Tensor:
@@ -100,7 +106,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels_local, divergence, beta_t, skew_lambda,
                                                               akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE, global_stats,
                                                               with_ce)
-        dist.all_reduce(sums, group=group)
+        sums = fc.all_reduce(sums, "sum", group)
         per_row = soft * sums[:, 0]
         if with_ce:  # log sum exp(z) - z[label], max and log(sum) kept apart
             per_row = per_row + hard * (global_stats[:, 5] - (sums[:, 3] - global_stats[:, 4]))
@@ -178,18 +184,19 @@ def vocab_parallel_distill_loss(
     slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction, hard_label_weight,
                                 group)
     rank = dist.get_rank(group)
-    offset, vocab = sum(slices[:rank]), sum(slices)
+    local_vocab = student_logits.shape[-1]
     labels_local = ignored = None
     if labels is not None:
         flat = labels.reshape(-1).to(torch.int64)
         ignored = flat == ignore_index
-        if hard_label_weight != 0:
-            _validation.check_label_range(labels, vocab, ignore_index)  # the same labels, so every rank raises
-        local = flat - offset
-        here = (local >= 0) & (local < slices[rank])
+        if hard_label_weight != 0 and not torch.compiler.is_compiling():
+            # The same labels on every rank, so every rank raises alike.
+            _validation.check_label_range(labels, int(slices.sum()), ignore_index)
+        local = flat - (slices.cumsum(0)[rank] - slices[rank])  # tensor ops: no host read under compile
+        here = (local >= 0) & (local < local_vocab)
         # Local ids: -1 ignored, [0, V_local) in this slice, V_local elsewhere.
         labels_local = torch.where(ignored, torch.full_like(local, _LOCAL_IGNORE),
-                                   torch.where(here, local, torch.full_like(local, slices[rank])))
+                                   torch.where(here, local, torch.full_like(local, local_vocab)))
     params = (_validation.DIVERGENCES[divergence][0], float(beta), float(skew_lambda), float(akl_mu),
               0.5 if divergence == "js" else float(jsd_beta), float(temperature), reduction,
               float(soft_label_weight), float(hard_label_weight))
