@@ -120,6 +120,25 @@ def _check_compiled_step(rank, world):
     torch.testing.assert_close(results[1][1], results[0][1])
 
 
+def _check_dtensor_entry(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    vocab = 301  # 151 + 150: DTensor's own uneven split
+    z, s = make_logits((6, vocab), seed=8), make_logits((6, vocab), seed=9)
+    labels = make_labels((6,), num_classes=vocab, seed=10)
+    mesh = init_device_mesh("cpu", (world,))
+    zd = distribute_tensor(z, mesh, [Shard(-1)]).requires_grad_()
+    sd = distribute_tensor(s, mesh, [Shard(-1)])
+    loss = td.vocab_parallel_distill_loss(zd, sd, labels, temperature=2.0, hard_label_weight=0.5)
+    loss.backward()
+    zf = z.clone().requires_grad_()
+    expected = todi_ext.distill_loss(zf, s, labels, temperature=2.0, hard_label_weight=0.5)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(zd.grad.full_tensor(), zf.grad)
+
+
 def _worker(rank, world, init_file, error_file, what):
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -133,6 +152,7 @@ def _worker(rank, world, init_file, error_file, what):
                     raise AssertionError(f"case {case[:3]} {case[3]}: {e}") from e
             if world == 2:
                 _check_compiled_step(rank, world)
+                _check_dtensor_entry(rank, world)
         else:
             _check_bad_inputs(rank, world)
         dist.barrier()

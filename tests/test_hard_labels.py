@@ -24,10 +24,15 @@ def test_matches_the_float64_oracle(divergence, temperature, reduction):
               soft_label_weight=0.5)
     got = loss_and_grads(todi_ext.distill_loss, z, s, labels, teacher_grad=True, **kw)
     expected = loss_and_grads(reference.distill_loss, z.double(), s.double(), labels, teacher_grad=True, **kw)
-    loss_rtol, loss_atol, grad_tol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(got[0].double(), expected[0], rtol=loss_rtol, atol=loss_atol)
-    assert_grad_close(got[1], expected[1], grad_tol)
-    assert_grad_close(got[2], expected[2], grad_tol)
+    # The bound comes from the best float32 formulation on the same inputs
+    # (the eager reference in float32), as in test_accuracy.py: some
+    # gradients are cancellation-bound (TVD's and SKL's teacher gradient at
+    # T = 0.7: ~2.2e-5 relative in float32 however it is computed).
+    best = loss_and_grads(reference.distill_loss, z, s, labels, teacher_grad=True, **kw)
+    for i in range(3):
+        err = float((got[i].double() - expected[i]).norm())
+        best_err = float((best[i].double() - expected[i]).norm())
+        assert err <= 4 * best_err + 1e-6 * float(expected[i].norm()), (i, err, best_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -90,6 +90,34 @@ def _merge_row_stats(stats: Tensor) -> Tensor:
     return merged
 
 
+def _from_dtensors(student, teacher, labels, group):
+    """DTensor inputs -> their local shards and the mesh's group (plain tensors pass through)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(student, DTensor) and not isinstance(teacher, DTensor):
+        return student, teacher, labels, group
+    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(t, DTensor):
+            raise TypeError(f"{name} must be a DTensor like the other logits, got {type(t).__name__}")
+        last = t.dim() - 1
+        if t.device_mesh.ndim != 1 or len(t.placements) != 1 or not (
+            isinstance(t.placements[0], Shard) and t.placements[0].dim in (-1, last)
+        ):
+            raise ValueError(
+                f"{name} must be sharded on its last dimension over a 1-D mesh (placements (Shard(-1),)), "
+                f"got {t.placements} on a {t.device_mesh.ndim}-D mesh"
+            )
+    if teacher.device_mesh != student.device_mesh:
+        raise ValueError("student_logits and teacher_logits must be on the same device mesh")
+    if isinstance(labels, DTensor):
+        if not all(isinstance(p, Replicate) for p in labels.placements):
+            raise ValueError(f"labels as a DTensor must be replicated, got {labels.placements}")
+        labels = labels.to_local()
+    if group is not None and group != student.device_mesh.get_group():
+        raise ValueError("group must be the logits' mesh group (or None) when the logits are DTensors")
+    return student.to_local(), teacher.to_local(), labels, student.device_mesh.get_group()
+
+
 class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels_local, ignored, params, group):
@@ -163,6 +191,11 @@ def vocab_parallel_distill_loss(
 ) -> Tensor:
     """distill_loss over whole rows whose vocabulary is split across the ranks of `group`.
 
+    student_logits and teacher_logits may also be DTensors sharded on their
+    last dimension (Shard(-1)) over a 1-D device mesh: their local shards and
+    the mesh's group are used (labels: a plain tensor or a replicated
+    DTensor), and the gradient comes back as a DTensor of the same sharding.
+
     student_logits, teacher_logits: (..., V_local), this rank's contiguous
     slice of the vocabulary (ranks in order; slices may differ in size).
     labels: (...) GLOBAL token ids (the same on every rank). Every rank
@@ -170,6 +203,7 @@ def vocab_parallel_distill_loss(
     the gradient of its own slice. Other arguments as in
     :func:`todi_ext.distill_loss`; divergence="akl" is not supported.
     """
+    student_logits, teacher_logits, labels, group = _from_dtensors(student_logits, teacher_logits, labels, group)
     group = group if group is not None else dist.group.WORLD
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
