@@ -24,6 +24,13 @@ if ! "$VENV/bin/python" -c "import torch, pytest, numpy, matplotlib, scikit_buil
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
     "$TORCH_SPEC" numpy pytest matplotlib "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26"
 fi
+# The Hugging Face integration's tests and the distillation study (optional
+# dependencies of the package, needed here so that the tests run them).
+if ! "$VENV/bin/python" -c "import transformers, accelerate, tokenizers" 2>/dev/null; then
+  echo "[setup] installing transformers, accelerate, tokenizers"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "transformers>=4.46" "accelerate>=1.0" \
+    "tokenizers>=0.20"
+fi
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 # The minimal CUDA toolkit here is found through its real path (BUILD-NOTES).

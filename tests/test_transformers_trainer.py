@@ -1,0 +1,168 @@
+"""todi_ext.integrations.transformers.DistillationTrainer on tiny random
+Llama and GPT-2 models built from configs (no hub access)."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+
+from todi_ext import reference  # noqa: E402
+from todi_ext.integrations.transformers import DistillationTrainer  # noqa: E402
+
+VOCAB = 211
+
+
+def llama(hidden, seed, vocab=VOCAB):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def gpt2(hidden, seed):
+    torch.manual_seed(seed)
+    # No dropout: the comparisons call the model more than once.
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                     eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def batch(n=4, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    labels = input_ids.clone()
+    labels[:, :3] = -100  # a prompt
+    labels[0, -4:] = -100  # padding
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return self.data["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.data.items()}
+
+
+def make_trainer(tmp_path, student, teacher, **kwargs):
+    args = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_steps=2, save_strategy="no",
+                logging_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    args.update(kwargs.pop("args", {}))
+    loss_kwargs = dict(divergence="todi", temperature=2.0, hard_label_weight=0.5, soft_label_weight=0.5)
+    loss_kwargs.update(kwargs)
+    return DistillationTrainer(model=student, teacher_model=teacher, args=TrainingArguments(**args),
+                               train_dataset=Rows(batch(8, seed=1)), **loss_kwargs)
+
+
+def by_hand(student, teacher, inputs, divergence="todi", **kw):
+    """hard * CE + soft * divergence on shifted logits, mean over counted tokens (float64)."""
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    s = student(**model_inputs).logits[:, :-1].double()
+    with torch.no_grad():
+        t = teacher(**model_inputs).logits[:, :-1].double()
+    y = inputs["labels"][:, 1:]
+    ce = F.cross_entropy(s.flatten(0, 1), y.flatten(), ignore_index=-100)
+    kd = reference.distill_loss(s, t, y, divergence=divergence, temperature=2.0, **kw)
+    return 0.5 * ce + 0.5 * kd
+
+
+@pytest.mark.parametrize("fused_linear", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compute_loss_is_the_formula_on_shifted_logits(tmp_path, fused_linear, arch):
+    make = llama if arch == "llama" else gpt2
+    student, teacher = make(32, seed=0), make(48, seed=1)
+    trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused_linear)
+    inputs = batch()
+    expected = by_hand(student, teacher, inputs)
+    got = trainer.compute_loss(trainer.model, dict(inputs))
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-6)
+    # Normalised by the tokens of the accumulated batch when the Trainer gives their count.
+    count = int((inputs["labels"][:, 1:] != -100).sum())
+    got_sum = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=torch.tensor(2 * count))
+    torch.testing.assert_close(got_sum.double(), expected / 2, rtol=2e-5, atol=1e-6)
+    assert trainer.fused_linear == fused_linear
+
+
+def test_both_paths_give_the_same_gradient(tmp_path):
+    grads = []
+    for fused_linear in (True, False):
+        student, teacher = llama(32, seed=0), llama(48, seed=1)
+        trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused_linear, divergence="fkl")
+        trainer.compute_loss(trainer.model, batch()).backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_changes_the_student_not_the_teacher(tmp_path):
+    student, teacher = llama(32, seed=0), llama(48, seed=1)
+    before_s = {n: p.clone() for n, p in student.named_parameters()}
+    before_t = {n: p.clone() for n, p in teacher.named_parameters()}
+    trainer = make_trainer(tmp_path, student, teacher)
+    trainer.train()
+    assert any(not torch.equal(p, before_s[n]) for n, p in student.named_parameters())
+    assert all(torch.equal(p, before_t[n]) for n, p in teacher.named_parameters())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_gradient_accumulation_gives_the_big_batch_update(tmp_path):
+    results = []
+    for batch_size, accumulation in ((4, 1), (2, 2), (1, 4)):
+        student, teacher = llama(32, seed=0), llama(48, seed=1)
+        trainer = make_trainer(tmp_path, student, teacher, args=dict(per_device_train_batch_size=batch_size,
+                                                                      gradient_accumulation_steps=accumulation,
+                                                                      max_steps=1))
+        trainer.train()
+        results.append({n: p.detach().clone() for n, p in student.named_parameters()})
+    for other in results[1:]:
+        for name, p in results[0].items():
+            torch.testing.assert_close(other[name], p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_checkpoint_has_no_teacher_weights(tmp_path):
+    student, teacher = llama(32, seed=0), llama(48, seed=1)
+    trainer = make_trainer(tmp_path, student, teacher)
+    trainer.save_model(str(tmp_path / "saved"))
+    from safetensors.torch import load_file
+
+    files = [f for f in os.listdir(tmp_path / "saved") if f.endswith(".safetensors")]
+    state = {}
+    for f in files:
+        state.update(load_file(str(tmp_path / "saved" / f)))
+    assert set(state) <= set(student.state_dict())
+    assert all(48 not in t.shape for t in state.values())  # nothing of the teacher's width
+
+
+def test_a_teacher_with_another_vocabulary_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"teacher's vocabulary size \(300\) differs from the student's \(211\)"):
+        make_trainer(tmp_path, llama(32, seed=0), llama(48, seed=1, vocab=300))
+
+
+def test_logits_that_are_not_a_plain_linear_map_fall_back_with_a_warning(tmp_path):
+    class Scaled(LlamaForCausalLM):  # a logit scale after the lm_head (as some models have)
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    torch.manual_seed(0)
+    student = Scaled(llama(32, seed=0).config)
+    teacher = llama(48, seed=1)
+    trainer = make_trainer(tmp_path, student, teacher)
+    inputs = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = trainer.compute_loss(trainer.model, dict(inputs))
+    assert any("logits path" in str(w.message) for w in caught)
+    assert trainer.fused_linear is False
+    torch.testing.assert_close(got.double(), by_hand(student, teacher, inputs), rtol=2e-5, atol=1e-6)
