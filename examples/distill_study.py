@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = {
     # corpus chars, vocab, seq len, teacher (hidden, layers, steps), student (hidden, layers, steps), batch, seeds,
     # prompts for ROUGE-L, held-out sequences
-    "full": dict(chars=6_000_000, vocab=2048, seq=128, teacher=(256, 4, 1500), student=(128, 2, 600), batch=16,
+    "full": dict(chars=6_000_000, vocab=2048, seq=128, teacher=(256, 4, 1000), student=(128, 2, 300), batch=16,
                  seeds=3, prompts=48, eval_seqs=256),
     "quick": dict(chars=1_500_000, vocab=1024, seq=96, teacher=(192, 3, 400), student=(96, 2, 150), batch=16,
                   seeds=2, prompts=24, eval_seqs=96),
@@ -51,6 +51,7 @@ BUDGETS = {
 }
 DIVERGENCES = ["todi", "fkl", "rkl", "akl", "js", "tvd", "skl", "srkl", "gjsd"]
 PROMPT_TOKENS, CONTINUATION_TOKENS = 32, 24
+GJSD_BETA = 0.1
 
 
 def progress(i, n, what, started):
@@ -157,9 +158,11 @@ def train_student(student, teacher, data, method, steps, batch, seed, out_dir):
     if method == "hard labels":
         trainer = Trainer(model=student, args=args, train_dataset=dataset)
     else:
+        # gjsd at its default jsd_beta = 0.5 is js: the study runs it at 0.1.
+        extra = {"jsd_beta": GJSD_BETA} if method == "gjsd" else {}
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                       divergence=method, temperature=1.0, hard_label_weight=0.0,
-                                      soft_label_weight=1.0, fused_linear=True)
+                                      soft_label_weight=1.0, fused_linear=True, **extra)
     trainer.train()
     return student.eval()
 
@@ -275,7 +278,7 @@ def main():
         f"Teacher: Llama, hidden {th}, {tl} layers, {teacher_params / 1e6:.2f} M parameters, {tsteps} steps. "
         f"Students: hidden {sh}, {sl} layers, {student_params / 1e6:.2f} M parameters, {ssteps} steps each, "
         f"batch {b['batch']} x {b['seq']} tokens, AdamW 3e-3 cosine; distillation at T = 1, soft loss only "
-        f"(hard_label_weight 0), fused-linear path. Corpus: Python {sys.version.split()[0]} standard library "
+        f"(hard_label_weight 0), fused-linear path; gjsd at jsd_beta {GJSD_BETA}. Corpus: Python {sys.version.split()[0]} standard library "
         f"sources, vocab {vocab}. Held-out: {held.shape[0]} sequences; ROUGE-L of {len(picked)} greedy "
         f"continuations ({CONTINUATION_TOKENS} tokens after {PROMPT_TOKENS}). Total run time "
         f"{elapsed / 60:.1f} min on {os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
