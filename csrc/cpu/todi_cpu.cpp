@@ -82,8 +82,12 @@ ForwardSetup prepare_phase(const at::Tensor& student_logits, const at::Tensor& t
                            double skew_lambda, double akl_mu, double jsd_beta, const at::Tensor& inv_temperature,
                            int64_t ignore_index, bool student_grad, bool teacher_grad) {
   // hard_label_weight 0 here: local labels outside the slice are legal.
-  return prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
-                         inv_temperature, ignore_index, "sum", student_grad, teacher_grad, 1.0, 0.0);
+  ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu,
+                                       jsd_beta, inv_temperature, ignore_index, "sum", student_grad, teacher_grad,
+                                       1.0, 0.0);
+  TORCH_CHECK_VALUE(setup.divergence != math::Divergence::kAKL,
+                    "vocab-parallel AKL is not implemented (its split needs a collective per search walk)");
+  return setup;
 }
 
 at::Tensor vocab_parallel_row_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -110,8 +114,6 @@ at::Tensor vocab_parallel_partial_sums_cpu(const at::Tensor& student_logits, con
                                            const at::Tensor& global_stats, bool with_cross_entropy) {
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, false, false);
-  TORCH_CHECK_VALUE(setup.divergence != math::Divergence::kAKL,
-                    "vocab-parallel AKL is not implemented (its split needs a collective per search walk)");
   check_row_table("global_stats", global_stats, setup.view.rows, 6);
   at::Tensor sums = at::empty({setup.view.rows, 4}, student_logits.options().dtype(at::kDouble));
   if (setup.view.rows > 0) {
@@ -133,8 +135,6 @@ std::tuple<at::Tensor, at::Tensor> vocab_parallel_gradients_cpu(
     bool student_grad, bool teacher_grad) {
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, student_grad, teacher_grad);
-  TORCH_CHECK_VALUE(setup.divergence != math::Divergence::kAKL,
-                    "vocab-parallel AKL is not implemented (its split needs a collective per search walk)");
   check_row_table("global_stats", global_stats, setup.view.rows, 6);
   check_row_table("global_sums", global_sums, setup.view.rows, 4);
   TORCH_CHECK_VALUE(grad_scale.dim() == 0 && grad_scale.scalar_type() == setup.per_position.scalar_type(),
