@@ -193,9 +193,20 @@ def _ddp_worker(rank, world, port, out_dir):
 
     trainer = make_trainer(pathlib.Path(out_dir), student, teacher,
                            args=dict(per_device_train_batch_size=2, max_steps=1, ddp_backend="gloo"))
-    trainer.train()
-    if rank == 0:
-        torch.save({n: p.detach() for n, p in student.named_parameters()}, os.path.join(out_dir, "ddp.pt"))
+    try:
+        trainer.train()
+        if rank == 0:
+            torch.save({n: p.detach() for n, p in student.named_parameters()}, os.path.join(out_dir, "ddp.pt"))
+    finally:
+        # Tear the gloo group down before the interpreter exits: left to
+        # process exit, its threads can still be joinable when their
+        # destructors run ("terminate called without an active exception",
+        # SIGABRT - seen once in CI, after a finished step).
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def test_ddp_with_two_gloo_processes_gives_the_single_process_update(tmp_path):
