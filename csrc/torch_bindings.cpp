@@ -59,12 +59,25 @@ TORCH_LIBRARY(todi_ext, m) {
   m.def(
       "vocab_parallel_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
       "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
-      "Tensor global_stats, bool with_cross_entropy) -> Tensor");
+      "Tensor global_stats, bool with_cross_entropy, Tensor? akl_gaps=None) -> Tensor");
   m.def(
       "vocab_parallel_gradients(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
       "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
       "Tensor global_stats, Tensor global_sums, Tensor grad_scale, float soft_label_weight, "
-      "float hard_label_weight, bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+      "float hard_label_weight, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+  // AKL's head/tail split (math::AklTailSearch) between the statistics and
+  // the partial sums: with tail_key the search's per-row low key (int64) and
+  // remaining_bits the bits still open, a walk gives this slice's sums of p
+  // at the walk's 15 thresholds, (rows, 15) float64; once the search is done,
+  // the gaps op gives this slice's (g_head, g_tail), (rows, 2) float64. The
+  // all-reduced gaps then go to the partial sums and gradients as akl_gaps.
+  m.def(
+      "vocab_parallel_akl_walk(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key, int remaining_bits) -> Tensor");
+  m.def(
+      "vocab_parallel_akl_gaps(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key) -> Tensor");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of distill_forward. scale is a scalar (0-dim) or one value per row; rows
   // whose scale is exactly 1 are not touched, so the usual loss.backward()

@@ -19,7 +19,7 @@ import todi_ext.distributed as td
 
 from conftest import TOLERANCES, assert_grad_close, make_labels, make_logits
 
-DIVERGENCES = ["todi", "fkl", "rkl", "js", "tvd", "skl", "srkl", "gjsd"]
+DIVERGENCES = ["todi", "fkl", "rkl", "js", "tvd", "skl", "srkl", "gjsd", "akl"]
 TIMEOUT_S = 120  # a bug must fail the test, not hang it
 
 
@@ -37,6 +37,7 @@ def _cases():
                 yield dtype, divergence, reduction, dict(temperature=2.0)
         yield dtype, "todi", "mean", dict(temperature=2.0, hard_label_weight=0.5, soft_label_weight=0.5)
         yield dtype, "fkl", "none", dict(temperature=1.0, hard_label_weight=0.3)
+        yield dtype, "akl", "mean", dict(temperature=0.7, akl_mu=0.3, hard_label_weight=0.2)
 
 
 def _check_case(rank, world, dtype, divergence, reduction, kwargs):
@@ -91,8 +92,10 @@ def _check_bad_inputs(rank, world):
         td.vocab_parallel_distill_loss(z, s, torch.tensor([1, 2, 3, rank]))
     with pytest.raises(ValueError, match=rf"labels must be in \[0, {10 * world}\)"):
         td.vocab_parallel_distill_loss(z, s, torch.tensor([1, 2, 3, 10 * world]), hard_label_weight=1.0)
-    with pytest.raises(NotImplementedError, match="AKL"):
-        td.vocab_parallel_distill_loss(z, s, divergence="akl")
+    with pytest.raises(ValueError, match=r"ranks disagree on akl_mu \(\[0.5, 0.25"):
+        td.vocab_parallel_distill_loss(z, s, divergence="akl", akl_mu=0.5 if rank == 0 else 0.25)
+    with pytest.raises(ValueError, match="ranks disagree on temperature"):
+        td.vocab_parallel_distill_loss(z, s, temperature=1.0 + rank)
     # Still in step after the errors: a valid call works.
     td.vocab_parallel_distill_loss(z.requires_grad_(), s).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
@@ -105,19 +108,20 @@ def _check_compiled_step(rank, world):
     labels = make_labels((2, 5), num_classes=vocab, seed=7)
     sizes = _slices(vocab, world)
     lo = sum(sizes[:rank])
-    kw = dict(temperature=2.0, hard_label_weight=0.5, soft_label_weight=0.5)
+    for divergence in ("todi", "akl"):  # AKL: the search's walks unroll into the graph
+        kw = dict(divergence=divergence, temperature=2.0, hard_label_weight=0.5, soft_label_weight=0.5)
 
-    def step(z, s, labels):
-        return td.vocab_parallel_distill_loss(z, s, labels, **kw)
+        def step(z, s, labels):
+            return td.vocab_parallel_distill_loss(z, s, labels, **kw)
 
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        zl = z[..., lo:lo + sizes[rank]].clone().requires_grad_()
-        loss = fn(zl, s[..., lo:lo + sizes[rank]], labels)
-        loss.backward()
-        results.append((loss.detach(), zl.grad))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    torch.testing.assert_close(results[1][1], results[0][1])
+        results = []
+        for fn in (step, torch.compile(step, fullgraph=True)):
+            zl = z[..., lo:lo + sizes[rank]].clone().requires_grad_()
+            loss = fn(zl, s[..., lo:lo + sizes[rank]], labels)
+            loss.backward()
+            results.append((loss.detach(), zl.grad))
+        torch.testing.assert_close(results[1][0], results[0][0])
+        torch.testing.assert_close(results[1][1], results[0][1])
 
 
 def _check_dtensor_entry(rank, world):
@@ -212,6 +216,51 @@ def test_phase_ops_pass_opcheck_and_check_their_tables():
     with pytest.raises(ValueError, match=r"global_stats must be a contiguous \(5, 6\) float64"):
         torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                        merged[:4], True)
-    with pytest.raises(ValueError, match="AKL is not implemented"):
+    with pytest.raises(ValueError, match="divergence 'akl' needs akl_gaps"):
         torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "akl", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                        merged, True)
+    with pytest.raises(ValueError, match="akl_gaps is only for divergence 'akl'"):
+        torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
+                                                       merged, True, torch.zeros(5, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("akl_mu", [0.5, 0.15, 0.9])
+def test_akl_phase_ops_on_one_slice_give_the_fused_split(dtype, akl_mu):
+    # The whole row as one slice, the all-reduce the identity: the search
+    # walks, the gaps and the weighted sums must give the fused kernel's
+    # per-row AKL loss and gradients (the same math, the same roundings).
+    from conftest import op_scalar as _s
+
+    z, s = make_logits((6, 1001), dtype, seed=11), make_logits((6, 1001), dtype, seed=12)
+    labels = torch.tensor([3, -1, 40, 0, 39, 1000])
+    inv_t = _s(0.5)
+    stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels, inv_t, -1, False)
+    merged = td._merge_row_stats(stats.unsqueeze(0))
+    gaps = td._akl_gaps(z, s, labels, inv_t, merged, akl_mu, dtype, lambda t: t)
+    beta = _s(1.0)
+    sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "akl", beta, 0.1, akl_mu, 0.5, inv_t, -1,
+                                                          merged, False, gaps)
+    grad_z, grad_s = torch.ops.todi_ext.vocab_parallel_gradients(
+        z, s, labels, "akl", beta, 0.1, akl_mu, 0.5, inv_t, -1, merged, sums, torch.ones((), dtype=dtype), 1.0, 0.0,
+        True, True, gaps)
+    zf, sf = z.clone().requires_grad_(), s.clone().requires_grad_()
+    fused = todi_ext.distill_loss(zf, sf, torch.tensor([3, -100, 40, 0, 39, 1000]), divergence="akl",
+                                  akl_mu=akl_mu, temperature=2.0, reduction="none")
+    fused.sum().backward()
+    assert gaps[1].eq(0).all() and (gaps[[0, 2, 3, 4, 5]] > 0).all()  # the ignored row; a real split elsewhere
+    torch.testing.assert_close(sums[:, 0].to(dtype), fused.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grad_z, zf.grad, rtol=0, atol=0)
+    torch.testing.assert_close(grad_s, sf.grad, rtol=0, atol=0)
+    tail_key = torch.zeros(6, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.todi_ext.vocab_parallel_akl_walk.default,
+                          (z, s, labels, inv_t, -1, merged, tail_key, 30))
+    torch.library.opcheck(torch.ops.todi_ext.vocab_parallel_akl_gaps.default,
+                          (z, s, labels, inv_t, -1, merged, tail_key))
+    torch.library.opcheck(torch.ops.todi_ext.vocab_parallel_partial_sums.default,
+                          (z, s, labels, "akl", beta, 0.1, akl_mu, 0.5, inv_t, -1, merged, False, gaps))
+    bits = 62 if dtype == torch.float64 else 30
+    with pytest.raises(ValueError, match=rf"remaining_bits must be in \[0, {bits}\]"):
+        torch.ops.todi_ext.vocab_parallel_akl_walk(z, s, labels, inv_t, -1, merged, tail_key, bits + 1)
+    with pytest.raises(ValueError, match=r"tail_key must be a contiguous \(6,\) int64"):
+        torch.ops.todi_ext.vocab_parallel_akl_gaps(z, s, labels, inv_t, -1, merged, tail_key.int())

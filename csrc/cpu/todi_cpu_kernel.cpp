@@ -289,17 +289,12 @@ math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s,
   return t;
 }
 
-// AKL's per-row weights (math::AklTailSearch has the method): one pass that
-// stores p and |p - q| per entry, the search passes, and g_head / g_tail.
-// After each search pass the probabilities still undecided are compacted
-// (branch-free) into akl_window, and later passes walk only those, adding
-// S(low) for the ones below: the window shrinks 16-fold per pass, so the
-// search costs about two walks of the row instead of eight. (N=1024,
-// V=32000, float32, 2-core dev machine: the whole AKL forward went from
-// 2.2x to ~1.5x FKL's time; see benchmarks/results/divergences.)
+// AKL, step 1: p (or +inf for a masked entry: never in the tail) and
+// |p - q| (0 for a masked entry) of every entry into the row scratch.
+// Returns the padded length of both arrays.
 template <class acc_t>
-void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
-                     const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s, math::DivergenceParams& prm) {
+int64_t akl_fill_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
+                     const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s) {
   using Vec = Vectorized<acc_t>;
   const Vec inf(std::numeric_limits<acc_t>::infinity()), zero(acc_t(0));
   int64_t padded_vocab = 0;
@@ -318,49 +313,41 @@ void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Ro
     }
     padded_vocab = start + padded;
   }
+  return padded_vocab;
+}
 
-  math::AklTailSearch<acc_t> search;
-  const acc_t mu = static_cast<acc_t>(prm.akl_mu);
-  const acc_t* window = scratch.akl_prob;  // the first pass walks every entry
-  int64_t window_size = padded_vocab;
-  double below = 0;  // S(low): the probabilities under the window
-  while (!search.done()) {
-    Vec thresholds[math::kAklCandidates];
-    double chunk_totals[math::kAklCandidates] = {};
-    for (int j = 0; j < math::kAklCandidates; ++j) thresholds[j] = Vec(search.threshold(j));
-    for (int64_t start = 0; start < window_size; start += kChunk) {  // blocked sums
-      const int64_t end = std::min(window_size, start + kChunk);
-      Vec sums[math::kAklCandidates];
-      for (int j = 0; j < math::kAklCandidates; ++j) sums[j] = zero;
-      for (int64_t i = start; i < end; i += Vec::size()) {
-        const Vec prob = Vec::loadu(window + i);
-        for (int j = 0; j < math::kAklCandidates; ++j) {
-          sums[j] = sums[j] + Vec::blendv(zero, prob, prob <= thresholds[j]);
-        }
+// AKL, one search walk: totals[j] = sum of the probabilities in
+// window[0, size) that are <= search.threshold(j) (blocked sums).
+template <class acc_t>
+void akl_candidate_sums(const acc_t* window, int64_t size, const math::AklTailSearch<acc_t>& search,
+                        double (&totals)[math::kAklCandidates]) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(acc_t(0));
+  Vec thresholds[math::kAklCandidates];
+  for (int j = 0; j < math::kAklCandidates; ++j) thresholds[j] = Vec(search.threshold(j)), totals[j] = 0;
+  for (int64_t start = 0; start < size; start += kChunk) {
+    const int64_t end = std::min(size, start + kChunk);
+    Vec sums[math::kAklCandidates];
+    for (int j = 0; j < math::kAklCandidates; ++j) sums[j] = zero;
+    for (int64_t i = start; i < end; i += Vec::size()) {
+      const Vec prob = Vec::loadu(window + i);
+      for (int j = 0; j < math::kAklCandidates; ++j) {
+        sums[j] = sums[j] + Vec::blendv(zero, prob, prob <= thresholds[j]);
       }
-      for (int j = 0; j < math::kAklCandidates; ++j) chunk_totals[j] += hsum(sums[j]);
     }
-    acc_t totals[math::kAklCandidates];
-    for (int j = 0; j < math::kAklCandidates; ++j) totals[j] = static_cast<acc_t>(below + chunk_totals[j]);
-    const int digit = search.advance(totals, mu);
-    if (digit > 0) below = totals[digit - 1];
-    if (search.done()) break;
-    // Keep low < p < high; in place after the first pass (writes trail reads).
-    const acc_t low = search.window_low(), high = search.window_high();
-    int64_t kept = 0;
-    for (int64_t i = 0; i < window_size; ++i) {
-      const acc_t prob = window[i];
-      scratch.akl_window[kept] = prob;
-      kept += (prob > low) & (prob < high);
-    }
-    window_size = (kept + Vec::size() - 1) / Vec::size() * Vec::size();
-    std::fill(scratch.akl_window + kept, scratch.akl_window + window_size, std::numeric_limits<acc_t>::infinity());
-    window = scratch.akl_window;
+    for (int j = 0; j < math::kAklCandidates; ++j) totals[j] += hsum(sums[j]);
   }
+}
 
-  const Vec tail_max(search.tail_threshold());
-  double head_sum = 0, tail_sum = 0;
-  for (int64_t start = 0; start < padded_vocab; start += kChunk) {  // blocked sums
+// AKL, last step: g_head and g_tail, the sums of |p - q| over the entries
+// above and at-or-below the tail threshold (blocked sums).
+template <class acc_t>
+void akl_gap_sums(const RowScratch<acc_t>& scratch, int64_t padded_vocab, acc_t tail_threshold, double& head_sum,
+                  double& tail_sum) {
+  using Vec = Vectorized<acc_t>;
+  const Vec tail_max(tail_threshold), zero(acc_t(0));
+  head_sum = tail_sum = 0;
+  for (int64_t start = 0; start < padded_vocab; start += kChunk) {
     const int64_t end = std::min(padded_vocab, start + kChunk);
     Vec g_head(acc_t(0)), g_tail(acc_t(0));
     for (int64_t i = start; i < end; i += Vec::size()) {
@@ -372,7 +359,68 @@ void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Ro
     head_sum += hsum(g_head);
     tail_sum += hsum(g_tail);
   }
+}
+
+// AKL's per-row weights in one process (math::AklTailSearch has the
+// method): the fill, the search walks, g_head / g_tail. After each walk the
+// probabilities still undecided are compacted (branch-free) into
+// akl_window, and later walks visit only those, adding S(low) for the ones
+// below: the window shrinks 16-fold per walk, so the search costs about two
+// walks of the row instead of eight. (N=1024, V=32000, float32, 2-core dev
+// machine: the whole AKL forward went from 2.2x to ~1.5x FKL's time; see
+// benchmarks/results/divergences.)
+template <class acc_t>
+void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
+                     const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s, math::DivergenceParams& prm) {
+  const int64_t padded_vocab = akl_fill_row(p, row, c, scratch, lse_z, lse_s);
+  math::AklTailSearch<acc_t> search;
+  const acc_t mu = static_cast<acc_t>(prm.akl_mu);
+  const acc_t* window = scratch.akl_prob;  // the first walk visits every entry
+  int64_t window_size = padded_vocab;
+  double below = 0;  // S(low): the probabilities under the window
+  while (!search.done()) {
+    double chunk_totals[math::kAklCandidates];
+    akl_candidate_sums(window, window_size, search, chunk_totals);
+    acc_t totals[math::kAklCandidates];
+    for (int j = 0; j < math::kAklCandidates; ++j) totals[j] = static_cast<acc_t>(below + chunk_totals[j]);
+    const int digit = search.advance(totals, mu);
+    if (digit > 0) below = totals[digit - 1];
+    if (search.done()) break;
+    // Keep low < p < high; in place after the first walk (writes trail reads).
+    const acc_t low = search.window_low(), high = search.window_high();
+    int64_t kept = 0;
+    for (int64_t i = 0; i < window_size; ++i) {
+      const acc_t prob = window[i];
+      scratch.akl_window[kept] = prob;
+      kept += (prob > low) & (prob < high);
+    }
+    window_size = (kept + Vectorized<acc_t>::size() - 1) / Vectorized<acc_t>::size() * Vectorized<acc_t>::size();
+    std::fill(scratch.akl_window + kept, scratch.akl_window + window_size, std::numeric_limits<acc_t>::infinity());
+    window = scratch.akl_window;
+  }
+  double head_sum, tail_sum;
+  akl_gap_sums(scratch, padded_vocab, search.tail_threshold(), head_sum, tail_sum);
   math::set_akl_weights(static_cast<acc_t>(head_sum), static_cast<acc_t>(tail_sum), prm);
+}
+
+// The vocabulary-parallel AKL phases on this slice: one walk of the search
+// whose state every rank holds (kAklWalk), or the gap sums at its result
+// (kAklGaps). The whole slice every time: no window to keep between calls.
+template <class acc_t>
+void akl_slice_sums(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
+                    const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s) {
+  const VocabParallelParams& vp = p.vocab_parallel;
+  const int64_t padded_vocab = akl_fill_row(p, row, c, scratch, lse_z, lse_s);
+  math::AklTailSearch<acc_t> search;
+  search.low = static_cast<typename math::AklTailSearch<acc_t>::U>(vp.akl_low[row]);
+  search.remaining = vp.akl_remaining;
+  if (vp.phase == Phase::kAklWalk) {
+    double totals[math::kAklCandidates];
+    akl_candidate_sums(scratch.akl_prob, padded_vocab, search, totals);
+    std::copy(totals, totals + math::kAklCandidates, vp.akl_sums + row * math::kAklCandidates);
+  } else {
+    akl_gap_sums(scratch, padded_vocab, search.tail_threshold(), vp.akl_sums[row * 2], vp.akl_sums[row * 2 + 1]);
+  }
 }
 
 // hard_weight * d CE / dz for one student row: hard_weight * (softmax(z) - onehot(label)).
@@ -433,6 +481,11 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
       std::fill(vp.sums + row * 4, vp.sums + row * 4 + 4, 0.0);
       return;
     }
+    if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) {
+      const int n = phase == Phase::kAklWalk ? math::kAklCandidates : 2;
+      std::fill(vp.akl_sums + row * n, vp.akl_sums + row * n + n, 0.0);
+      return;
+    }
     if (phase == Phase::kFused) *loss_out = 0;  // skipped position: no loss, exactly-zero gradient
     if (want_gs) fill_row<acc_t>(p.grad_student.data, p.grad_student.dtype, out_offset, p.vocab, 0);
     if (want_gt) fill_row<acc_t>(p.grad_teacher.data, p.grad_teacher.dtype, out_offset, p.vocab, 0);
@@ -445,7 +498,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   const bool unit_t = *p.inv_temperature == 1.0;
   math::LogSumExp<double> lse_z, lse_s, lse_z1;
   double log_sum_z, log_sum_s, log_sum_z1 = 0;
-  if (phase == Phase::kPartialSums || phase == Phase::kGradients) {
+  if (phase != Phase::kFused && phase != Phase::kRowStats) {
     // The whole vocabulary's log-sum-exps, merged from every slice's.
     const double* g = vp.global_stats + row * 6;
     lse_z.max = g[0], log_sum_z = g[1], lse_s.max = g[2], log_sum_s = g[3], lse_z1.max = g[4], log_sum_z1 = g[5];
@@ -467,6 +520,11 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
       std::fill(vp.sums + row * 4, vp.sums + row * 4 + 4, std::numeric_limits<double>::quiet_NaN());
       return;
     }
+    if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) {
+      const int n = phase == Phase::kAklWalk ? math::kAklCandidates : 2;
+      std::fill(vp.akl_sums + row * n, vp.akl_sums + row * n + n, std::numeric_limits<double>::quiet_NaN());
+      return;
+    }
     if (phase == Phase::kFused) *loss_out = nan;
     if (want_gs) fill_row<acc_t>(p.grad_student.data, p.grad_student.dtype, out_offset, p.vocab, nan);
     if (want_gt) fill_row<acc_t>(p.grad_teacher.data, p.grad_teacher.dtype, out_offset, p.vocab, nan);
@@ -479,7 +537,15 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   const RowLse<acc_t> lse_sv{inv_t, Vec(static_cast<acc_t>(-lse_s.max)), Vec(static_cast<acc_t>(log_sum_s))};
   math::DivergenceParams prm = p.divergence_params;
   prm.beta = *p.beta;
-  if constexpr (D == math::Divergence::kAKL) akl_row_weights(p, row, c, scratch, lse_zv, lse_sv, prm);
+  if constexpr (D == math::Divergence::kAKL) {
+    if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) return akl_slice_sums(p, row, c, scratch, lse_zv, lse_sv);
+    if (phase == Phase::kFused) {
+      akl_row_weights(p, row, c, scratch, lse_zv, lse_sv, prm);
+    } else {  // the whole row's gaps, summed over the slices
+      const double* g = vp.akl_global_gaps + row * 2;
+      math::set_akl_weights(static_cast<acc_t>(g[0]), static_cast<acc_t>(g[1]), prm);
+    }
+  }
 
   // Pass 2: loss and the weight sums (blocked); keep what pass 3 needs.
   double loss_sum = 0, u_sum = 0, v_sum = 0;

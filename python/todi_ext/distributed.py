@@ -18,9 +18,11 @@ Per call (forward; the backward needs no collective):
      those (N, 4) float64 values;
   3. the local gradient, (u - q U) / T on this slice, from the global sums.
 Every rank returns the same loss; each gets the gradient of its own slice.
-AKL is not supported: its head/tail split is a search over the whole row's
-sorted probabilities, which would take one all-reduce of 15 values per row
-per search walk (8 walks in float32) plus one for the head and tail sums.
+AKL adds its head/tail split between steps 1 and 2 (see _akl_gaps): the
+split is a search over the whole rows' probabilities (math::AklTailSearch),
+one all-reduce of (N, 15) float64 per walk - 8 walks in float32 math, 16 in
+float64 - and one of (N, 2) for the head's and tail's sums of |p - q|;
+2 + 9 = 11 collectives per step in float32 in all, every one O(N).
 CPU tensors only in this version (gloo). The collectives are functional
 collectives, so a step that calls this compiles with fullgraph=True; under
 torch.compile the agreement check of step 0 still gathers but does not read
@@ -41,7 +43,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.flo
 _DIVERGENCE_CODES = {name: i for i, name in enumerate(_validation.DIVERGENCES)}
 _REDUCTION_CODES = {name: i for i, name in enumerate(_validation.REDUCTIONS)}
 _META = ("rows", "vocab slice", "student dtype", "teacher dtype", "divergence", "reduction", "labels given",
-         "hard_label_weight != 0", "labels checksum", "labels weighted checksum")
+         "hard_label_weight", "labels checksum", "labels weighted checksum", "temperature", "beta", "skew_lambda",
+         "akl_mu", "jsd_beta", "soft_label_weight")
+_FLOAT_META = slice(10, 16)  # these, and hard_label_weight, travel as the bits of their float64 values
 _LOCAL_IGNORE = -1  # the phase ops' ignore_index: local labels are >= 0
 
 
@@ -51,14 +55,21 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return gathered.view(dist.get_world_size(group), *t.shape)
 
 
-def _check_ranks_agree(student, teacher, labels, divergence, reduction, hard_label_weight, group):
+def _float_bits(values) -> Tensor:
+    # + 0.0 makes -0.0 into 0.0: equal values, equal bits.
+    return torch.tensor([float(v) + 0.0 for v in values], dtype=torch.float64).view(torch.int64)
+
+
+def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars, group):
     """Step 0: gathers what every rank must agree on; returns the slice sizes
-    (a tensor, one per rank)."""
+    (a tensor, one per rank). scalars: temperature, beta, skew_lambda,
+    akl_mu, jsd_beta, soft_label_weight, hard_label_weight."""
     rows = student.numel() // student.shape[-1]
     meta = torch.zeros(16, dtype=torch.int64)
-    meta[:8] = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
-                             _DIVERGENCE_CODES[divergence], _REDUCTION_CODES[reduction], labels is not None,
-                             hard_label_weight != 0])
+    meta[:7] = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
+                             _DIVERGENCE_CODES[divergence], _REDUCTION_CODES[reduction], labels is not None])
+    meta[7] = _float_bits(scalars[6:])[0]
+    meta[_FLOAT_META] = _float_bits(scalars[:6])
     if labels is not None:
         flat = labels.reshape(-1).to(torch.int64)
         meta[8] = flat.sum()
@@ -69,11 +80,13 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, hard_lab
     for i, name in enumerate(_META):
         if i == 1:
             continue  # slices may differ in size
-        values = table[:, i].tolist()
-        if len(set(values)) > 1:
+        if len(set(table[:, i].tolist())) > 1:
+            column = table[:, i].contiguous()
+            values = column.view(torch.float64) if i == 7 or 10 <= i < 16 else column
             raise ValueError(
-                f"vocab_parallel_distill_loss: ranks disagree on {name} ({values} by rank); every rank must pass "
-                "the same rows, dtypes, divergence, reduction and (global) labels"
+                f"vocab_parallel_distill_loss: ranks disagree on {name} ({values.tolist()} by rank); every rank "
+                "must pass the same rows, dtypes, divergence and its parameters, reduction, label weights and "
+                "(global) labels"
             )
     return table[:, 1]
 
@@ -88,6 +101,38 @@ def _merge_row_stats(stats: Tensor) -> Tensor:
     merged[:, 0::2] = top
     merged[:, 1::2] = torch.log(scaled.sum(dim=0))
     return merged
+
+
+# AklTailSearch's keys: the bits of a probability below 2 (float32: 30, float64: 62), fixed 4 at a time.
+_AKL_KEY_BITS = {torch.float32: 30, torch.float64: 62}
+_AKL_DIGIT_BITS = 4
+
+
+def _akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math, all_reduce):
+    """AKL's whole-row (g_head, g_tail), (N, 2) float64, the same on every rank.
+
+    Runs math::AklTailSearch across the slices: every walk the kernel sums
+    this slice's probabilities at the 15 thresholds of the current window,
+    the sums are all-reduced, and every rank advances the search alike
+    (AklTailSearch::advance, here in tensor ops: the largest candidate whose
+    S, rounded to the math dtype, is <= mu). The all-reduced values are
+    identical on every rank, so the ranks never diverge."""
+    rows = global_stats.shape[0]
+    low = torch.zeros(rows, dtype=torch.int64)
+    remaining = _AKL_KEY_BITS[math]
+    mu = torch.tensor(akl_mu, dtype=math)
+    while remaining > 0:
+        local = torch.ops.todi_ext.vocab_parallel_akl_walk(z, s, labels_local, inv_t, _LOCAL_IGNORE, global_stats,
+                                                          low, remaining)
+        totals = all_reduce(local)
+        bits = min(_AKL_DIGIT_BITS, remaining)
+        candidates = (1 << bits) - 1  # a last, shorter digit has fewer
+        fits = totals[:, :candidates].to(math) <= mu
+        digit = (fits * torch.arange(1, candidates + 1)).amax(dim=1)
+        remaining -= bits
+        low = low + (digit << remaining)
+    local = torch.ops.todi_ext.vocab_parallel_akl_gaps(z, s, labels_local, inv_t, _LOCAL_IGNORE, global_stats, low)
+    return all_reduce(local)
 
 
 def _from_dtensors(student, teacher, labels, group):
@@ -130,17 +175,20 @@ class _VocabParallelLoss(torch.autograd.Function):
         # 1: local row statistics, merged across ranks (one all-gather).
         local_stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels_local, inv_t, _LOCAL_IGNORE, with_ce)
         global_stats = _merge_row_stats(_all_gather(local_stats, group))
+        math = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+        # AKL: the head/tail split of the whole rows (a collective per search walk).
+        akl_gaps = (_akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math, lambda t: fc.all_reduce(t, "sum", group))
+                    if divergence == "akl" else None)
         # 2: partial sums, summed across ranks (one all-reduce).
         sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels_local, divergence, beta_t, skew_lambda,
                                                               akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE, global_stats,
-                                                              with_ce)
+                                                              with_ce, akl_gaps)
         sums = fc.all_reduce(sums, "sum", group)
         per_row = soft * sums[:, 0]
         if with_ce:  # log sum exp(z) - z[label], max and log(sum) kept apart
             per_row = per_row + hard * (global_stats[:, 5] - (sums[:, 3] - global_stats[:, 4]))
         if ignored is not None:
             per_row = torch.where(ignored, torch.zeros_like(per_row), per_row)
-        math = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
         count = None
         if reduction == "mean":
             count = (~ignored).sum().clamp(min=1) if ignored is not None else max(rows, 1)
@@ -151,7 +199,7 @@ class _VocabParallelLoss(torch.autograd.Function):
             grad_scale = torch.ones((), dtype=math) if count is None else torch.as_tensor(count, dtype=math).reciprocal()
             grad_s, grad_t = torch.ops.todi_ext.vocab_parallel_gradients(
                 z, s, labels_local, divergence, beta_t, skew_lambda, akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE,
-                global_stats, sums, grad_scale, soft, hard, want_s, want_t)
+                global_stats, sums, grad_scale, soft, hard, want_s, want_t, akl_gaps)
             grad_s, grad_t = grad_s.view(student.shape) if want_s else None, grad_t.view(teacher.shape) if want_t else None
         ctx.save_for_backward(grad_s, grad_t)
         per_row = per_row.to(math)
@@ -201,22 +249,18 @@ def vocab_parallel_distill_loss(
     labels: (...) GLOBAL token ids (the same on every rank). Every rank
     returns the same loss, that of the whole rows; backward gives each rank
     the gradient of its own slice. Other arguments as in
-    :func:`todi_ext.distill_loss`; divergence="akl" is not supported.
+    :func:`todi_ext.distill_loss`.
     """
     student_logits, teacher_logits, labels, group = _from_dtensors(student_logits, teacher_logits, labels, group)
     group = group if group is not None else dist.group.WORLD
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
     _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
-    if divergence == "akl":
-        raise NotImplementedError(
-            "vocab_parallel_distill_loss: AKL is not supported (its head/tail split would take one all-reduce "
-            "per search walk); use another divergence or gather the rows"
-        )
     if student_logits.device.type != "cpu":
         raise NotImplementedError("vocab_parallel_distill_loss runs on CPU tensors (gloo) in this version")
-    slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction, hard_label_weight,
-                                group)
+    slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction,
+                                (temperature, beta, skew_lambda, akl_mu, jsd_beta, soft_label_weight,
+                                 hard_label_weight), group)
     rank = dist.get_rank(group)
     local_vocab = student_logits.shape[-1]
     labels_local = ignored = None

@@ -338,7 +338,7 @@ def _row_stats_fake(student_logits, teacher_logits, labels, inv_temperature, ign
 
 @torch.library.register_fake("todi_ext::vocab_parallel_partial_sums")
 def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
-                       inv_temperature, ignore_index, global_stats, with_cross_entropy):
+                       inv_temperature, ignore_index, global_stats, with_cross_entropy, akl_gaps=None):
     _validation.check_logits(student_logits, teacher_logits)
     return student_logits.new_empty((_rows(student_logits), 4), dtype=torch.float64)
 
@@ -346,7 +346,20 @@ def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta,
 @torch.library.register_fake("todi_ext::vocab_parallel_gradients")
 def _gradients_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
                     inv_temperature, ignore_index, global_stats, global_sums, grad_scale, soft_label_weight,
-                    hard_label_weight, student_grad, teacher_grad):
+                    hard_label_weight, student_grad, teacher_grad, akl_gaps=None):
     _validation.check_logits(student_logits, teacher_logits)
     return (student_logits.new_empty(student_logits.shape if student_grad else _EMPTY),
             teacher_logits.new_empty(teacher_logits.shape if teacher_grad else _EMPTY))
+
+
+@torch.library.register_fake("todi_ext::vocab_parallel_akl_walk")
+def _akl_walk_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats, tail_key,
+                   remaining_bits):
+    _validation.check_logits(student_logits, teacher_logits)
+    return student_logits.new_empty((_rows(student_logits), 15), dtype=torch.float64)
+
+
+@torch.library.register_fake("todi_ext::vocab_parallel_akl_gaps")
+def _akl_gaps_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats, tail_key):
+    _validation.check_logits(student_logits, teacher_logits)
+    return student_logits.new_empty((_rows(student_logits), 2), dtype=torch.float64)

@@ -29,7 +29,10 @@ struct OutMatrix {
 // Vocabulary-parallel phases (todi_ext.distributed): every rank holds a
 // slice of the vocabulary and runs the kernel on it three times, with the
 // collectives in between; the fused single-process kernel is kFused.
-enum class Phase : int { kFused = 0, kRowStats = 1, kPartialSums = 2, kGradients = 3 };
+// AKL adds two phases between the row statistics and the partial sums: the
+// head/tail split is a search over the whole row (math::AklTailSearch), so
+// each of its walks is a kernel call on every slice and an all-reduce.
+enum class Phase : int { kFused = 0, kRowStats = 1, kPartialSums = 2, kGradients = 3, kAklWalk = 4, kAklGaps = 5 };
 
 struct VocabParallelParams {
   Phase phase = Phase::kFused;
@@ -43,6 +46,16 @@ struct VocabParallelParams {
   double* sums = nullptr;
   // All slices' sums (u and v used), read by kGradients.
   const double* global_sums = nullptr;
+  // AKL. The search's state, the same on every rank: per row the key of
+  // the low end of the window (AklTailSearch::low) and, for all rows, the
+  // bits still undecided (0 once the search is done). kAklWalk writes this
+  // slice's S at the walk's kAklCandidates thresholds, (rows, 15); kAklGaps
+  // (remaining 0) this slice's (g_head, g_tail) at the found split, (rows, 2).
+  const int64_t* akl_low = nullptr;
+  int akl_remaining = 0;
+  double* akl_sums = nullptr;
+  // All slices' (g_head, g_tail), read by kPartialSums and kGradients for AKL.
+  const double* akl_global_gaps = nullptr;
 };
 
 struct ForwardParams {
