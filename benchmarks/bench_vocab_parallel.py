@@ -2,11 +2,12 @@
 todi_ext.distributed.vocab_parallel_distill_loss against gathering the full
 rows to every rank and calling todi_ext.distill_loss, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_vocab_parallel.py [--rows 1024] [--vocab 32000] [--repeats 5]
+    .venv/bin/python benchmarks/bench_vocab_parallel.py [--rows 1024] [--vocab 32000] [--repeats 5] [--divergence todi]
 
 Per step: forward+backward, float32, each rank holding V / 2 entries of every
 row. Bytes are what each rank sends into the collectives per step, counted
-from the tensors handed to them. Writes vocab-parallel-cpu.md under --out.
+from the tensors handed to them. Writes vocab-parallel-cpu.md (ToDi) or
+vocab-parallel-cpu-<divergence>.md under --out.
 """
 
 import argparse
@@ -24,7 +25,7 @@ import todi_ext
 import todi_ext.distributed as td
 
 
-def gather_path(z_local, s_local, labels):
+def gather_path(z_local, s_local, labels, divergence):
     """The baseline: all-gather both logits slices into whole rows, loss on the whole rows, take this slice's gradient."""
     world, rank = dist.get_world_size(), dist.get_rank()
     parts_z = [torch.empty_like(z_local) for _ in range(world)]
@@ -32,13 +33,13 @@ def gather_path(z_local, s_local, labels):
     dist.all_gather(parts_z, z_local.detach())
     dist.all_gather(parts_s, s_local)
     z_full = torch.cat(parts_z, dim=-1).requires_grad_()
-    loss = todi_ext.distill_loss(z_full, torch.cat(parts_s, dim=-1), labels, temperature=2.0)
+    loss = todi_ext.distill_loss(z_full, torch.cat(parts_s, dim=-1), labels, temperature=2.0, divergence=divergence)
     loss.backward()
     v = z_local.shape[-1]
     return loss, z_full.grad[..., rank * v:(rank + 1) * v]
 
 
-def worker(rank, world, init_file, rows, vocab, repeats, out_file):
+def worker(rank, world, init_file, rows, vocab, repeats, divergence, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     torch.set_num_threads(1)  # one core per rank on this 2-core machine
@@ -51,10 +52,10 @@ def worker(rank, world, init_file, rows, vocab, repeats, out_file):
 
     def vocab_parallel():
         zl = z_local.clone().requires_grad_()
-        td.vocab_parallel_distill_loss(zl, s_local, labels, temperature=2.0).backward()
+        td.vocab_parallel_distill_loss(zl, s_local, labels, temperature=2.0, divergence=divergence).backward()
 
     def gathered():
-        gather_path(z_local.clone().requires_grad_(), s_local, labels)
+        gather_path(z_local.clone().requires_grad_(), s_local, labels, divergence)
 
     results = {}
     for name, fn in (("vocab_parallel", vocab_parallel), ("gather_rows", gathered)) * 2:  # alternate twice
@@ -67,10 +68,12 @@ def worker(rank, world, init_file, rows, vocab, repeats, out_file):
             times.append((time.perf_counter() - t0) * 1e3)
         results.setdefault(name, []).extend(times)
     if rank == 0:
-        sent = {"vocab_parallel": 16 * 8 + rows * 6 * 8 + rows * 4 * 8, "gather_rows": 2 * rows * v * 4}
+        # Agreement check, statistics, (AKL: 8 walks of 15 sums and the 2 gap sums,) partial sums.
+        akl = 8 * 15 + 2 if divergence == "akl" else 0
+        sent = {"vocab_parallel": 16 * 8 + rows * (6 + akl + 4) * 8, "gather_rows": 2 * rows * v * 4}
         lines = [f"# Vocab-parallel vs gathering the rows: 2 gloo processes, 1 thread each, "
                  f"torch {torch.__version__}", "",
-                 f"N={rows}, V={vocab} (V/2 per rank), float32, ToDi T=2, forward+backward; "
+                 f"N={rows}, V={vocab} (V/2 per rank), float32, {divergence} T=2, forward+backward; "
                  f"{2 * repeats} timed steps per implementation, alternating.", "",
                  "| impl | median ms | min ms | bytes each rank sends per step |", "|---|---|---|---|"]
         for name, times in results.items():
@@ -87,12 +90,14 @@ def main():
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--divergence", default="todi")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
+        name = "vocab-parallel-cpu.md" if args.divergence == "todi" else f"vocab-parallel-cpu-{args.divergence}.md"
         mp.start_processes(worker, args=(2, os.path.join(tmp, "rendezvous"), args.rows, args.vocab, args.repeats,
-                                         os.path.join(args.out, "vocab-parallel-cpu.md")),
+                                         args.divergence, os.path.join(args.out, name)),
                            nprocs=2, start_method="spawn")
 
 

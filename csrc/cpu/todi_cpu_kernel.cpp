@@ -289,12 +289,13 @@ math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s,
   return t;
 }
 
-// AKL, step 1: p (or +inf for a masked entry: never in the tail) and
-// |p - q| (0 for a masked entry) of every entry into the row scratch.
-// Returns the padded length of both arrays.
+// AKL, step 1: p (or +inf for a masked entry: never in the tail) and, with
+// with_diff, |p - q| (0 for a masked entry) of every entry into the row
+// scratch. Returns the padded length of the arrays. (A search walk alone
+// needs only p: one exp per entry instead of two.)
 template <class acc_t>
 int64_t akl_fill_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
-                     const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s) {
+                     const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s, bool with_diff = true) {
   using Vec = Vectorized<acc_t>;
   const Vec inf(std::numeric_limits<acc_t>::infinity()), zero(acc_t(0));
   int64_t padded_vocab = 0;
@@ -307,9 +308,8 @@ int64_t akl_fill_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Ro
       const Vec log_q = lse_z.log_prob(Vec::loadu(c.z + i));
       const Vec keep = kept(log_p, log_q);
       const Vec prob = log_p.exp();
-      const Vec diff = (prob - log_q.exp()).abs();
       Vec::blendv(inf, prob, keep).store(scratch.akl_prob + start + i);
-      Vec::blendv(zero, diff, keep).store(scratch.akl_diff + start + i);
+      if (with_diff) Vec::blendv(zero, (prob - log_q.exp()).abs(), keep).store(scratch.akl_diff + start + i);
     }
     padded_vocab = start + padded;
   }
@@ -410,7 +410,7 @@ template <class acc_t>
 void akl_slice_sums(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
                     const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s) {
   const VocabParallelParams& vp = p.vocab_parallel;
-  const int64_t padded_vocab = akl_fill_row(p, row, c, scratch, lse_z, lse_s);
+  const int64_t padded_vocab = akl_fill_row(p, row, c, scratch, lse_z, lse_s, vp.phase == Phase::kAklGaps);
   math::AklTailSearch<acc_t> search;
   search.low = static_cast<typename math::AklTailSearch<acc_t>::U>(vp.akl_low[row]);
   search.remaining = vp.akl_remaining;
