@@ -46,11 +46,14 @@ template <class A, class T, math::Divergence D>
 void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
   const int threads = threads_for(args.vocab, forward_max_threads(args.double_math));
   const int64_t cache_bytes = 2 * row_cache_stride(args.vocab) * static_cast<int64_t>(sizeof(T));
-  if (row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
+  // The vocabulary-parallel phases stream: the cache is filled by the fused
+  // kernel's own pass 1, which they skip.
+  const bool fused = args.vocab_parallel.phase == Phase::kFused;
+  if (fused && row_cache_allowed() && cache_bytes <= max_dynamic_smem(device)) {
     constexpr auto kernel = distill_forward_kernel<A, T, true, D>;
     allow_max_dynamic_smem<kernel>(device);
     kernel<<<grid_for(args.rows), threads, cache_bytes, stream>>>(args);
-  } else if (split_rows_allowed() && cache_bytes > max_dynamic_smem(device) &&
+  } else if (fused && split_rows_allowed() && cache_bytes > max_dynamic_smem(device) &&
              launch_split_rows<A, T, D>(args, device, stream)) {
     return;  // launched and checked
   } else {

@@ -12,9 +12,22 @@
 
 #include "launch_config.cuh"
 #include "todi_op_common.h"
+#include "vocab_parallel_ops.h"
 
 namespace todi_ext::cuda {
 namespace {
+
+// Launches the forward kernel of the params' divergence on the logits' device
+// and current stream (the distill_forward op, and the vocabulary-parallel
+// phase ops of vocab_parallel_ops.h).
+void run_forward_kernel(const ForwardParams& args, const at::Tensor& logits) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int device = logits.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  dispatch_divergence(args.divergence, [&](auto divergence) {
+    launch_distill_forward<decltype(divergence)::value>(args, args.student.dtype, args.teacher.dtype, device, stream);
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(const at::Tensor& student_logits,
                                                                  const at::Tensor& teacher_logits,
@@ -29,16 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(const at::Te
   const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
                                              ignore_index, reduction, student_grad, teacher_grad, soft_label_weight,
                                              hard_label_weight);
-  const c10::cuda::CUDAGuard guard(student_logits.device());
-  if (setup.view.rows > 0) {
-    const ForwardParams args = forward_params(setup, ignore_index);
-    const int device = student_logits.get_device();
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-    dispatch_divergence(args.divergence, [&](auto divergence) {
-      launch_distill_forward<decltype(divergence)::value>(args, student_logits.scalar_type(),
-                                                          teacher_logits.scalar_type(), device, stream);
-    });
-  }
+  if (setup.view.rows > 0) run_forward_kernel(forward_params(setup, ignore_index), student_logits);
   return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
 
@@ -68,6 +72,11 @@ TORCH_LIBRARY_IMPL(todi_ext, CUDA, m) {
   m.impl("distill_forward", &distill_forward_cuda);
   m.impl("scale_grad_", &scale_grad_cuda_);
   m.impl("scale_grad", &scale_grad_cuda);
+  m.impl("vocab_parallel_row_stats", &vocab_parallel::row_stats<run_forward_kernel>);
+  m.impl("vocab_parallel_partial_sums", &vocab_parallel::partial_sums<run_forward_kernel>);
+  m.impl("vocab_parallel_gradients", &vocab_parallel::gradients<run_forward_kernel>);
+  m.impl("vocab_parallel_akl_walk", &vocab_parallel::akl_walk<run_forward_kernel>);
+  m.impl("vocab_parallel_akl_gaps", &vocab_parallel::akl_gaps<run_forward_kernel>);
 }
 
 }  // namespace todi_ext::cuda

@@ -288,37 +288,55 @@ __device__ __forceinline__ bool left_out(A z, A s) {
 // walk computes the probability with the one expression below, so an entry
 // is compared consistently. `walk(f)` calls f(i, z, s) for this thread's
 // entries.
-template <class A, class Walk, class RowSum>
-__device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, const RowLse<A>& lz, const RowLse<A>& ls,
-                                math::DivergenceParams& prm) {
-  auto teacher_prob = [&](A s) { return math::Ops<A>::exp(ls.log_prob(s, inv_t)); };
-  math::AklTailSearch<A> search;
-  const A mu = static_cast<A>(prm.akl_mu);
-  while (!search.done()) {
-    A thresholds[math::kAklCandidates], sums[math::kAklCandidates];
+template <class A>
+__device__ __forceinline__ A akl_teacher_prob(A s, A inv_t, const RowLse<A>& ls) {
+  return math::Ops<A>::exp(ls.log_prob(s, inv_t));
+}
+
+// One walk: this thread's sums of p at the search's thresholds.
+template <class A, class Walk>
+__device__ void akl_walk_sums(Walk&& walk, A inv_t, const RowLse<A>& ls, const math::AklTailSearch<A>& search,
+                              A (&sums)[math::kAklCandidates]) {
+  A thresholds[math::kAklCandidates];
 #pragma unroll
-    for (int j = 0; j < math::kAklCandidates; ++j) {
-      thresholds[j] = search.threshold(j);
-      sums[j] = A(0);
-    }
-    walk([&](int64_t, A z, A s) {
-      if (left_out(z, s)) return;
-      const A p = teacher_prob(s);
-#pragma unroll
-      for (int j = 0; j < math::kAklCandidates; ++j) sums[j] += p <= thresholds[j] ? p : A(0);
-    });
-    row_sum(sums);
-    search.advance(sums, mu);
+  for (int j = 0; j < math::kAklCandidates; ++j) {
+    thresholds[j] = search.threshold(j);
+    sums[j] = A(0);
   }
-  const A tail_max = search.tail_threshold();
-  A g[2] = {A(0), A(0)};  // head, tail
   walk([&](int64_t, A z, A s) {
     if (left_out(z, s)) return;
-    const A p = teacher_prob(s);
+    const A p = akl_teacher_prob(s, inv_t, ls);
+#pragma unroll
+    for (int j = 0; j < math::kAklCandidates; ++j) sums[j] += p <= thresholds[j] ? p : A(0);
+  });
+}
+
+// This thread's g_head (g[0]) and g_tail (g[1]) at the split.
+template <class A, class Walk>
+__device__ void akl_gap_sums(Walk&& walk, A inv_t, const RowLse<A>& lz, const RowLse<A>& ls, A tail_max, A (&g)[2]) {
+  g[0] = g[1] = A(0);
+  walk([&](int64_t, A z, A s) {
+    if (left_out(z, s)) return;
+    const A p = akl_teacher_prob(s, inv_t, ls);
     const A diff = math::Ops<A>::abs(p - math::Ops<A>::exp(lz.log_prob(z, inv_t)));
     g[0] += p <= tail_max ? A(0) : diff;
     g[1] += p <= tail_max ? diff : A(0);
   });
+}
+
+template <class A, class Walk, class RowSum>
+__device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, const RowLse<A>& lz, const RowLse<A>& ls,
+                                math::DivergenceParams& prm) {
+  math::AklTailSearch<A> search;
+  const A mu = static_cast<A>(prm.akl_mu);
+  while (!search.done()) {
+    A sums[math::kAklCandidates];
+    akl_walk_sums(walk, inv_t, ls, search, sums);
+    row_sum(sums);
+    search.advance(sums, mu);
+  }
+  A g[2];
+  akl_gap_sums(walk, inv_t, lz, ls, search.tail_threshold(), g);
   row_sum(g);
   math::set_akl_weights(g[0], g[1], prm);
 }
@@ -433,6 +451,12 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   const bool hard = args.hard_weight != 0;
   const bool unit_t = *args.inv_temperature == 1.0;
   const bool need_z1 = hard && !unit_t;
+  // Vocabulary-parallel phases (kernel_params.h): this launch is one step of
+  // the row's work on one rank's slice; the rows' statistics and sums of all
+  // slices come in as global_stats / global_sums (float64 tables).
+  const VocabParallelParams& vp = args.vocab_parallel;
+  const Phase phase = vp.phase;
+  const bool fused = phase == Phase::kFused;
 
   // This block's part of each row: all of it, or with kCluster the rank-th slice.
   int64_t parts = 1, rank = 0;
@@ -448,6 +472,13 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   const int64_t lo = rank * chunk < args.vocab ? rank * chunk : args.vocab;
   const int64_t vocab = (args.vocab - lo < chunk ? args.vocab - lo : chunk);  // entries of this block's slice
   const int64_t cache_stride = row_cache_stride(chunk);
+  // Writes n values of `row` into a (rows, n) float64 table: the phases' outputs, one thread per row.
+  auto write_row = [&](double* table, int n, int64_t row, const double* values) {
+    if (threadIdx.x == 0 && rank == 0) {
+      for (int k = 0; k < n; ++k) table[row * n + k] = values[k];
+    }
+  };
+  const int akl_outputs = phase == Phase::kAklWalk ? math::kAklCandidates : 2;
 
   // Sums and log-sum-exp merges over the row: the block, then the cluster.
   auto row_sum = [&](auto& v) {
@@ -473,17 +504,28 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     }
 
     if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
+      if (phase == Phase::kRowStats) {
+        const double empty[6] = {0, 1, 0, 1, 0, 1};  // (max 0, sum 1): log-sum-exp 0
+        write_row(vp.stats, 6, row, empty);
+        continue;
+      }
+      const double zeros[math::kAklCandidates] = {};
+      if (phase == Phase::kPartialSums) write_row(vp.sums, 4, row, zeros);
+      if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) write_row(vp.akl_sums, akl_outputs, row, zeros);
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, A(0));
       }
-      if (threadIdx.x == 0 && rank == 0) *loss_out = A(0);
+      if (threadIdx.x == 0 && rank == 0 && fused) *loss_out = A(0);
       continue;
     }
 
-    // Pass 1: per-thread online log-sum-exps; the row cache is filled on the way.
+    // Pass 1: per-thread online log-sum-exps; the row cache is filled on the
+    // way. The later phases take the whole rows' from global_stats instead.
     Lse lse_z, lse_s, lse_z1;
-    if constexpr (kTyped) {
+    const bool own_lse = fused || phase == Phase::kRowStats;
+    if (!own_lse) {
+    } else if constexpr (kTyped) {
       constexpr int kVec = 16 / sizeof(T);
       T* cz = kCacheRow ? cache_copy(row_cache, global_row.z) : nullptr;
       T* cs = kCacheRow ? cache_copy(row_cache + cache_stride * sizeof(T), global_row.s) : nullptr;
@@ -527,34 +569,59 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
         if (need_z1) lse_fold(lse_z1, zs, A(1));
       });
     }
-    row_merge(lse_z, lse_s);  // also orders the cache writes before the reads below
-    if (need_z1) {
-      Lse unused;
-      row_merge(lse_z1, unused);
+    RowLse<A> lz, ls, lz1;
+    if (own_lse) {
+      row_merge(lse_z, lse_s);  // also orders the cache writes before the reads below
+      if (need_z1) {
+        Lse unused;
+        row_merge(lse_z1, unused);
+      }
+      if (phase == Phase::kRowStats) {  // this slice's (max, sum) pairs; z's own = z/T's at T = 1
+        const Lse& z1 = need_z1 ? lse_z1 : lse_z;
+        const double stats[6] = {lse_z.max, lse_z.sum, lse_s.max, lse_s.sum, hard ? z1.max : A(0), hard ? z1.sum : A(1)};
+        write_row(vp.stats, 6, row, stats);
+        continue;
+      }
+      lz = {lse_z.max, math::Ops<A>::log(lse_z.sum)};
+      ls = {lse_s.max, math::Ops<A>::log(lse_s.sum)};
+      lz1 = need_z1 ? RowLse<A>{lse_z1.max, math::Ops<A>::log(lse_z1.sum)} : lz;
+    } else {  // the whole rows' (max, log sum) pairs, merged from every slice's
+      const double* g = vp.global_stats + row * 6;
+      lz = {static_cast<A>(g[0]), static_cast<A>(g[1])};
+      ls = {static_cast<A>(g[2]), static_cast<A>(g[3])};
+      lz1 = {static_cast<A>(g[4]), static_cast<A>(g[5])};
     }
-    const RowLse<A> lz{lse_z.max, math::Ops<A>::log(lse_z.sum)};
-    const RowLse<A> ls{lse_s.max, math::Ops<A>::log(lse_s.sum)};
-    const RowLse<A> lz1 = need_z1 ? RowLse<A>{lse_z1.max, math::Ops<A>::log(lse_z1.sum)} : lz;
     const int64_t label = hard ? args.labels[row] : 0;
-    const bool label_ok = !hard || (label >= 0 && label < args.vocab);  // not checked on the host (a sync)
+    // A label outside [0, vocab) is not checked on the host (a sync) and makes
+    // the row NaN - except in the phases, where it is in another rank's slice.
+    const bool label_here = hard && label >= 0 && label < args.vocab;
+    const bool label_ok = !hard || label_here || !fused;
 
     if (!scalars_ok || !label_ok || !math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum) ||
         !math::is_finite(lz1.max + lz1.log_sum)) {  // NaN row
       const A nan = std::numeric_limits<A>::quiet_NaN();
+      const double nans[math::kAklCandidates] = {nan, nan, nan, nan, nan, nan, nan, nan,
+                                                 nan, nan, nan, nan, nan, nan, nan};
+      if (phase == Phase::kPartialSums) write_row(vp.sums, 4, row, nans);
+      if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) write_row(vp.akl_sums, akl_outputs, row, nans);
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, nan);
       }
-      if (threadIdx.x == 0 && rank == 0) *loss_out = nan;
+      if (threadIdx.x == 0 && rank == 0 && fused) *loss_out = nan;
       continue;
     }
 
-    // The row as passes 2-3 read it: from the cache, or again from global memory (L2 if it still holds it).
+    // The row as passes 2-3 read it: from the cache, or again from global
+    // memory (L2 if it still holds it). Only the fused kernel's own pass 1
+    // fills the cache.
     auto rz = global_row.z;
     auto rs = global_row.s;
     if constexpr (kCacheRow) {
-      rz = cache_copy(row_cache, global_row.z);
-      rs = cache_copy(row_cache + cache_stride * sizeof(T), global_row.s);
+      if (fused) {
+        rz = cache_copy(row_cache, global_row.z);
+        rs = cache_copy(row_cache + cache_stride * sizeof(T), global_row.s);
+      }
     }
     auto walk = [&](auto&& f) {
       if constexpr (kTyped) {
@@ -565,7 +632,37 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     };
     math::DivergenceParams prm = args.divergence_params;
     prm.beta = beta;
-    if constexpr (D == math::Divergence::kAKL) akl_row_weights(walk, row_sum, inv_t, lz, ls, prm);
+    if constexpr (D == math::Divergence::kAKL) {
+      if (phase == Phase::kAklWalk) {  // one walk of the search every rank runs in step
+        math::AklTailSearch<A> search;
+        search.low = static_cast<typename math::AklTailSearch<A>::U>(vp.akl_low[row]);
+        search.remaining = vp.akl_remaining;
+        A sums[math::kAklCandidates];
+        akl_walk_sums(walk, inv_t, ls, search, sums);
+        row_sum(sums);
+        double out[math::kAklCandidates];
+        for (int j = 0; j < math::kAklCandidates; ++j) out[j] = sums[j];
+        write_row(vp.akl_sums, math::kAklCandidates, row, out);
+        continue;
+      }
+      if (phase == Phase::kAklGaps) {  // the search is done: its low key is the split
+        math::AklTailSearch<A> search;
+        search.low = static_cast<typename math::AklTailSearch<A>::U>(vp.akl_low[row]);
+        search.remaining = 0;
+        A g[2];
+        akl_gap_sums(walk, inv_t, lz, ls, search.tail_threshold(), g);
+        row_sum(g);
+        const double out[2] = {g[0], g[1]};
+        write_row(vp.akl_sums, 2, row, out);
+        continue;
+      }
+      if (fused) {
+        akl_row_weights(walk, row_sum, inv_t, lz, ls, prm);
+      } else {  // the whole rows' gaps, summed over the slices
+        const double* g = vp.akl_global_gaps + row * 2;
+        math::set_akl_weights(static_cast<A>(g[0]), static_cast<A>(g[1]), prm);
+      }
+    }
     auto terms = [&](A z, A s) {
       const A log_p = ls.log_prob(s, inv_t);
       const A log_q = lz.log_prob(z, inv_t);
@@ -580,20 +677,30 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       return t;
     };
 
-    // Pass 2: loss and weight sums.
+    // Pass 2: loss and weight sums (the gradients phase has all slices' in global_sums).
     A sums[3] = {A(0), A(0), A(0)};
-    walk([&](int64_t, A z, A s) {
-      const auto t = terms(z, s);
-      sums[0] += t.loss;
-      sums[1] += t.u;
-      sums[2] += t.v;
-    });
-    row_sum(sums);
+    if (phase == Phase::kGradients) {
+      sums[1] = static_cast<A>(vp.global_sums[row * 4 + 1]);
+      sums[2] = static_cast<A>(vp.global_sums[row * 4 + 2]);
+    } else {
+      walk([&](int64_t, A z, A s) {
+        const auto t = terms(z, s);
+        sums[0] += t.loss;
+        sums[1] += t.u;
+        sums[2] += t.v;
+      });
+      row_sum(sums);
+    }
     // The student's own logit at the label, for the cross-entropy and its gradient's fix-up.
-    const A z_label = hard ? load_any<A>(args.student.data, args.student.dtype,
-                                         args.student.layout.row_offset(row) + label)
-                           : A(0);
-    if (threadIdx.x == 0 && rank == 0) {
+    const A z_label = label_here ? load_any<A>(args.student.data, args.student.dtype,
+                                               args.student.layout.row_offset(row) + label)
+                                 : A(0);
+    if (phase == Phase::kPartialSums) {  // this slice's sums, and z[label] where it holds the label
+      const double out[4] = {sums[0], sums[1], sums[2], z_label};
+      write_row(vp.sums, 4, row, out);
+      continue;
+    }
+    if (threadIdx.x == 0 && rank == 0 && fused) {
       A loss = static_cast<A>(args.soft_weight) * sums[0];
       // log sum exp(z) - z_label, with max and log(sum) kept apart.
       if (hard) loss += static_cast<A>(args.hard_weight) * (lz1.log_sum - (z_label - lz1.max));

@@ -23,7 +23,8 @@ split is a search over the whole rows' probabilities (math::AklTailSearch),
 one all-reduce of (N, 15) float64 per walk - 8 walks in float32 math, 16 in
 float64 - and one of (N, 2) for the head's and tail's sums of |p - q|;
 2 + 9 = 11 collectives per step in float32 in all, every one O(N).
-CPU tensors only in this version (gloo). The collectives are functional
+CPU tensors (gloo) and CUDA tensors (NCCL; the phase kernels are the CUDA
+kernel's, verified in its host emulation here, not yet on a GPU). The collectives are functional
 collectives, so a step that calls this compiles with fullgraph=True; under
 torch.compile the agreement check of step 0 still gathers but does not read
 the table on the host (that would break the graph), so mismatched ranks are
@@ -65,7 +66,7 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars,
     (a tensor, one per rank). scalars: temperature, beta, skew_lambda,
     akl_mu, jsd_beta, soft_label_weight, hard_label_weight."""
     rows = student.numel() // student.shape[-1]
-    meta = torch.zeros(16, dtype=torch.int64)
+    meta = torch.zeros(16, dtype=torch.int64, device=student.device)  # NCCL gathers device tensors only
     meta[:7] = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
                              _DIVERGENCE_CODES[divergence], _REDUCTION_CODES[reduction], labels is not None])
     meta[7] = _float_bits(scalars[6:])[0]
@@ -73,7 +74,7 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars,
     if labels is not None:
         flat = labels.reshape(-1).to(torch.int64)
         meta[8] = flat.sum()
-        meta[9] = (flat * torch.arange(1, flat.numel() + 1)).sum()
+        meta[9] = (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum()
     table = _all_gather(meta, group)
     if torch.compiler.is_compiling():
         return table[:, 1]
@@ -118,9 +119,9 @@ def _akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math, all_reduce)
     S, rounded to the math dtype, is <= mu). The all-reduced values are
     identical on every rank, so the ranks never diverge."""
     rows = global_stats.shape[0]
-    low = torch.zeros(rows, dtype=torch.int64)
+    low = torch.zeros(rows, dtype=torch.int64, device=z.device)
     remaining = _AKL_KEY_BITS[math]
-    mu = torch.tensor(akl_mu, dtype=math)
+    mu = torch.tensor(akl_mu, dtype=math, device=z.device)
     while remaining > 0:
         local = torch.ops.todi_ext.vocab_parallel_akl_walk(z, s, labels_local, inv_t, _LOCAL_IGNORE, global_stats,
                                                           low, remaining)
@@ -128,7 +129,7 @@ def _akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math, all_reduce)
         bits = min(_AKL_DIGIT_BITS, remaining)
         candidates = (1 << bits) - 1  # a last, shorter digit has fewer
         fits = totals[:, :candidates].to(math) <= mu
-        digit = (fits * torch.arange(1, candidates + 1)).amax(dim=1)
+        digit = (fits * torch.arange(1, candidates + 1, device=z.device)).amax(dim=1)
         remaining -= bits
         low = low + (digit << remaining)
     local = torch.ops.todi_ext.vocab_parallel_akl_gaps(z, s, labels_local, inv_t, _LOCAL_IGNORE, global_stats, low)
@@ -196,7 +197,8 @@ class _VocabParallelLoss(torch.autograd.Function):
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_s = grad_t = None
         if want_s or want_t:
-            grad_scale = torch.ones((), dtype=math) if count is None else torch.as_tensor(count, dtype=math).reciprocal()
+            grad_scale = (torch.ones((), dtype=math, device=z.device) if count is None
+                          else torch.as_tensor(count, dtype=math, device=z.device).reciprocal())
             grad_s, grad_t = torch.ops.todi_ext.vocab_parallel_gradients(
                 z, s, labels_local, divergence, beta_t, skew_lambda, akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE,
                 global_stats, sums, grad_scale, soft, hard, want_s, want_t, akl_gaps)
@@ -256,8 +258,8 @@ def vocab_parallel_distill_loss(
     _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
     _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
-    if student_logits.device.type != "cpu":
-        raise NotImplementedError("vocab_parallel_distill_loss runs on CPU tensors (gloo) in this version")
+    if student_logits.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"vocab_parallel_distill_loss runs on CPU and CUDA tensors, got {student_logits.device}")
     slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction,
                                 (temperature, beta, skew_lambda, akl_mu, jsd_beta, soft_label_weight,
                                  hard_label_weight), group)

@@ -9,6 +9,7 @@
 
 #include "todi_cuda_kernel.cuh"
 #include "todi_op_common.h"
+#include "vocab_parallel_ops.h"
 
 namespace {
 
@@ -90,10 +91,31 @@ at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& scale, bool in_p
   return out;
 }
 
+// The vocabulary-parallel phase ops (the extension's own vocab_parallel_ops.h)
+// with this emulated launch; set_phase_launch picks its variant and shape.
+Launch phase_launch{"streamed", 64, 2, 1};
+
+void set_phase_launch(const std::string& variant, int64_t threads, int64_t blocks, int64_t parts) {
+  phase_launch = Launch{variant, static_cast<unsigned>(threads), static_cast<unsigned>(blocks), static_cast<unsigned>(parts)};
+}
+
+void run_emulated(const ForwardParams& args, const at::Tensor&) {
+  todi_ext::dispatch_divergence(args.divergence, [&](auto d) {
+    launch_divergence<decltype(d)::value>(args, args.student.dtype, args.teacher.dtype, phase_launch);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "todi_ext's CUDA kernels executed on the CPU (test harness, not the extension)";
   m.def("distill_forward", &distill_forward);
   m.def("scale_grad", &scale_grad);
+  namespace vp = todi_ext::vocab_parallel;
+  m.def("set_phase_launch", &set_phase_launch);
+  m.def("vocab_parallel_row_stats", &vp::row_stats<run_emulated>);
+  m.def("vocab_parallel_partial_sums", &vp::partial_sums<run_emulated>);
+  m.def("vocab_parallel_gradients", &vp::gradients<run_emulated>);
+  m.def("vocab_parallel_akl_walk", &vp::akl_walk<run_emulated>);
+  m.def("vocab_parallel_akl_gaps", &vp::akl_gaps<run_emulated>);
 }

@@ -1,0 +1,182 @@
+// The vocabulary-parallel phase ops (schemas: torch_bindings.cpp; the
+// collectives between them: python/todi_ext/distributed.py): argument checks,
+// the output tables and the kernel parameters of each phase, written once for
+// every backend. Each is a template on the backend's kernel runner,
+// Run(params, logits), which launches the distillation kernel on the logits'
+// device (the CPU kernel copy for this machine, or the CUDA launch), so a
+// backend registers e.g. vocab_parallel::row_stats<run_forward_kernel>.
+// Header-only: the CUDA host-emulation test harness instantiates it too.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <tuple>
+
+#include "todi_op_common.h"
+
+namespace todi_ext::vocab_parallel {
+
+using KernelRunner = void (*)(const ForwardParams&, const at::Tensor& logits);
+
+// A per-row float64 table handed from one phase to the next (through a
+// collective): contiguous, (rows, cols), on the logits' device.
+inline void check_row_table(const char* name, const at::Tensor& t, int64_t rows, int64_t cols,
+                            const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols &&
+                        t.is_contiguous() && t.device() == logits.device(),
+                    name, " must be a contiguous (", rows, ", ", cols, ") float64 tensor on ", logits.device(),
+                    ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+}
+
+// The forward's checks and set-up; hard_label_weight 0 here: local labels
+// outside the slice are legal (another rank's token).
+inline ForwardSetup prepare_phase(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                  const std::optional<at::Tensor>& labels, c10::string_view divergence,
+                                  const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+                                  const at::Tensor& inv_temperature, int64_t ignore_index, bool student_grad,
+                                  bool teacher_grad) {
+  return prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                         inv_temperature, ignore_index, "sum", student_grad, teacher_grad, 1.0, 0.0);
+}
+
+// AKL's weights come from the whole row's (g_head, g_tail): required with
+// AKL, refused without it (a table that would be silently ignored).
+inline void set_akl_gaps(const ForwardSetup& setup, const std::optional<at::Tensor>& akl_gaps,
+                         const at::Tensor& logits, ForwardParams& p) {
+  const bool akl = setup.divergence == math::Divergence::kAKL;
+  TORCH_CHECK_VALUE(akl == akl_gaps.has_value(), akl ? "divergence 'akl' needs akl_gaps, the whole rows' "
+                    "(g_head, g_tail)" : "akl_gaps is only for divergence 'akl'");
+  if (!akl) return;
+  check_row_table("akl_gaps", *akl_gaps, setup.view.rows, 2, logits);
+  p.vocab_parallel.akl_global_gaps = akl_gaps->const_data_ptr<double>();
+}
+
+template <KernelRunner Run>
+at::Tensor row_stats(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                     const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
+                     bool with_cross_entropy) {
+  const at::Tensor one = at::ones({}, inv_temperature.options());
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "fkl", one, 0.1, 0.5, 0.5,
+                                           inv_temperature, ignore_index, false, false);
+  at::Tensor stats = at::empty({setup.view.rows, 6}, student_logits.options().dtype(at::kDouble));
+  if (setup.view.rows > 0) {
+    ForwardParams p = forward_params(setup, ignore_index);
+    p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
+    p.vocab_parallel.phase = Phase::kRowStats;
+    p.vocab_parallel.stats = stats.mutable_data_ptr<double>();
+    Run(p, student_logits);
+  }
+  return stats;
+}
+
+template <KernelRunner Run>
+at::Tensor partial_sums(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                        const std::optional<at::Tensor>& labels, c10::string_view divergence, const at::Tensor& beta,
+                        double skew_lambda, double akl_mu, double jsd_beta, const at::Tensor& inv_temperature,
+                        int64_t ignore_index, const at::Tensor& global_stats, bool with_cross_entropy,
+                        const std::optional<at::Tensor>& akl_gaps) {
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
+                                           akl_mu, jsd_beta, inv_temperature, ignore_index, false, false);
+  check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
+  at::Tensor sums = at::empty({setup.view.rows, 4}, student_logits.options().dtype(at::kDouble));
+  ForwardParams p = forward_params(setup, ignore_index);
+  set_akl_gaps(setup, akl_gaps, student_logits, p);
+  if (setup.view.rows > 0) {
+    p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
+    p.vocab_parallel.phase = Phase::kPartialSums;
+    p.vocab_parallel.global_stats = global_stats.const_data_ptr<double>();
+    p.vocab_parallel.sums = sums.mutable_data_ptr<double>();
+    Run(p, student_logits);
+  }
+  return sums;
+}
+
+template <KernelRunner Run>
+std::tuple<at::Tensor, at::Tensor> gradients(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    c10::string_view divergence, const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+    const at::Tensor& inv_temperature, int64_t ignore_index, const at::Tensor& global_stats,
+    const at::Tensor& global_sums, const at::Tensor& grad_scale, double soft_label_weight, double hard_label_weight,
+    bool student_grad, bool teacher_grad, const std::optional<at::Tensor>& akl_gaps) {
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
+                                           akl_mu, jsd_beta, inv_temperature, ignore_index, student_grad, teacher_grad);
+  check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
+  check_row_table("global_sums", global_sums, setup.view.rows, 4, student_logits);
+  TORCH_CHECK_VALUE(grad_scale.dim() == 0 && grad_scale.scalar_type() == setup.per_position.scalar_type() &&
+                        grad_scale.device() == student_logits.device(),
+                    "grad_scale must be a 0-dim ", setup.per_position.scalar_type(), " tensor on ",
+                    student_logits.device(), ", got ", grad_scale.scalar_type(), " of shape ", grad_scale.sizes(),
+                    " on ", grad_scale.device());
+  ForwardParams p = forward_params(setup, ignore_index);
+  set_akl_gaps(setup, akl_gaps, student_logits, p);
+  if (setup.view.rows > 0 && (student_grad || teacher_grad)) {
+    p.soft_weight = soft_label_weight;
+    p.hard_weight = hard_label_weight;
+    p.grad_scale = grad_scale.const_data_ptr();
+    p.vocab_parallel.phase = Phase::kGradients;
+    p.vocab_parallel.global_stats = global_stats.const_data_ptr<double>();
+    p.vocab_parallel.global_sums = global_sums.const_data_ptr<double>();
+    Run(p, student_logits);
+  }
+  return {setup.grad_student, setup.grad_teacher};
+}
+
+// The AKL search phases: S at one walk's thresholds (remaining_bits > 0), or
+// the gap sums at the split (remaining_bits 0). tail_key: (rows,) int64, the
+// search's low key.
+template <KernelRunner Run>
+at::Tensor akl_phase(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                     const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
+                     const at::Tensor& global_stats, const at::Tensor& tail_key, int64_t remaining_bits) {
+  const at::Tensor one = at::ones({}, inv_temperature.options());
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "akl", one, 0.1, 0.5, 0.5,
+                                           inv_temperature, ignore_index, false, false);
+  check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
+  TORCH_CHECK_VALUE(tail_key.scalar_type() == at::kLong && tail_key.dim() == 1 &&
+                        tail_key.size(0) == setup.view.rows && tail_key.is_contiguous() &&
+                        tail_key.device() == student_logits.device(),
+                    "tail_key must be a contiguous (", setup.view.rows, ",) int64 tensor on ",
+                    student_logits.device(), ", got ", tail_key.scalar_type(), " of shape ", tail_key.sizes(), " on ",
+                    tail_key.device());
+  const bool double_math = setup.per_position.scalar_type() == at::kDouble;
+  const int64_t key_bits = double_math ? math::ProbKey<double>::kBits : math::ProbKey<float>::kBits;
+  TORCH_CHECK_VALUE(remaining_bits >= 0 && remaining_bits <= key_bits, "remaining_bits must be in [0, ", key_bits,
+                    "] for ", setup.per_position.scalar_type(), " math, got ", remaining_bits);
+  const bool walk = remaining_bits > 0;
+  at::Tensor out = at::empty({setup.view.rows, walk ? math::kAklCandidates : 2},
+                             student_logits.options().dtype(at::kDouble));
+  if (setup.view.rows > 0) {
+    ForwardParams p = forward_params(setup, ignore_index);
+    VocabParallelParams& vp = p.vocab_parallel;
+    vp.phase = walk ? Phase::kAklWalk : Phase::kAklGaps;
+    vp.global_stats = global_stats.const_data_ptr<double>();
+    vp.akl_low = tail_key.const_data_ptr<int64_t>();
+    vp.akl_remaining = static_cast<int>(remaining_bits);
+    vp.akl_sums = out.mutable_data_ptr<double>();
+    Run(p, student_logits);
+  }
+  return out;
+}
+
+template <KernelRunner Run>
+at::Tensor akl_walk(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                    const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
+                    const at::Tensor& global_stats, const at::Tensor& tail_key, int64_t remaining_bits) {
+  TORCH_CHECK_VALUE(remaining_bits > 0, "remaining_bits must be positive for a walk, got ", remaining_bits);
+  return akl_phase<Run>(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats,
+                        tail_key, remaining_bits);
+}
+
+template <KernelRunner Run>
+at::Tensor akl_gaps(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                    const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
+                    const at::Tensor& global_stats, const at::Tensor& tail_key) {
+  return akl_phase<Run>(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats,
+                        tail_key, 0);
+}
+
+}  // namespace todi_ext::vocab_parallel
