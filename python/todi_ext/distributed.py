@@ -109,31 +109,37 @@ _AKL_KEY_BITS = {torch.float32: 30, torch.float64: 62}
 _AKL_DIGIT_BITS = 4
 
 
-def _akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math, all_reduce):
+def _akl_search(walk_totals, gap_totals, rows, akl_mu, math, device):
     """AKL's whole-row (g_head, g_tail), (N, 2) float64, the same on every rank.
 
-    Runs math::AklTailSearch across the slices: every walk the kernel sums
-    this slice's probabilities at the 15 thresholds of the current window,
-    the sums are all-reduced, and every rank advances the search alike
+    Runs math::AklTailSearch across the slices. walk_totals(low, remaining)
+    returns every slice's sums of p at the 15 thresholds of the current
+    window, summed over the slices ((N, 15), from vocab_parallel_akl_walk and
+    an all-reduce); every rank advances the search alike from those totals
     (AklTailSearch::advance, here in tensor ops: the largest candidate whose
-    S, rounded to the math dtype, is <= mu). The all-reduced values are
+    S, rounded to the math dtype, is <= mu). gap_totals(low) returns the
+    slices' (g_head, g_tail) at the split, summed. The all-reduced values are
     identical on every rank, so the ranks never diverge."""
-    rows = global_stats.shape[0]
-    low = torch.zeros(rows, dtype=torch.int64, device=z.device)
+    low = torch.zeros(rows, dtype=torch.int64, device=device)
     remaining = _AKL_KEY_BITS[math]
-    mu = torch.tensor(akl_mu, dtype=math, device=z.device)
+    mu = torch.tensor(akl_mu, dtype=math, device=device)
     while remaining > 0:
-        local = torch.ops.todi_ext.vocab_parallel_akl_walk(z, s, labels_local, inv_t, _LOCAL_IGNORE, global_stats,
-                                                          low, remaining)
-        totals = all_reduce(local)
+        totals = walk_totals(low, remaining)
         bits = min(_AKL_DIGIT_BITS, remaining)
         candidates = (1 << bits) - 1  # a last, shorter digit has fewer
         fits = totals[:, :candidates].to(math) <= mu
-        digit = (fits * torch.arange(1, candidates + 1, device=z.device)).amax(dim=1)
+        digit = (fits * torch.arange(1, candidates + 1, device=device)).amax(dim=1)
         remaining -= bits
         low = low + (digit << remaining)
-    local = torch.ops.todi_ext.vocab_parallel_akl_gaps(z, s, labels_local, inv_t, _LOCAL_IGNORE, global_stats, low)
-    return all_reduce(local)
+    return gap_totals(low)
+
+
+def _akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math, all_reduce):
+    """_akl_search over this rank's slice, all_reduce summing over the ranks."""
+    args = (z, s, labels_local, inv_t, _LOCAL_IGNORE, global_stats)
+    return _akl_search(lambda low, remaining: all_reduce(torch.ops.todi_ext.vocab_parallel_akl_walk(*args, low, remaining)),
+                       lambda low: all_reduce(torch.ops.todi_ext.vocab_parallel_akl_gaps(*args, low)),
+                       global_stats.shape[0], akl_mu, math, z.device)
 
 
 def _from_dtensors(student, teacher, labels, group):
