@@ -8,6 +8,10 @@ Per step: forward+backward, float32, each rank holding V / 2 entries of every
 row. Bytes are what each rank sends into the collectives per step, counted
 from the tensors handed to them. Writes vocab-parallel-cpu.md (ToDi) or
 vocab-parallel-cpu-<divergence>.md under --out.
+
+--device cuda (a GPU machine): one NCCL rank holding the whole vocabulary,
+bf16, against distill_loss on the same rows - the phased path's overhead on
+one GPU, not its scaling (vocab-parallel-cuda-<divergence>.md).
 """
 
 import argparse
@@ -39,14 +43,17 @@ def gather_path(z_local, s_local, labels, divergence):
     return loss, z_full.grad[..., rank * v:(rank + 1) * v]
 
 
-def worker(rank, world, init_file, rows, vocab, repeats, divergence, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+def worker(rank, world, init_file, rows, vocab, repeats, divergence, out_file, device="cpu"):
+    cuda = device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=600),
+                            **({"device_id": torch.device("cuda", 0)} if cuda else {}))
     torch.set_num_threads(1)  # one core per rank on this 2-core machine
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(rows, vocab, generator=g) * 3
-    s = torch.randn(rows, vocab, generator=g) * 3
-    labels = torch.randint(0, vocab, (rows,), generator=g)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    z = (torch.randn(rows, vocab, generator=g) * 3).to(device, dtype)
+    s = (torch.randn(rows, vocab, generator=g) * 3).to(device, dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=g).to(device)
     v = vocab // world
     z_local, s_local = z[:, rank * v:(rank + 1) * v].contiguous(), s[:, rank * v:(rank + 1) * v].contiguous()
 
@@ -57,23 +64,33 @@ def worker(rank, world, init_file, rows, vocab, repeats, divergence, out_file):
     def gathered():
         gather_path(z_local.clone().requires_grad_(), s_local, labels, divergence)
 
+    def whole_rows():  # one rank: nothing to gather
+        zl = z_local.clone().requires_grad_()
+        todi_ext.distill_loss(zl, s_local, labels, temperature=2.0, divergence=divergence).backward()
+
+    baseline = ("whole_rows", whole_rows) if cuda else ("gather_rows", gathered)
     results = {}
-    for name, fn in (("vocab_parallel", vocab_parallel), ("gather_rows", gathered)) * 2:  # alternate twice
+    for name, fn in (("vocab_parallel", vocab_parallel), baseline) * 2:  # alternate twice
         fn()  # warm-up
         times = []
         for _ in range(repeats):
             dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
+            if cuda:
+                torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
         results.setdefault(name, []).extend(times)
     if rank == 0:
         # Agreement check, statistics, (AKL: 8 walks of 15 sums and the 2 gap sums,) partial sums.
         akl = 8 * 15 + 2 if divergence == "akl" else 0
-        sent = {"vocab_parallel": 16 * 8 + rows * (6 + akl + 4) * 8, "gather_rows": 2 * rows * v * 4}
-        lines = [f"# Vocab-parallel vs gathering the rows: 2 gloo processes, 1 thread each, "
-                 f"torch {torch.__version__}", "",
-                 f"N={rows}, V={vocab} (V/2 per rank), float32, {divergence} T=2, forward+backward; "
+        sent = {"vocab_parallel": 16 * 8 + rows * (6 + akl + 4) * 8, "gather_rows": 2 * rows * v * 4, "whole_rows": 0}
+        where = (f"1 NCCL rank on {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if cuda
+                 else "2 gloo processes, 1 thread each")
+        lines = [f"# Vocab-parallel vs {baseline[0].replace('_', ' ')}: {where}, torch {torch.__version__}", "",
+                 f"N={rows}, V={vocab} (V/{world} per rank), {str(dtype)[6:]}, {divergence} T=2, forward+backward; "
                  f"{2 * repeats} timed steps per implementation, alternating.", "",
                  "| impl | median ms | min ms | bytes each rank sends per step |", "|---|---|---|---|"]
         for name, times in results.items():
@@ -91,14 +108,18 @@ def main():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--divergence", default="todi")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        name = "vocab-parallel-cpu.md" if args.divergence == "todi" else f"vocab-parallel-cpu-{args.divergence}.md"
-        mp.start_processes(worker, args=(2, os.path.join(tmp, "rendezvous"), args.rows, args.vocab, args.repeats,
-                                         args.divergence, os.path.join(args.out, name)),
-                           nprocs=2, start_method="spawn")
+        name = f"vocab-parallel-{args.device}-{args.divergence}.md"
+        if args.device == "cpu" and args.divergence == "todi":
+            name = "vocab-parallel-cpu.md"
+        world = 1 if args.device == "cuda" else 2
+        mp.start_processes(worker, args=(world, os.path.join(tmp, "rendezvous"), args.rows, args.vocab, args.repeats,
+                                         args.divergence, os.path.join(args.out, name), args.device),
+                           nprocs=world, start_method="spawn")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@
 #   4. compute-sanitizer memcheck, then racecheck, on small cases of every
 #      kernel variant (after 5),
 #   5. the streamed kernel on the long rows (A/B against the cluster split),
-#   6. fused linear + distillation vs the materialised path and Liger,
-#   7. every divergence against eager (GPU_CHECK_DIVERGENCES=0 skips it).
+#   6. vocab-parallel phases on one NCCL rank vs the fused kernel (ToDi, AKL),
+#   7. fused linear + distillation vs the materialised path and Liger,
+#   8. every divergence against eager (GPU_CHECK_DIVERGENCES=0 skips it).
 # Logs and results are packed after every stage into $OUT/gpu-check.tar.gz
 # (the device tool brings back few files), with a one-page $OUT/summary.txt.
 #
@@ -110,6 +111,15 @@ stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" "
 # Fused linear + distillation (issue 15's GPU target): N = 8192, H = 4096,
 # V = 128256, bf16, against the materialised path and Liger's chunked
 # LigerFusedLinearJSDLoss.
+# Vocabulary-parallel phases on the GPU (issue 16): one NCCL rank, the phased
+# path against the fused kernel on the same rows (its overhead; scaling needs
+# more GPUs). Its correctness tests are in tests/test_cuda.py above.
+for div in todi akl; do
+  stage "vocab-parallel-$div" 90 "$PY" benchmarks/bench_vocab_parallel.py --device cuda --divergence "$div" \
+    --rows 8192 --vocab 128256 --repeats 5 --out "$WORK/vocab-parallel"
+done
+cat "$WORK"/vocab-parallel/*.md >> "$WORK/summary.txt" 2>/dev/null; pack
+
 stage fused-linear "${GPU_CHECK_FUSED_LINEAR_S:-180}" "$PY" benchmarks/bench_fused_linear.py --device cuda \
   --out "$WORK/fused-linear" --repeats 5
 [ -f "$WORK/fused-linear/fused-linear-cuda.md" ] && cat "$WORK/fused-linear/fused-linear-cuda.md" >> "$WORK/summary.txt"

@@ -89,3 +89,41 @@ def assert_grad_close(grad, ref, tol):
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
+
+
+def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, soft, akl_mu=0.5):
+    """todi_ext.distributed's step with every rank's slice in this process
+    (each collective a sum or a gather over the slices), through `ops` (the
+    extension's ops, or the CUDA host-emulation harness): per-row losses and
+    the slices' gradients of their sum, concatenated."""
+    import todi_ext.distributed as td
+
+    kernel = {"js": "gjsd"}.get(divergence, divergence)
+    jsd_beta = 0.5
+    math = torch.float64 if z.dtype == torch.float64 else torch.float32
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z.device)
+    beta = torch.tensor(1.0, dtype=torch.float64, device=z.device)
+    edges = [sum(sizes[:r]) for r in range(len(sizes))]
+    slices = [(z[:, e:e + n].contiguous(), s[:, e:e + n].contiguous()) for e, n in zip(edges, sizes)]
+    local = [torch.where(labels == -100, torch.full_like(labels, -1),
+                         torch.where((labels >= e) & (labels < e + n), labels - e, torch.full_like(labels, n)))
+             for e, n in zip(edges, sizes)]
+    with_ce = hard != 0
+    stats = td._merge_row_stats(torch.stack([ops.vocab_parallel_row_stats(zr, sr, lr, inv_t, -1, with_ce)
+                                             for (zr, sr), lr in zip(slices, local)]))
+    gaps = None
+    if kernel == "akl":
+        def summed(fn):
+            return sum(fn(zr, sr, lr) for (zr, sr), lr in zip(slices, local))
+        gaps = td._akl_search(
+            lambda low, rem: summed(lambda zr, sr, lr: ops.vocab_parallel_akl_walk(zr, sr, lr, inv_t, -1, stats, low, rem)),
+            lambda low: summed(lambda zr, sr, lr: ops.vocab_parallel_akl_gaps(zr, sr, lr, inv_t, -1, stats, low)),
+            z.shape[0], akl_mu, math, z.device)
+    sums = sum(ops.vocab_parallel_partial_sums(zr, sr, lr, kernel, beta, 0.1, akl_mu, jsd_beta, inv_t, -1, stats,
+                                               with_ce, gaps) for (zr, sr), lr in zip(slices, local))
+    per_row = soft * sums[:, 0] + (hard * (stats[:, 5] - (sums[:, 3] - stats[:, 4])) if with_ce else 0)
+    per_row = torch.where(labels == -100, torch.zeros_like(per_row), per_row)
+    grads = [ops.vocab_parallel_gradients(zr, sr, lr, kernel, beta, 0.1, akl_mu, jsd_beta, inv_t, -1, stats, sums,
+                                          torch.ones((), dtype=math, device=z.device), soft, hard, True, True, gaps)
+             for (zr, sr), lr in zip(slices, local)]
+    return per_row, torch.cat([g[0] for g in grads], dim=-1), torch.cat([g[1] for g in grads], dim=-1)

@@ -337,3 +337,60 @@ def test_hard_label_outside_the_vocabulary_is_a_nan_row_not_a_sync():
     labels = torch.tensor([5, 100, -100]).cuda()
     loss = todi_ext.distill_loss(student, teacher, labels, hard_label_weight=1.0, reduction="none")
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2] == 0
+
+
+# ------------------------------------------- vocabulary-parallel (issue 16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("divergence", ["todi", "fkl", "tvd", "akl", "js"])
+def test_vocab_parallel_phases_match_the_oracle(divergence, dtype):
+    # The CUDA phase ops on three unequal slices of each row (collectives as
+    # sums in this process): per-row loss and gradients of the whole rows.
+    from conftest import phases_on_slices
+
+    vocab, sizes = 50257, [16753, 16752, 16752]
+    z, s = make_logits((6, vocab), dtype, seed=31), make_logits((6, vocab), dtype, seed=32)
+    labels = torch.tensor([0, 16752, 16753, -100, 33505, 50256])
+    kw = dict(temperature=2.0, hard=0.3, soft=0.7)
+    got = phases_on_slices(torch.ops.todi_ext, *cuda(z, s, labels), sizes, divergence, **kw)
+    zd, sd = z.double().requires_grad_(), s.double().requires_grad_()
+    ref = reference.distill_loss(zd, sd, labels, divergence=divergence, reduction="none", temperature=2.0,
+                                 hard_label_weight=0.3, soft_label_weight=0.7)
+    ref.sum().backward()
+    loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
+    torch.testing.assert_close(got[0].cpu().double(), ref.detach(), rtol=loss_rtol, atol=loss_atol)
+    assert_grad_close(got[1].cpu(), zd.grad, grad_tol)
+    assert_grad_close(got[2].cpu(), sd.grad, grad_tol)
+
+
+def test_vocab_parallel_loss_on_an_nccl_group_of_one(tmp_path):
+    # The whole path with NCCL's collectives (one rank: the code path, not the
+    # scaling), eager and compiled, against the float64 oracle on the same rows.
+    import datetime
+
+    import torch.distributed as dist
+
+    import todi_ext.distributed as td
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120), device_id=torch.device("cuda", 0))
+    try:
+        z, s = cuda(make_logits((4, 9, 32000), torch.bfloat16), make_logits((4, 9, 32000), torch.bfloat16, seed=1))
+        labels = make_labels((4, 9), num_classes=32000).cuda()
+        for divergence in ("todi", "akl"):
+            kw = dict(divergence=divergence, temperature=2.0, hard_label_weight=0.5, soft_label_weight=0.5)
+            zd = z.double().requires_grad_()
+            expected = reference.distill_loss(zd, s.double(), labels, **kw)
+            expected.backward()
+            loss_rtol, loss_atol, grad_tol = TOLERANCES[torch.bfloat16]
+            # Compiled for ToDi only (AKL's unrolled walks compile on gloo, tests/test_distributed.py).
+            fns = [td.vocab_parallel_distill_loss]
+            if divergence == "todi":
+                fns.append(torch.compile(td.vocab_parallel_distill_loss, fullgraph=True))
+            for fn in fns:
+                zl = z.clone().requires_grad_()
+                loss = fn(zl, s, labels, **kw)
+                loss.backward()
+                torch.testing.assert_close(loss.double(), expected.detach(), rtol=loss_rtol, atol=loss_atol)
+                assert_grad_close(zl.grad, zd.grad, grad_tol)
+    finally:
+        dist.destroy_process_group()

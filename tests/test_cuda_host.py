@@ -20,7 +20,7 @@ import torch
 import todi_ext
 from todi_ext import reference
 
-from conftest import TOLERANCES, assert_grad_close, make_labels, make_logits
+from conftest import TOLERANCES, assert_grad_close, make_labels, make_logits, phases_on_slices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIVERGENCES = ["todi", "fkl", "rkl", "tvd", "skl", "srkl", "gjsd", "akl"]
@@ -273,42 +273,6 @@ def test_hard_label_outside_the_vocabulary_gives_a_nan_row(harness, variant, par
 
 
 # ------------------------------------------- vocabulary-parallel phases
-def _phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, soft, akl_mu=0.5):
-    """todi_ext.distributed's step with every rank's slice in this process
-    (each collective a sum or a gather over the slices): per-row losses and
-    the slices' gradients of their sum, concatenated."""
-    import todi_ext.distributed as td
-
-    kernel = {"js": "gjsd"}.get(divergence, divergence)
-    jsd_beta = 0.5
-    math = torch.float64 if z.dtype == torch.float64 else torch.float32
-    inv_t, beta = torch.tensor(1.0 / temperature, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    edges = [sum(sizes[:r]) for r in range(len(sizes))]
-    slices = [(z[:, e:e + n].contiguous(), s[:, e:e + n].contiguous()) for e, n in zip(edges, sizes)]
-    local = [torch.where(labels == -100, torch.full_like(labels, -1),
-                         torch.where((labels >= e) & (labels < e + n), labels - e, torch.full_like(labels, n)))
-             for e, n in zip(edges, sizes)]
-    with_ce = hard != 0
-    stats = td._merge_row_stats(torch.stack([ops.vocab_parallel_row_stats(zr, sr, lr, inv_t, -1, with_ce)
-                                             for (zr, sr), lr in zip(slices, local)]))
-    gaps = None
-    if kernel == "akl":
-        def summed(fn):
-            return sum(fn(zr, sr, lr) for (zr, sr), lr in zip(slices, local))
-        gaps = td._akl_search(
-            lambda low, rem: summed(lambda zr, sr, lr: ops.vocab_parallel_akl_walk(zr, sr, lr, inv_t, -1, stats, low, rem)),
-            lambda low: summed(lambda zr, sr, lr: ops.vocab_parallel_akl_gaps(zr, sr, lr, inv_t, -1, stats, low)),
-            z.shape[0], akl_mu, math, z.device)
-    sums = sum(ops.vocab_parallel_partial_sums(zr, sr, lr, kernel, beta, 0.1, akl_mu, jsd_beta, inv_t, -1, stats,
-                                               with_ce, gaps) for (zr, sr), lr in zip(slices, local))
-    per_row = soft * sums[:, 0] + (hard * (stats[:, 5] - (sums[:, 3] - stats[:, 4])) if with_ce else 0)
-    per_row = torch.where(labels == -100, torch.zeros_like(per_row), per_row)
-    grads = [ops.vocab_parallel_gradients(zr, sr, lr, kernel, beta, 0.1, akl_mu, jsd_beta, inv_t, -1, stats, sums,
-                                          torch.ones((), dtype=math), soft, hard, True, True, gaps)
-             for (zr, sr), lr in zip(slices, local)]
-    return per_row, torch.cat([g[0] for g in grads], dim=-1), torch.cat([g[1] for g in grads], dim=-1)
-
-
 @pytest.mark.parametrize("variant,parts,dtype", [("streamed", 1, torch.float32), ("split", 2, torch.float32),
                                                  ("streamed", 1, torch.float64), ("streamed", 1, torch.bfloat16)])
 @pytest.mark.parametrize("divergence", DIVERGENCES + ["js"])
@@ -322,7 +286,7 @@ def test_vocab_parallel_phases_give_the_whole_rows_results(harness, divergence, 
     labels = torch.tensor([0, 400, 401, -100, 702, 1002])
     kw = dict(temperature=2.0, hard=0.3, soft=0.7, akl_mu=0.4 if divergence == "akl" else 0.5)
     harness.set_phase_launch(variant, 64, 2, parts)
-    got = _phases_on_slices(harness, z, s, labels, sizes, divergence, **kw)
+    got = phases_on_slices(harness, z, s, labels, sizes, divergence, **kw)
     assert got[1].dtype == dtype and got[2].dtype == dtype
     zd, sd = z.double().requires_grad_(), s.double().requires_grad_()
     params = {"akl_mu": 0.4} if divergence == "akl" else {}
@@ -331,6 +295,6 @@ def test_vocab_parallel_phases_give_the_whole_rows_results(harness, divergence, 
     ref.sum().backward()
     assert_matches(got, (ref.detach(), zd.grad, sd.grad), dtype)
     if dtype == torch.float64:
-        cpu = _phases_on_slices(torch.ops.todi_ext, z, s, labels, sizes, divergence, **kw)
+        cpu = phases_on_slices(torch.ops.todi_ext, z, s, labels, sizes, divergence, **kw)
         for a, b in zip(got, cpu):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
