@@ -96,6 +96,13 @@ def _check_bad_inputs(rank, world):
         td.vocab_parallel_distill_loss(z, s, divergence="akl", akl_mu=0.5 if rank == 0 else 0.25)
     with pytest.raises(ValueError, match="ranks disagree on temperature"):
         td.vocab_parallel_distill_loss(z, s, temperature=1.0 + rank)
+    # Compiled, the check is an assert in the graph: it still fires on every rank.
+    step = torch.compile(lambda z, s, d: td.vocab_parallel_distill_loss(z, s, divergence=d), fullgraph=True)
+    with pytest.raises(RuntimeError, match="ranks disagree on rows, dtypes, the divergence"):
+        step(z, s, "fkl" if rank == 0 else "rkl")
+    rows = 4 if rank == 0 else 5
+    with pytest.raises(RuntimeError, match="ranks disagree"):
+        step(make_logits((rows, 10)), make_logits((rows, 10), seed=1), "todi")
     # Still in step after the errors: a valid call works.
     td.vocab_parallel_distill_loss(z.requires_grad_(), s).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()

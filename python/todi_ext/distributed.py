@@ -26,9 +26,9 @@ float64 - and one of (N, 2) for the head's and tail's sums of |p - q|;
 CPU tensors (gloo) and CUDA tensors (NCCL; the phase kernels are the CUDA
 kernel's, verified in its host emulation here, not yet on a GPU). The collectives are functional
 collectives, so a step that calls this compiles with fullgraph=True; under
-torch.compile the agreement check of step 0 still gathers but does not read
-the table on the host (that would break the graph), so mismatched ranks are
-only caught eagerly.
+torch.compile the agreement check of step 0 cannot read the table on the
+host (that would break the graph): a mismatch fails torch._assert_async
+instead, on every rank, with a message that cannot name the field.
 """
 
 from typing import Optional
@@ -56,6 +56,13 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return gathered.view(dist.get_world_size(group), *t.shape)
 
 
+_COMPILED_MISMATCH = (
+    "vocab_parallel_distill_loss: ranks disagree on rows, dtypes, the divergence or its parameters, the "
+    "temperature, reduction, label weights or labels (this check runs inside a compiled graph and cannot say "
+    "which: call it once without torch.compile to see)"
+)
+
+
 def _float_bits(values) -> Tensor:
     # + 0.0 makes -0.0 into 0.0: equal values, equal bits.
     return torch.tensor([float(v) + 0.0 for v in values], dtype=torch.float64).view(torch.int64)
@@ -77,6 +84,11 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars,
         meta[9] = (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum()
     table = _all_gather(meta, group)
     if torch.compiler.is_compiling():
+        # The table cannot be read on the host inside a graph: a mismatch
+        # fails an assert instead (every rank holds the same table, so every
+        # rank raises; on CUDA it is a device-side assert).
+        same = torch.cat([table[:, :1], table[:, 2:]], dim=1)  # slices may differ in size
+        torch._assert_async((same == same[:1]).all(), _COMPILED_MISMATCH)
         return table[:, 1]
     for i, name in enumerate(_META):
         if i == 1:
