@@ -86,7 +86,7 @@ def worker(rank, world, init_file, rows, vocab, repeats, divergence, out_file, d
     if rank == 0:
         # Agreement check, statistics, (AKL: 8 walks of 15 sums and the 2 gap sums,) partial sums.
         akl = 8 * 15 + 2 if divergence == "akl" else 0
-        sent = {"vocab_parallel": 16 * 8 + rows * (6 + akl + 4) * 8, "gather_rows": 2 * rows * v * 4, "whole_rows": 0}
+        sent = {"vocab_parallel": 17 * 8 + rows * (6 + akl + 4) * 8, "gather_rows": 2 * rows * v * 4, "whole_rows": 0}
         where = (f"1 NCCL rank on {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if cuda
                  else "2 gloo processes, 1 thread each")
         lines = [f"# Vocab-parallel vs {baseline[0].replace('_', ' ')}: {where}, torch {torch.__version__}", "",

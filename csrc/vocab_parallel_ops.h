@@ -13,6 +13,7 @@
 #include <ATen/ops/ones.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -82,6 +83,7 @@ at::Tensor partial_sums(const at::Tensor& student_logits, const at::Tensor& teac
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, false, false);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
+  TORCH_CHECK_VALUE(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
   at::Tensor sums = at::empty({setup.view.rows, 4}, student_logits.options().dtype(at::kDouble));
   ForwardParams p = forward_params(setup, ignore_index);
   set_akl_gaps(setup, akl_gaps, student_logits, p);
@@ -106,6 +108,12 @@ std::tuple<at::Tensor, at::Tensor> gradients(
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, student_grad, teacher_grad);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
   check_row_table("global_sums", global_sums, setup.view.rows, 4, student_logits);
+  // The label weights' checks but the range one (a local label may be another slice's): prepare_phase passed 0.
+  TORCH_CHECK_VALUE(std::isfinite(soft_label_weight) && std::isfinite(hard_label_weight),
+                    "soft_label_weight and hard_label_weight must be finite, got ", soft_label_weight, " and ",
+                    hard_label_weight);
+  TORCH_CHECK_VALUE(hard_label_weight == 0 || labels.has_value(), "hard_label_weight = ", hard_label_weight,
+                    " needs labels");
   TORCH_CHECK_VALUE(grad_scale.dim() == 0 && grad_scale.scalar_type() == setup.per_position.scalar_type() &&
                         grad_scale.device() == student_logits.device(),
                     "grad_scale must be a 0-dim ", setup.per_position.scalar_type(), " tensor on ",

@@ -103,6 +103,13 @@ def _check_bad_inputs(rank, world):
     rows = 4 if rank == 0 else 5
     with pytest.raises(RuntimeError, match="ranks disagree"):
         step(make_logits((rows, 10)), make_logits((rows, 10), seed=1), "todi")
+    # Only one rank's own input is invalid: it raises its error, the others
+    # are told (they would otherwise wait for it in the first collective).
+    with pytest.raises(ValueError, match="akl_mu must be in" if rank == 1 else r"rank\(s\) \[1\] rejected"):
+        td.vocab_parallel_distill_loss(z, s, divergence="akl", akl_mu=1.5 if rank == 1 else 0.5)
+    with pytest.raises(RuntimeError, match="hard label is outside"):
+        torch.compile(td.vocab_parallel_distill_loss, fullgraph=True)(z, s, torch.tensor([1, 2, 3, 10 * world]),
+                                                                        hard_label_weight=1.0)
     # Still in step after the errors: a valid call works.
     td.vocab_parallel_distill_loss(z.requires_grad_(), s).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
@@ -223,6 +230,13 @@ def test_phase_ops_pass_opcheck_and_check_their_tables():
     with pytest.raises(ValueError, match=r"global_stats must be a contiguous \(5, 6\) float64"):
         torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                        merged[:4], True)
+    with pytest.raises(ValueError, match="with_cross_entropy needs labels"):
+        torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
+                                                       merged, True)
+    for hard, match in ((0.5, "needs labels"), (float("nan"), "must be finite")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.todi_ext.vocab_parallel_gradients(z, s, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1, merged,
+                                                        sums, torch.tensor(0.25), 0.5, hard, True, True)
     with pytest.raises(ValueError, match="divergence 'akl' needs akl_gaps"):
         torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "akl", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                        merged, True)

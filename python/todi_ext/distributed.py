@@ -6,9 +6,10 @@ Megatron-style), and no rank ever gathers whole rows.
     loss = td.vocab_parallel_distill_loss(student_logits, teacher_logits, labels, group=tp_group)
 
 Per call (forward; the backward needs no collective):
-  0. one all-gather of 16 int64 per rank: shapes, dtypes, the divergence and
-     a checksum of the labels, so that mismatched ranks all raise the same
-     ValueError instead of hanging in the collectives below;
+  0. one all-gather of 17 int64 per rank: shapes, dtypes, the divergence
+     and its parameters, the label weights, a checksum of the labels and a
+     flag for a rank whose own inputs were rejected, so that mismatched ranks
+     all raise a ValueError instead of hanging in the collectives below;
   1. the kernel's row statistics on the local slice: (max, sum exp(x - max))
      of z/T, s/T (and z, for the hard-label cross-entropy), then one
      all-gather of those (N, 6) float64 values, merged on every rank into the
@@ -47,6 +48,8 @@ _META = ("rows", "vocab slice", "student dtype", "teacher dtype", "divergence", 
          "hard_label_weight", "labels checksum", "labels weighted checksum", "temperature", "beta", "skew_lambda",
          "akl_mu", "jsd_beta", "soft_label_weight")
 _FLOAT_META = slice(10, 16)  # these, and hard_label_weight, travel as the bits of their float64 values
+_BAD_INPUT = 16  # set by a rank whose own inputs were rejected: the others raise too
+_META_SIZE = 17
 _LOCAL_IGNORE = -1  # the phase ops' ignore_index: local labels are >= 0
 
 
@@ -58,8 +61,8 @@ def _all_gather(t: Tensor, group) -> Tensor:
 
 _COMPILED_MISMATCH = (
     "vocab_parallel_distill_loss: ranks disagree on rows, dtypes, the divergence or its parameters, the "
-    "temperature, reduction, label weights or labels (this check runs inside a compiled graph and cannot say "
-    "which: call it once without torch.compile to see)"
+    "temperature, reduction, label weights or labels, or a hard label is outside [0, V_total) (this check runs "
+    "inside a compiled graph and cannot say which: call it once without torch.compile to see)"
 )
 
 
@@ -68,12 +71,21 @@ def _float_bits(values) -> Tensor:
     return torch.tensor([float(v) + 0.0 for v in values], dtype=torch.float64).view(torch.int64)
 
 
-def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars, group):
+def _report_bad_input(student, group):
+    """This rank's inputs failed validation: its part of the agreement
+    all-gather, flagged, so the other ranks raise instead of waiting."""
+    device = student.device if isinstance(student, Tensor) else torch.device("cpu")
+    meta = torch.zeros(_META_SIZE, dtype=torch.int64, device=device)
+    meta[_BAD_INPUT] = 1
+    _all_gather(meta, group)
+
+
+def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars, group, ignore_index):
     """Step 0: gathers what every rank must agree on; returns the slice sizes
     (a tensor, one per rank). scalars: temperature, beta, skew_lambda,
     akl_mu, jsd_beta, soft_label_weight, hard_label_weight."""
     rows = student.numel() // student.shape[-1]
-    meta = torch.zeros(16, dtype=torch.int64, device=student.device)  # NCCL gathers device tensors only
+    meta = torch.zeros(_META_SIZE, dtype=torch.int64, device=student.device)  # NCCL gathers device tensors only
     meta[:7] = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
                              _DIVERGENCE_CODES[divergence], _REDUCTION_CODES[reduction], labels is not None])
     meta[7] = _float_bits(scalars[6:])[0]
@@ -86,14 +98,25 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars,
     if torch.compiler.is_compiling():
         # The table cannot be read on the host inside a graph: a mismatch
         # fails an assert instead (every rank holds the same table, so every
-        # rank raises; on CUDA it is a device-side assert).
+        # rank raises; on CUDA it is a device-side assert). Likewise a
+        # hard label outside the whole vocabulary.
         same = torch.cat([table[:, :1], table[:, 2:]], dim=1)  # slices may differ in size
-        torch._assert_async((same == same[:1]).all(), _COMPILED_MISMATCH)
+        ok = (same == same[:1]).all()
+        if labels is not None and scalars[6] != 0:
+            flat = labels.reshape(-1).to(torch.int64)
+            in_range = (flat >= 0) & (flat < table[:, 1].sum())
+            ok = ok & ((flat == ignore_index) | in_range).all()
+        torch._assert_async(ok, _COMPILED_MISMATCH)
         return table[:, 1]
+    rows_of_table = table.tolist()  # one device-to-host copy
+    bad = [r for r, row in enumerate(rows_of_table) if row[_BAD_INPUT]]
+    if bad:
+        raise ValueError(f"vocab_parallel_distill_loss: rank(s) {bad} rejected their inputs (their own error says "
+                         "why); this rank's were valid")
     for i, name in enumerate(_META):
         if i == 1:
             continue  # slices may differ in size
-        if len(set(table[:, i].tolist())) > 1:
+        if len({row[i] for row in rows_of_table}) > 1:
             column = table[:, i].contiguous()
             values = column.view(torch.float64) if i == 7 or 10 <= i < 16 else column
             raise ValueError(
@@ -273,14 +296,24 @@ def vocab_parallel_distill_loss(
     """
     student_logits, teacher_logits, labels, group = _from_dtensors(student_logits, teacher_logits, labels, group)
     group = group if group is not None else dist.group.WORLD
-    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
-    _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
-    if student_logits.device.type not in ("cpu", "cuda"):
-        raise NotImplementedError(f"vocab_parallel_distill_loss runs on CPU and CUDA tensors, got {student_logits.device}")
+    try:
+        _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+        _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu,
+                                     jsd_beta=jsd_beta)
+        _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+        if student_logits.device.type not in ("cpu", "cuda"):
+            raise NotImplementedError(
+                f"vocab_parallel_distill_loss runs on CPU and CUDA tensors, got {student_logits.device}")
+    except (TypeError, ValueError, NotImplementedError) as error:
+        if torch.compiler.is_compiling():
+            raise
+        # Eagerly, the other ranks are about to wait in the agreement
+        # all-gather: join it with a flag, so that they raise too.
+        _report_bad_input(student_logits, group)
+        raise
     slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction,
                                 (temperature, beta, skew_lambda, akl_mu, jsd_beta, soft_label_weight,
-                                 hard_label_weight), group)
+                                 hard_label_weight), group, ignore_index)
     rank = dist.get_rank(group)
     local_vocab = student_logits.shape[-1]
     labels_local = ignored = None
@@ -288,7 +321,7 @@ def vocab_parallel_distill_loss(
         flat = labels.reshape(-1).to(torch.int64)
         ignored = flat == ignore_index
         if hard_label_weight != 0 and not torch.compiler.is_compiling():
-            # The same labels on every rank, so every rank raises alike.
+            # The same labels on every rank, so every rank raises alike (compiled: an assert in the agreement check).
             _validation.check_label_range(labels, int(slices.sum()), ignore_index)
         local = flat - (slices.cumsum(0)[rank] - slices[rank])  # tensor ops: no host read under compile
         here = (local >= 0) & (local < local_vocab)
