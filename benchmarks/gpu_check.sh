@@ -114,11 +114,14 @@ stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" "
 # Vocabulary-parallel phases on the GPU (issue 16): one NCCL rank, the phased
 # path against the fused kernel on the same rows (its overhead; scaling needs
 # more GPUs). Its correctness tests are in tests/test_cuda.py above.
-for div in todi akl; do
-  stage "vocab-parallel-$div" 90 "$PY" benchmarks/bench_vocab_parallel.py --device cuda --divergence "$div" \
-    --rows 8192 --vocab 128256 --repeats 5 --out "$WORK/vocab-parallel"
-done
-cat "$WORK"/vocab-parallel/*.md >> "$WORK/summary.txt" 2>/dev/null; pack
+# GPU_CHECK_VOCAB_PARALLEL=0 skips it.
+if [ "${GPU_CHECK_VOCAB_PARALLEL:-1}" = 1 ]; then
+  for div in todi akl; do
+    stage "vocab-parallel-$div" "${GPU_CHECK_VOCAB_PARALLEL_S:-90}" "$PY" benchmarks/bench_vocab_parallel.py \
+      --device cuda --divergence "$div" --rows 8192 --vocab 128256 --repeats 5 --out "$WORK/vocab-parallel"
+  done
+  cat "$WORK"/vocab-parallel/*.md >> "$WORK/summary.txt" 2>/dev/null; pack
+fi
 
 stage fused-linear "${GPU_CHECK_FUSED_LINEAR_S:-180}" "$PY" benchmarks/bench_fused_linear.py --device cuda \
   --out "$WORK/fused-linear" --repeats 5
