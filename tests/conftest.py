@@ -127,3 +127,14 @@ def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, so
                                           torch.ones((), dtype=math, device=z.device), soft, hard, True, True, gaps)
              for (zr, sr), lr in zip(slices, local)]
     return per_row, torch.cat([g[0] for g in grads], dim=-1), torch.cat([g[1] for g in grads], dim=-1)
+
+
+def undefined_rows_across_slices():
+    """Rows for three 100-entry slices: which are undefined, and where."""
+    z, s = make_logits((5, 300), seed=1), make_logits((5, 300), seed=2)
+    z[0, 150] = float("nan")          # a NaN in the middle slice only
+    s[1, 10] = float("inf")           # a +inf in the first
+    z[2, 100:200] = float("-inf")     # a whole slice -inf in both inputs: left out, the row stays defined
+    s[2, 100:200] = float("-inf")
+    z[3] = float("-inf")              # a whole row -inf: undefined
+    return z, s, torch.tensor([True, True, False, True, False])

@@ -20,7 +20,8 @@ import torch
 import todi_ext
 from todi_ext import reference
 
-from conftest import TOLERANCES, assert_grad_close, make_labels, make_logits, phases_on_slices
+from conftest import (TOLERANCES, assert_grad_close, make_labels, make_logits, phases_on_slices,
+                      undefined_rows_across_slices)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIVERGENCES = ["todi", "fkl", "rkl", "tvd", "skl", "srkl", "gjsd", "akl"]
@@ -298,3 +299,18 @@ def test_vocab_parallel_phases_give_the_whole_rows_results(harness, divergence, 
         cpu = phases_on_slices(torch.ops.todi_ext, z, s, labels, sizes, divergence, **kw)
         for a, b in zip(got, cpu):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", ["todi", "akl"])
+def test_vocab_parallel_undefined_rows_stay_nan_across_slices(harness, divergence):
+    # The CUDA kernel's slice statistics must carry a NaN logit into the merge
+    # (its pass-1 max ignores NaN; the sum does not) as the CPU kernel's do.
+    z, s, undefined = undefined_rows_across_slices()
+    labels = torch.tensor([1, 2, 3, 4, 5])
+    harness.set_phase_launch("streamed", 64, 2, 1)
+    got = phases_on_slices(harness, z, s, labels, [100, 100, 100], divergence, 2.0, 0.0, 1.0)
+    cpu = phases_on_slices(torch.ops.todi_ext, z, s, labels, [100, 100, 100], divergence, 2.0, 0.0, 1.0)
+    for t in (*got, *cpu):
+        assert torch.isnan(t[undefined]).all() and torch.isfinite(t[~undefined]).all()
+    expected = oracle(z[~undefined], s[~undefined], labels[~undefined], divergence)
+    assert_matches(tuple(t[~undefined] for t in got), expected, torch.float32)

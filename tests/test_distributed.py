@@ -285,3 +285,27 @@ def test_akl_phase_ops_on_one_slice_give_the_fused_split(dtype, akl_mu):
         torch.ops.todi_ext.vocab_parallel_akl_walk(z, s, labels, inv_t, -1, merged, tail_key, bits + 1)
     with pytest.raises(ValueError, match=r"tail_key must be a contiguous \(6,\) int64"):
         torch.ops.todi_ext.vocab_parallel_akl_gaps(z, s, labels, inv_t, -1, merged, tail_key.int())
+
+
+@pytest.mark.parametrize("divergence", ["todi", "akl"])
+def test_undefined_rows_stay_nan_across_slices(divergence):
+    # A NaN or +inf logit in one slice must make the whole row NaN on every
+    # slice, as in the fused kernel (a merge that dropped the slice's NaN sum
+    # once gave a finite, wrong loss); a slice that is all -inf adds nothing.
+    from conftest import phases_on_slices, undefined_rows_across_slices
+
+    z, s, undefined = undefined_rows_across_slices()
+    labels = torch.tensor([1, 2, 3, 4, 5])
+    loss, gz, gs = phases_on_slices(torch.ops.todi_ext, z, s, labels, [100, 100, 100], divergence, 2.0, 0.0, 1.0)
+    assert torch.isnan(loss[undefined]).all() and torch.isnan(gz[undefined]).all() and torch.isnan(gs[undefined]).all()
+    fused = todi_ext.distill_loss(z, s, labels, divergence=divergence, temperature=2.0, reduction="none")
+    assert torch.isnan(fused[undefined]).all()
+    # The defined rows: the float64 oracle, to the single-process accuracy.
+    zd, sd = z[~undefined].double().requires_grad_(), s[~undefined].double().requires_grad_()
+    oracle = todi_ext.reference.distill_loss(zd, sd, labels[~undefined], divergence=divergence, temperature=2.0,
+                                             reduction="none")
+    oracle.sum().backward()
+    loss_rtol, loss_atol, grad_tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(loss[~undefined], oracle.detach(), rtol=loss_rtol, atol=loss_atol)
+    assert_grad_close(gz[~undefined], zd.grad, grad_tol)
+    assert_grad_close(gs[~undefined], sd.grad, grad_tol)

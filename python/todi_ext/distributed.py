@@ -25,8 +25,9 @@ one all-reduce of (N, 15) float64 per walk - 8 walks in float32 math, 16 in
 float64 - and one of (N, 2) for the head's and tail's sums of |p - q|;
 2 + 9 = 11 collectives per step in float32 in all, every one O(N).
 CPU tensors (gloo) and CUDA tensors (NCCL; the phase kernels are the CUDA
-kernel's, verified in its host emulation here, not yet on a GPU). The collectives are functional
-collectives, so a step that calls this compiles with fullgraph=True; under
+kernel's, verified in its host emulation here, not yet on a GPU). The
+collectives are functional collectives, so a step that calls this compiles
+with fullgraph=True; under
 torch.compile the agreement check of step 0 cannot read the table on the
 host (that would break the graph): a mismatch fails torch._assert_async
 instead, on every rank, with a message that cannot name the field.
@@ -131,8 +132,11 @@ def _merge_row_stats(stats: Tensor) -> Tensor:
     """(world, N, 6) per-slice (max, sum exp(x - max)) pairs -> (N, 6) whole-row (max, log sum)."""
     maxes, sums = stats[..., 0::2], stats[..., 1::2]
     top = maxes.max(dim=0).values
-    # A slice with nothing (max -inf, sum 0) adds 0 (not exp(-inf - -inf) = NaN).
-    scaled = torch.where(sums > 0, sums * torch.exp(maxes - top), torch.zeros_like(sums))
+    # A slice with nothing (max -inf, sum 0) adds 0 (not exp(-inf - -inf) =
+    # NaN); any other NaN must reach the row, as in the kernels' merge: a
+    # slice holding a NaN logit reports (-inf, NaN) or (NaN, NaN).
+    empty = (maxes == float("-inf")) & (sums == 0)
+    scaled = torch.where(empty, torch.zeros_like(sums), sums * torch.exp(maxes - top))
     merged = torch.empty_like(stats[0])
     merged[:, 0::2] = top
     merged[:, 1::2] = torch.log(scaled.sum(dim=0))
