@@ -115,6 +115,16 @@ def _check_bad_inputs(rank, world):
     assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
+def _check_zero_rows(rank, world):
+    # No positions at all: a zero loss and empty gradients on every rank, for every reduction.
+    for reduction in ("mean", "sum", "none"):
+        z = make_logits((0, 7, 10)).requires_grad_()
+        loss = td.vocab_parallel_distill_loss(z, make_logits((0, 7, 10), seed=1), reduction=reduction)
+        loss.sum().backward()
+        assert loss.shape == ((0, 7) if reduction == "none" else ()) and float(loss.sum()) == 0
+        assert z.grad.shape == (0, 7, 10)
+
+
 def _check_compiled_step(rank, world):
     # Functional collectives: the whole step compiles as one graph.
     vocab = 301
@@ -168,6 +178,7 @@ def _worker(rank, world, init_file, error_file, what):
                     _check_case(rank, world, *case)
                 except AssertionError as e:
                     raise AssertionError(f"case {case[:3]} {case[3]}: {e}") from e
+            _check_zero_rows(rank, world)
             if world == 2:
                 _check_compiled_step(rank, world)
                 _check_dtensor_entry(rank, world)

@@ -54,9 +54,14 @@ _META_SIZE = 17
 _LOCAL_IGNORE = -1  # the phase ops' ignore_index: local labels are >= 0
 
 
+# all_gather_tensor is deprecated (torch 2.14) in favour of all_gather_single,
+# which older releases in our range may lack.
+_gather_dim0 = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+
+
 def _all_gather(t: Tensor, group) -> Tensor:
     """(world, *t.shape): every rank's t."""
-    gathered = fc.all_gather_tensor(t.contiguous(), 0, group)
+    gathered = _gather_dim0(t.contiguous(), 0, group)
     return gathered.view(dist.get_world_size(group), *t.shape)
 
 
@@ -78,7 +83,7 @@ def _report_bad_input(student, group):
     device = student.device if isinstance(student, Tensor) else torch.device("cpu")
     meta = torch.zeros(_META_SIZE, dtype=torch.int64, device=device)
     meta[_BAD_INPUT] = 1
-    _all_gather(meta, group)
+    fc.wait_tensor(_all_gather(meta, group))  # nobody reads it here: wait, so the collective completes
 
 
 def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars, group, ignore_index):
@@ -214,7 +219,7 @@ class _VocabParallelLoss(torch.autograd.Function):
     def forward(ctx, student, teacher, labels_local, ignored, params, group):
         (divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, reduction, soft, hard) = params
         rows = student.numel() // student.shape[-1]
-        z, s = student.reshape(rows, -1), teacher.reshape(rows, -1)
+        z, s = student.reshape(rows, student.shape[-1]), teacher.reshape(rows, teacher.shape[-1])
         inv_t = ops.scalar_tensor(1.0 / temperature, z)
         beta_t = ops.scalar_tensor(beta, z)
         with_ce = hard != 0
