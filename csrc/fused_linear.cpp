@@ -126,8 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distill_
     TORCH_CHECK_VALUE(labels->device() == student_hidden.device(), "labels is on ", labels->device(),
                       " but student_hidden is on ", student_hidden.device());
   }
-  const bool float64 = student_hidden.scalar_type() == at::kDouble || teacher_hidden.scalar_type() == at::kDouble;
-  const at::ScalarType math = float64 ? at::kDouble : at::kFloat;
+  const at::ScalarType math = math_dtype(student_hidden, teacher_hidden);
   const auto math_opts = student_hidden.options().dtype(math);
 
   static const auto distill_forward = c10::Dispatcher::singleton()
@@ -137,26 +136,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distill_
   const Head teacher = make_head(teacher_weight, teacher_bias, math);
   const std::optional<at::Tensor> labels_long =
       labels.has_value() ? std::optional<at::Tensor>(labels->to(at::kLong)) : std::nullopt;
+  // All rows as the logits op would see them: labels checked once for all
+  // rows (CPU only: no sync), and "mean" divides by the counted positions of
+  // all rows, not of a chunk.
+  RowsView view;
+  view.rows = rows;
+  view.vocab = vocab;
+  if (labels_long.has_value()) view.labels = *labels_long;
   if (labels_long.has_value() && hard_label_weight != 0) {
-    // The same checks as the logits op, for all rows at once (CPU only: no sync).
-    RowsView view;
-    view.labels = *labels_long;
-    view.vocab = vocab;
     check_label_weights(view, ignore_index, soft_label_weight, hard_label_weight);
   }
-
-  // "mean" divides by the counted positions of all rows, not of a chunk.
-  at::Tensor count;
-  if (reduction == "mean") {
-    count = labels_long.has_value() ? labels_long->ne(ignore_index).sum().to(math).clamp_min_(1)
-                                    : at::full({}, static_cast<double>(std::max<int64_t>(rows, 1)), math_opts);
-  } else {
-    TORCH_CHECK_VALUE(reduction == "sum" || per_row, "reduction must be one of 'mean', 'sum', 'none', got '",
-                      reduction, "'");
-  }
-  const at::Tensor grad_rows_scale = reduction == "mean" ? count.reciprocal()
-                                     : per_row && any_grad ? row_weights->to(math)
-                                                           : at::Tensor();
+  const ReductionPlan plan = plan_reduction(reduction, view, ignore_index, math_opts);
+  const at::Tensor grad_rows_scale = plan.kind == Reduction::kMean ? plan.grad_scale
+                                     : per_row && any_grad        ? row_weights->to(math)
+                                                                  : at::Tensor();
 
   at::Tensor loss_rows = at::empty({rows}, math_opts);
   at::Tensor grad_hidden = at::empty(hidden_grad ? student_hidden.sizes() : at::IntArrayRef{0}, student_hidden.options());
@@ -185,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distill_
     const at::Tensor g = student.mixed ? grad_logits.to(student.weight.scalar_type()) : grad_logits;
     if (hidden_grad) {
       at::Tensor gh = matmul(g, student.weight, student, math);
-      if (reduction == "mean") gh.mul_(grad_rows_scale);
+      if (plan.kind == Reduction::kMean) gh.mul_(grad_rows_scale);
       grad_hidden.slice(0, start, end).copy_(gh);
     }
     if (weight_grad) {
@@ -197,10 +190,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distill_
     }
     if (bias_grad) grad_bias_acc.add_(grad_logits.sum(0));
   }
-  if (reduction == "mean" && weight_grad) grad_weight_acc.mul_(grad_rows_scale);
-  if (reduction == "mean" && bias_grad) grad_bias_acc.mul_(grad_rows_scale);
+  if (plan.kind == Reduction::kMean && weight_grad) grad_weight_acc.mul_(grad_rows_scale);
+  if (plan.kind == Reduction::kMean && bias_grad) grad_bias_acc.mul_(grad_rows_scale);
 
-  at::Tensor loss = per_row ? loss_rows : reduction == "sum" ? loss_rows.sum() : loss_rows.sum().div_(count);
+  at::Tensor loss = reduce_loss(loss_rows, plan);
   at::Tensor grad_weight = weight_grad ? grad_weight_acc.to(student_weight.scalar_type()) : at::empty({0}, student_weight.options());
   at::Tensor grad_bias = bias_grad ? grad_bias_acc.to(student_bias->scalar_type()) : at::empty({0}, student_hidden.options());
   return {loss, grad_hidden, grad_weight, grad_bias};

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import todi_ext
-from todi_ext import reference
+from todi_ext import _validation, reference
 
 # Per input dtype: (loss rtol, loss atol, gradient norm-wise relative error).
 # The loss is computed in float32 from inputs that are exact in float32, so it
@@ -98,8 +98,7 @@ def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, so
     the slices' gradients of their sum, concatenated."""
     import todi_ext.distributed as td
 
-    kernel = {"js": "gjsd"}.get(divergence, divergence)
-    jsd_beta = 0.5
+    kernel, jsd_beta = _validation.kernel_divergence(divergence, 0.5)
     math = torch.float64 if z.dtype == torch.float64 else torch.float32
     inv_t = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z.device)
     beta = torch.tensor(1.0, dtype=torch.float64, device=z.device)

@@ -462,6 +462,14 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
   }
 }
 
+// Fills the row of the phase's output table with `value` (an ignored row's
+// zeros, an undefined row's NaN); false for phases without one.
+bool fill_phase_row(const VocabParallelParams& vp, int64_t row, double value) {
+  const PhaseTable table = phase_table(vp);
+  if (table.data != nullptr) std::fill(table.data + row * table.width, table.data + (row + 1) * table.width, value);
+  return table.data != nullptr;
+}
+
 template <math::Divergence D, class acc_t>
 void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch) {
   using Vec = Vectorized<acc_t>;
@@ -477,15 +485,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
       for (int k = 0; k < 6; ++k) vp.stats[row * 6 + k] = k % 2;  // (max 0, sum 1): log-sum-exp 0
       return;
     }
-    if (phase == Phase::kPartialSums) {
-      std::fill(vp.sums + row * 4, vp.sums + row * 4 + 4, 0.0);
-      return;
-    }
-    if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) {
-      const int n = phase == Phase::kAklWalk ? math::kAklCandidates : 2;
-      std::fill(vp.akl_sums + row * n, vp.akl_sums + row * n + n, 0.0);
-      return;
-    }
+    if (fill_phase_row(vp, row, 0.0)) return;
     if (phase == Phase::kFused) *loss_out = 0;  // skipped position: no loss, exactly-zero gradient
     if (want_gs) fill_row<acc_t>(p.grad_student.data, p.grad_student.dtype, out_offset, p.vocab, 0);
     if (want_gt) fill_row<acc_t>(p.grad_teacher.data, p.grad_teacher.dtype, out_offset, p.vocab, 0);
@@ -516,15 +516,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   if (!math::is_finite(lse_z.max + log_sum_z) || !math::is_finite(lse_s.max + log_sum_s)) {
     // NaN, +inf, or a row that is all -inf: the distribution is undefined.
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    if (phase == Phase::kPartialSums) {
-      std::fill(vp.sums + row * 4, vp.sums + row * 4 + 4, std::numeric_limits<double>::quiet_NaN());
-      return;
-    }
-    if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) {
-      const int n = phase == Phase::kAklWalk ? math::kAklCandidates : 2;
-      std::fill(vp.akl_sums + row * n, vp.akl_sums + row * n + n, std::numeric_limits<double>::quiet_NaN());
-      return;
-    }
+    if (fill_phase_row(vp, row, std::numeric_limits<double>::quiet_NaN())) return;
     if (phase == Phase::kFused) *loss_out = nan;
     if (want_gs) fill_row<acc_t>(p.grad_student.data, p.grad_student.dtype, out_offset, p.vocab, nan);
     if (want_gt) fill_row<acc_t>(p.grad_teacher.data, p.grad_teacher.dtype, out_offset, p.vocab, nan);

@@ -472,13 +472,15 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   const int64_t lo = rank * chunk < args.vocab ? rank * chunk : args.vocab;
   const int64_t vocab = (args.vocab - lo < chunk ? args.vocab - lo : chunk);  // entries of this block's slice
   const int64_t cache_stride = row_cache_stride(chunk);
-  // Writes n values of `row` into a (rows, n) float64 table: the phases' outputs, one thread per row.
-  auto write_row = [&](double* table, int n, int64_t row, const double* values) {
-    if (threadIdx.x == 0 && rank == 0) {
-      for (int k = 0; k < n; ++k) table[row * n + k] = values[k];
+  // Writes `row` of the phase's float64 output table (phase_table: its
+  // width, at most kAklCandidates values; nothing in kFused and kGradients),
+  // one thread per row.
+  const PhaseTable table = phase_table(vp);
+  auto write_row = [&](int64_t row, const double* values) {
+    if (table.data != nullptr && threadIdx.x == 0 && rank == 0) {
+      for (int k = 0; k < table.width; ++k) table.data[row * table.width + k] = values[k];
     }
   };
-  const int akl_outputs = phase == Phase::kAklWalk ? math::kAklCandidates : 2;
 
   // Sums and log-sum-exp merges over the row: the block, then the cluster.
   auto row_sum = [&](auto& v) {
@@ -504,14 +506,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     }
 
     if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
-      if (phase == Phase::kRowStats) {
-        const double empty[6] = {0, 1, 0, 1, 0, 1};  // (max 0, sum 1): log-sum-exp 0
-        write_row(vp.stats, 6, row, empty);
-        continue;
-      }
+      const double empty[6] = {0, 1, 0, 1, 0, 1};  // statistics: (max 0, sum 1), log-sum-exp 0
       const double zeros[math::kAklCandidates] = {};
-      if (phase == Phase::kPartialSums) write_row(vp.sums, 4, row, zeros);
-      if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) write_row(vp.akl_sums, akl_outputs, row, zeros);
+      write_row(row, phase == Phase::kRowStats ? empty : zeros);
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, A(0));
@@ -523,54 +520,52 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     // Pass 1: per-thread online log-sum-exps; the row cache is filled on the
     // way. The later phases take the whole rows' from global_stats instead.
     Lse lse_z, lse_s, lse_z1;
-    const bool own_lse = fused || phase == Phase::kRowStats;
-    if (!own_lse) {
-    } else if constexpr (kTyped) {
-      constexpr int kVec = 16 / sizeof(T);
-      T* cz = kCacheRow ? cache_copy(row_cache, global_row.z) : nullptr;
-      T* cs = kCacheRow ? cache_copy(row_cache + cache_stride * sizeof(T), global_row.s) : nullptr;
-      // The copies' offsets from their 16-byte aligned bases, in entries.
-      const int64_t i_shift_z = reinterpret_cast<uintptr_t>(global_row.z) % 16 / sizeof(T);
-      const int64_t i_shift_s = reinterpret_cast<uintptr_t>(global_row.s) % 16 / sizeof(T);
-      for_each_vector(
-          global_row.z, global_row.s, vocab,
-          [&](int64_t i0, const uint4& zw, const uint4& sw) {
-            if constexpr (kCacheRow) {  // as 16-byte words (a T* cast would be split into 4-byte stores)
-              reinterpret_cast<uint4*>(cz - i_shift_z)[(i0 + i_shift_z) / kVec] = zw;
-              reinterpret_cast<uint4*>(cs - i_shift_s)[(i0 + i_shift_s) / kVec] = sw;
-            }
-            const T* ze = reinterpret_cast<const T*>(&zw);
-            const T* se = reinterpret_cast<const T*>(&sw);
-            A zs[kVec], ss[kVec];
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) {
-              zs[k] = Elem<T>::template load<A>(ze[k]);
-              ss[k] = Elem<T>::template load<A>(se[k]);
-            }
-            lse_fold(lse_z, zs, inv_t);
-            lse_fold(lse_s, ss, inv_t);
-            if (need_z1) lse_fold(lse_z1, zs, A(1));
-          },
-          [&](int64_t i, T z, T s) {
-            if constexpr (kCacheRow) {
-              cz[i] = z;
-              cs[i] = s;
-            }
-            const A zs[1] = {Elem<T>::template load<A>(z)}, ss[1] = {Elem<T>::template load<A>(s)};
-            lse_fold(lse_z, zs, inv_t);
-            lse_fold(lse_s, ss, inv_t);
-            if (need_z1) lse_fold(lse_z1, zs, A(1));
-          });
-    } else {
-      global_row.for_each(vocab, [&](int64_t, A z, A s) {
-        const A zs[1] = {z}, ss[1] = {s};
-        lse_fold(lse_z, zs, inv_t);
-        lse_fold(lse_s, ss, inv_t);
-        if (need_z1) lse_fold(lse_z1, zs, A(1));
-      });
-    }
     RowLse<A> lz, ls, lz1;
-    if (own_lse) {
+    if (fused || phase == Phase::kRowStats) {
+      if constexpr (kTyped) {
+        constexpr int kVec = 16 / sizeof(T);
+        T* cz = kCacheRow ? cache_copy(row_cache, global_row.z) : nullptr;
+        T* cs = kCacheRow ? cache_copy(row_cache + cache_stride * sizeof(T), global_row.s) : nullptr;
+        // The copies' offsets from their 16-byte aligned bases, in entries.
+        const int64_t i_shift_z = reinterpret_cast<uintptr_t>(global_row.z) % 16 / sizeof(T);
+        const int64_t i_shift_s = reinterpret_cast<uintptr_t>(global_row.s) % 16 / sizeof(T);
+        for_each_vector(
+            global_row.z, global_row.s, vocab,
+            [&](int64_t i0, const uint4& zw, const uint4& sw) {
+              if constexpr (kCacheRow) {  // as 16-byte words (a T* cast would be split into 4-byte stores)
+                reinterpret_cast<uint4*>(cz - i_shift_z)[(i0 + i_shift_z) / kVec] = zw;
+                reinterpret_cast<uint4*>(cs - i_shift_s)[(i0 + i_shift_s) / kVec] = sw;
+              }
+              const T* ze = reinterpret_cast<const T*>(&zw);
+              const T* se = reinterpret_cast<const T*>(&sw);
+              A zs[kVec], ss[kVec];
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) {
+                zs[k] = Elem<T>::template load<A>(ze[k]);
+                ss[k] = Elem<T>::template load<A>(se[k]);
+              }
+              lse_fold(lse_z, zs, inv_t);
+              lse_fold(lse_s, ss, inv_t);
+              if (need_z1) lse_fold(lse_z1, zs, A(1));
+            },
+            [&](int64_t i, T z, T s) {
+              if constexpr (kCacheRow) {
+                cz[i] = z;
+                cs[i] = s;
+              }
+              const A zs[1] = {Elem<T>::template load<A>(z)}, ss[1] = {Elem<T>::template load<A>(s)};
+              lse_fold(lse_z, zs, inv_t);
+              lse_fold(lse_s, ss, inv_t);
+              if (need_z1) lse_fold(lse_z1, zs, A(1));
+            });
+      } else {
+        global_row.for_each(vocab, [&](int64_t, A z, A s) {
+          const A zs[1] = {z}, ss[1] = {s};
+          lse_fold(lse_z, zs, inv_t);
+          lse_fold(lse_s, ss, inv_t);
+          if (need_z1) lse_fold(lse_z1, zs, A(1));
+        });
+      }
       row_merge(lse_z, lse_s);  // also orders the cache writes before the reads below
       if (need_z1) {
         Lse unused;
@@ -579,7 +574,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       if (phase == Phase::kRowStats) {  // this slice's (max, sum) pairs; z's own = z/T's at T = 1
         const Lse& z1 = need_z1 ? lse_z1 : lse_z;
         const double stats[6] = {lse_z.max, lse_z.sum, lse_s.max, lse_s.sum, hard ? z1.max : A(0), hard ? z1.sum : A(1)};
-        write_row(vp.stats, 6, row, stats);
+        write_row(row, stats);
         continue;
       }
       lz = {lse_z.max, math::Ops<A>::log(lse_z.sum)};
@@ -602,8 +597,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       const A nan = std::numeric_limits<A>::quiet_NaN();
       const double nans[math::kAklCandidates] = {nan, nan, nan, nan, nan, nan, nan, nan,
                                                  nan, nan, nan, nan, nan, nan, nan};
-      if (phase == Phase::kPartialSums) write_row(vp.sums, 4, row, nans);
-      if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) write_row(vp.akl_sums, akl_outputs, row, nans);
+      write_row(row, nans);
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, nan);
@@ -642,7 +636,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
         row_sum(sums);
         double out[math::kAklCandidates];
         for (int j = 0; j < math::kAklCandidates; ++j) out[j] = sums[j];
-        write_row(vp.akl_sums, math::kAklCandidates, row, out);
+        write_row(row, out);
         continue;
       }
       if (phase == Phase::kAklGaps) {  // the search is done: its low key is the split
@@ -653,7 +647,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
         akl_gap_sums(walk, inv_t, lz, ls, search.tail_threshold(), g);
         row_sum(g);
         const double out[2] = {g[0], g[1]};
-        write_row(vp.akl_sums, 2, row, out);
+        write_row(row, out);
         continue;
       }
       if (fused) {
@@ -697,7 +691,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
                                  : A(0);
     if (phase == Phase::kPartialSums) {  // this slice's sums, and z[label] where it holds the label
       const double out[4] = {sums[0], sums[1], sums[2], z_label};
-      write_row(vp.sums, 4, row, out);
+      write_row(row, out);
       continue;
     }
     if (threadIdx.x == 0 && rank == 0 && fused) {

@@ -140,6 +140,11 @@ DIVERGENCES = {
 PARAM_DEFAULTS = {"beta": 1.0, "skew_lambda": 0.1, "akl_mu": 0.5, "jsd_beta": 0.5}
 
 
+def kernel_divergence(divergence, jsd_beta):
+    """The kernel's divergence name and jsd_beta for a public divergence ("js": gjsd at 0.5)."""
+    return DIVERGENCES[divergence][0], 0.5 if divergence == "js" else float(jsd_beta)
+
+
 def check_label_weights(soft_label_weight, hard_label_weight, labels=None, *, with_labels=True):
     """Weights of the divergence and of the hard-label cross-entropy; the
     cross-entropy needs labels (with_labels=False: not known yet)."""

@@ -226,10 +226,12 @@ class _VocabParallelLoss(torch.autograd.Function):
         # 1: local row statistics, merged across ranks (one all-gather).
         local_stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels_local, inv_t, _LOCAL_IGNORE, with_ce)
         global_stats = _merge_row_stats(_all_gather(local_stats, group))
-        math = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+        math = _validation.loss_dtype(student, teacher)
         # AKL: the head/tail split of the whole rows (a collective per search walk).
-        akl_gaps = (_akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math, lambda t: fc.all_reduce(t, "sum", group))
-                    if divergence == "akl" else None)
+        akl_gaps = None
+        if divergence == "akl":
+            akl_gaps = _akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math,
+                                 lambda t: fc.all_reduce(t, "sum", group))
         # 2: partial sums, summed across ranks (one all-reduce).
         sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels_local, divergence, beta_t, skew_lambda,
                                                               akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE, global_stats,
@@ -337,7 +339,7 @@ def vocab_parallel_distill_loss(
         # Local ids: -1 ignored, [0, V_local) in this slice, V_local elsewhere.
         labels_local = torch.where(ignored, torch.full_like(local, _LOCAL_IGNORE),
                                    torch.where(here, local, torch.full_like(local, local_vocab)))
-    params = (_validation.DIVERGENCES[divergence][0], float(beta), float(skew_lambda), float(akl_mu),
-              0.5 if divergence == "js" else float(jsd_beta), float(temperature), reduction,
-              float(soft_label_weight), float(hard_label_weight))
+    kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
+    params = (kernel_divergence, float(beta), float(skew_lambda), float(akl_mu), kernel_jsd_beta, float(temperature),
+              reduction, float(soft_label_weight), float(hard_label_weight))
     return _VocabParallelLoss.apply(student_logits, teacher_logits, labels_local, ignored, params, group)

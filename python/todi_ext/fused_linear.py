@@ -86,12 +86,13 @@ def fused_linear_distill_loss(
     if hard_label_weight != 0:
         _validation.check_label_range(labels, vocab, ignore_index)
     _check_teacher_constant(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
-    math = torch.float64 if torch.float64 in (student_hidden.dtype, teacher_hidden.dtype) else torch.float32
+    math = _validation.loss_dtype(student_hidden, teacher_hidden)
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab, math, student_weight.dtype, student_hidden.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
+    kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
     grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": gradients in backward
     loss, _, _, _ = ops.fused_linear_distill_forward(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
@@ -101,11 +102,11 @@ def fused_linear_distill_loss(
         teacher_weight,
         teacher_bias,
         labels.reshape(-1) if labels is not None else None,
-        _validation.DIVERGENCES[divergence][0],
+        kernel_divergence,
         beta,
         float(skew_lambda),
         float(akl_mu),
-        0.5 if divergence == "js" else float(jsd_beta),
+        kernel_jsd_beta,
         temperature,
         int(ignore_index),
         reduction,

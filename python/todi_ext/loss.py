@@ -51,7 +51,7 @@ def distill_loss(
     _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
     if hard_label_weight != 0:
         _validation.check_label_range(labels, student_logits.shape[-1], ignore_index)
-    kernel_divergence = _validation.DIVERGENCES[divergence][0]
+    kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = ops.distill_forward(
         student_logits,
@@ -61,7 +61,7 @@ def distill_loss(
         beta,  # made a tensor by ops.distill_forward: float() would specialise a torch.compile graph on it
         float(skew_lambda),
         float(akl_mu),
-        0.5 if divergence == "js" else float(jsd_beta),
+        kernel_jsd_beta,
         temperature,
         int(ignore_index),
         reduction,

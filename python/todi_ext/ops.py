@@ -257,7 +257,7 @@ def _fused_linear_fake(
     _validation.check_reduction(reduction)
     _validation.check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta)
     _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
-    math = torch.float64 if torch.float64 in (student_hidden.dtype, teacher_hidden.dtype) else torch.float32
+    math = _validation.loss_dtype(student_hidden, teacher_hidden)
     rows, vocab = student_hidden.shape[0], student_weight.shape[0]
     loss = student_hidden.new_empty((rows,) if reduction == "none" else (), dtype=math)
     grad_hidden = student_hidden.new_empty(student_hidden.shape if hidden_grad else _EMPTY)

@@ -58,6 +58,23 @@ struct VocabParallelParams {
   const double* akl_global_gaps = nullptr;
 };
 
+// The float64 table a phase writes, `width` values per position; none for
+// kFused and kGradients, which write the loss and the gradients.
+struct PhaseTable {
+  double* data = nullptr;
+  int width = 0;
+};
+
+TODI_HOST_DEVICE PhaseTable phase_table(const VocabParallelParams& vp) {
+  switch (vp.phase) {
+    case Phase::kRowStats: return {vp.stats, 6};
+    case Phase::kPartialSums: return {vp.sums, 4};
+    case Phase::kAklWalk: return {vp.akl_sums, math::kAklCandidates};
+    case Phase::kAklGaps: return {vp.akl_sums, 2};
+    default: return {};
+  }
+}
+
 struct ForwardParams {
   RowMatrix student;
   RowMatrix teacher;
