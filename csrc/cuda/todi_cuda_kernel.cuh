@@ -472,13 +472,21 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   const int64_t lo = rank * chunk < args.vocab ? rank * chunk : args.vocab;
   const int64_t vocab = (args.vocab - lo < chunk ? args.vocab - lo : chunk);  // entries of this block's slice
   const int64_t cache_stride = row_cache_stride(chunk);
-  // Writes `row` of the phase's float64 output table (phase_table: its
-  // width, at most kAklCandidates values; nothing in kFused and kGradients),
-  // one thread per row.
+  // The phase's float64 output table (phase_table; none in kFused and
+  // kGradients), written by one thread per row: write_row with an array of
+  // the table's width (a compile-time size, so the values stay in registers),
+  // fill_row with one value.
   const PhaseTable table = phase_table(vp);
-  auto write_row = [&](int64_t row, const double* values) {
+  auto write_row = [&](int64_t row, const auto& values) {
+    constexpr int n = std::extent_v<std::remove_reference_t<decltype(values)>>;
     if (table.data != nullptr && threadIdx.x == 0 && rank == 0) {
-      for (int k = 0; k < table.width; ++k) table.data[row * table.width + k] = values[k];
+#pragma unroll
+      for (int k = 0; k < n; ++k) table.data[row * n + k] = values[k];
+    }
+  };
+  auto fill_row = [&](int64_t row, double value) {
+    if (table.data != nullptr && threadIdx.x == 0 && rank == 0) {
+      for (int k = 0; k < table.width; ++k) table.data[row * table.width + k] = value;
     }
   };
 
@@ -506,9 +514,12 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     }
 
     if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
-      const double empty[6] = {0, 1, 0, 1, 0, 1};  // statistics: (max 0, sum 1), log-sum-exp 0
-      const double zeros[math::kAklCandidates] = {};
-      write_row(row, phase == Phase::kRowStats ? empty : zeros);
+      if (phase == Phase::kRowStats) {
+        const double empty[6] = {0, 1, 0, 1, 0, 1};  // (max 0, sum 1): log-sum-exp 0
+        write_row(row, empty);
+      } else {
+        fill_row(row, 0.0);
+      }
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, A(0));
@@ -595,9 +606,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
     if (!scalars_ok || !label_ok || !math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum) ||
         !math::is_finite(lz1.max + lz1.log_sum)) {  // NaN row
       const A nan = std::numeric_limits<A>::quiet_NaN();
-      const double nans[math::kAklCandidates] = {nan, nan, nan, nan, nan, nan, nan, nan,
-                                                 nan, nan, nan, nan, nan, nan, nan};
-      write_row(row, nans);
+      fill_row(row, nan);
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, nan);
