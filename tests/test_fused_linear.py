@@ -183,7 +183,7 @@ def test_bad_inputs_name_what_is_wrong():
         f(hidden, weight, th, tw, hard_label_weight=1.0)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         f(hidden, weight, th, tw, labels, chunk_size=0)
-    with pytest.raises(ValueError, match=r"labels must have shape \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"labels must have shape \(3, 5\) \(student_hidden without its last"):
         f(hidden, weight, th, tw, labels[0])
     # A direct op call gets C++ checks that name the argument too.
     args = [hidden.reshape(15, 24), weight, None, th.reshape(15, 40), tw[:699], None, None, "todi", _s(1.0), 0.1,

@@ -239,3 +239,18 @@ def test_deterministic():
     student, teacher = make_logits((33, 5000)), make_logits((33, 5000), seed=3)
     outs = [todi_ext.todi_loss(student, teacher, reduction="none") for _ in range(3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_reference_has_the_signatures_of_the_fused_functions():
+    # The README promises the eager reference takes the same arguments (issue 21: the label weights were missing).
+    import inspect
+
+    from todi_ext import reference
+
+    for name in ("todi_loss", "distill_loss"):
+        assert inspect.signature(getattr(reference, name)) == inspect.signature(getattr(todi_ext, name)), name
+    z, t = make_logits((5, 40)), make_logits((5, 40), seed=1)
+    labels = make_labels((5,), num_classes=40)
+    kw = dict(temperature=2.0, hard_label_weight=0.3, soft_label_weight=0.7)
+    torch.testing.assert_close(reference.todi_loss(z.double(), t.double(), labels, **kw),
+                               todi_ext.todi_loss(z.double(), t.double(), labels, **kw), rtol=1e-12, atol=0)

@@ -51,7 +51,8 @@ def check_ignore_index_fits(labels, ignore_index):
         )
 
 
-def check_labels(labels, student_logits):
+def check_labels(labels, student_logits, like="student_logits"):
+    """labels: one per position of student_logits (..., V); like names that argument in the messages."""
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
@@ -61,11 +62,11 @@ def check_labels(labels, student_logits):
     positions = tuple(student_logits.shape[:-1])
     if tuple(labels.shape) != positions:
         raise ValueError(
-            f"labels must have shape {positions} (student_logits without its last dimension), "
+            f"labels must have shape {positions} ({like} without its last dimension), "
             f"got {tuple(labels.shape)}"
         )
     if labels.device != student_logits.device:
-        raise ValueError(f"labels is on {labels.device} but student_logits is on {student_logits.device}")
+        raise ValueError(f"labels is on {labels.device} but {like} is on {student_logits.device}")
 
 
 def _check_real(name, value):

@@ -77,7 +77,7 @@ def fused_linear_distill_loss(
                                    teacher_bias)
     lead = tuple(student_hidden.shape[:-1])
     if labels is not None:
-        _validation.check_labels(labels, student_hidden[..., :1])
+        _validation.check_labels(labels, student_hidden, like="student_hidden")
     _validation.check_scalars(beta, temperature, ignore_index, reduction)
     _validation.check_ignore_index_fits(labels, ignore_index)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)

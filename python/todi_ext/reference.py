@@ -145,10 +145,13 @@ def todi_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
 ) -> Tensor:
     """Eager ToDi loss; see todi_ext.todi_loss for the arguments."""
     return distill_loss(student_logits, teacher_logits, labels, divergence="todi", beta=beta,
-                        temperature=temperature, ignore_index=ignore_index, reduction=reduction)
+                        temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                        hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight)
 
 
 def _reduce(per_position, labels, ignore_index, reduction):

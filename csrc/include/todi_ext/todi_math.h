@@ -3,7 +3,7 @@
 // The CPU kernel instantiates these templates with at::vec::Vectorized<float>
 // (and plain float/double for reductions); the CUDA kernel instantiates them
 // with float in device code. Keeping the formulas here is what makes the
-// backends compute the same thing. Definitions: ../shared/spec/todi.md.
+// backends compute the same thing. Definitions: docs/spec.md.
 //
 // Notation for one position (row) and vocabulary entry i:
 //   log q_i = z_i / T - lse_z      (student)     log p_i = s_i / T - lse_s (teacher)
