@@ -88,8 +88,19 @@ def _check_bad_inputs(rank, world):
         td.vocab_parallel_distill_loss(z, s, divergence="fkl" if rank == 0 else "rkl")
     with pytest.raises(ValueError, match="ranks disagree on student dtype"):
         td.vocab_parallel_distill_loss(z.double() if rank == 0 else z, s)
-    with pytest.raises(ValueError, match="labels checksum"):
+    with pytest.raises(ValueError, match=r"ranks disagree on labels \("):
         td.vocab_parallel_distill_loss(z, s, torch.tensor([1, 2, 3, rank]))
+    # Differences that keep the labels' sum and index-weighted sum (issue 21: both ranks returned a loss
+    # that matched neither rank's labels).
+    labels = torch.tensor([5, 6, 7, 8]) + (torch.tensor([1, -2, 1, 0]) if rank == 1 else 0)
+    with pytest.raises(ValueError, match=r"ranks disagree on labels \("):
+        td.vocab_parallel_distill_loss(z, s, labels)
+    with pytest.raises(ValueError, match=r"ranks disagree on ignore_index \(\[-100, 7"):
+        td.vocab_parallel_distill_loss(z, s, torch.tensor([1, 2, 3, 7]), ignore_index=-100 if rank == 0 else 7)
+    with pytest.raises(ValueError, match=r"ranks disagree on divergence \(\['fkl', 'rkl'"):
+        td.vocab_parallel_distill_loss(z, s, divergence="fkl" if rank == 0 else "rkl")
+    with pytest.raises(ValueError, match=r"ranks disagree on hard_label_weight \(\[0.5, 0.25"):
+        td.vocab_parallel_distill_loss(z, s, torch.tensor([1, 2, 3, 4]), hard_label_weight=0.5 if rank == 0 else 0.25)
     with pytest.raises(ValueError, match=rf"labels must be in \[0, {10 * world}\)"):
         td.vocab_parallel_distill_loss(z, s, torch.tensor([1, 2, 3, 10 * world]), hard_label_weight=1.0)
     with pytest.raises(ValueError, match=r"ranks disagree on akl_mu \(\[0.5, 0.25"):
@@ -100,6 +111,10 @@ def _check_bad_inputs(rank, world):
     step = torch.compile(lambda z, s, d: td.vocab_parallel_distill_loss(z, s, divergence=d), fullgraph=True)
     with pytest.raises(RuntimeError, match="ranks disagree on rows, dtypes, the divergence"):
         step(z, s, "fkl" if rank == 0 else "rkl")
+    compiled_t = torch.compile(lambda z, s, t: td.vocab_parallel_distill_loss(z, s, temperature=t), fullgraph=True)
+    compiled_t(z, s, 1.0)  # both ranks alike: the first, specialised, graph
+    with pytest.raises(RuntimeError, match="ranks disagree on rows, dtypes, the divergence"):
+        compiled_t(z, s, 1.5 + rank)  # a temperature that is a graph input still reaches the check
     rows = 4 if rank == 0 else 5
     with pytest.raises(RuntimeError, match="ranks disagree"):
         step(make_logits((rows, 10)), make_logits((rows, 10), seed=1), "todi")
@@ -148,6 +163,31 @@ def _check_compiled_step(rank, world):
         torch.testing.assert_close(results[1][1], results[0][1])
 
 
+def _check_schedules_do_not_recompile(rank, world):
+    # A temperature schedule or a beta sweep (issue 21: each value recompiled, and at 8 values fullgraph failed):
+    # after the first, specialised, graph the values are graph inputs, as for the logits op.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    vocab = 64
+    lo = sum(_slices(vocab, world)[:rank])
+    z, s = make_logits((3, vocab), seed=11), make_logits((3, vocab), seed=12)
+    zl, sl = z[:, lo:lo + _slices(vocab, world)[rank]], s[:, lo:lo + _slices(vocab, world)[rank]]
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda z, s, t, b: td.vocab_parallel_distill_loss(z, s, temperature=t, beta=b),
+                         backend=counter, fullgraph=True)
+    for i in range(10):
+        t, b = 1.0 + 0.1 * i, 0.5 + 0.05 * i
+        zc = zl.clone().requires_grad_()
+        loss = step(zc, sl, t, b)
+        loss.backward()
+        zf = z.clone().requires_grad_()
+        expected = todi_ext.todi_loss(zf, s, temperature=t, beta=b)
+        expected.backward()
+        torch.testing.assert_close(loss.detach(), expected.detach())
+        torch.testing.assert_close(zc.grad, zf.grad[:, lo:lo + zl.shape[1]])
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 10 values"
+
+
 def _check_dtensor_entry(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -181,6 +221,7 @@ def _worker(rank, world, init_file, error_file, what):
             _check_zero_rows(rank, world)
             if world == 2:
                 _check_compiled_step(rank, world)
+                _check_schedules_do_not_recompile(rank, world)
                 _check_dtensor_entry(rank, world)
         else:
             _check_bad_inputs(rank, world)

@@ -45,12 +45,16 @@ from . import _validation, ops
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _DIVERGENCE_CODES = {name: i for i, name in enumerate(_validation.DIVERGENCES)}
 _REDUCTION_CODES = {name: i for i, name in enumerate(_validation.REDUCTIONS)}
-_META = ("rows", "vocab slice", "student dtype", "teacher dtype", "divergence", "reduction", "labels given",
-         "hard_label_weight", "labels checksum", "labels weighted checksum", "temperature", "beta", "skew_lambda",
-         "akl_mu", "jsd_beta", "soft_label_weight")
-_FLOAT_META = slice(10, 16)  # these, and hard_label_weight, travel as the bits of their float64 values
-_BAD_INPUT = 16  # set by a rank whose own inputs were rejected: the others raise too
-_META_SIZE = 17
+# The agreement table's columns: integers, then floats as the bits of their
+# float64 values, then the bad-input flag.
+_INT_META = ("rows", "vocab slice", "student dtype", "teacher dtype", "divergence", "reduction", "labels given",
+             "ignore_index", "labels")
+_FLOAT_META = ("temperature", "beta", "skew_lambda", "akl_mu", "jsd_beta", "soft_label_weight", "hard_label_weight")
+_META = _INT_META + _FLOAT_META
+_CODE_NAMES = {"student dtype": list(_DTYPE_CODES), "teacher dtype": list(_DTYPE_CODES),
+               "divergence": list(_DIVERGENCE_CODES), "reduction": list(_REDUCTION_CODES)}
+_BAD_INPUT = len(_META)  # set by a rank whose own inputs were rejected: the others raise too
+_META_SIZE = len(_META) + 1
 _LOCAL_IGNORE = -1  # the phase ops' ignore_index: local labels are >= 0
 
 
@@ -67,14 +71,44 @@ def _all_gather(t: Tensor, group) -> Tensor:
 
 _COMPILED_MISMATCH = (
     "vocab_parallel_distill_loss: ranks disagree on rows, dtypes, the divergence or its parameters, the "
-    "temperature, reduction, label weights or labels, or a hard label is outside [0, V_total) (this check runs "
-    "inside a compiled graph and cannot say which: call it once without torch.compile to see)"
+    "temperature, reduction, ignore_index, label weights or labels, or a hard label is outside [0, V_total) (this "
+    "check runs inside a compiled graph and cannot say which: call it once without torch.compile to see)"
 )
 
 
-def _float_bits(values) -> Tensor:
-    # + 0.0 makes -0.0 into 0.0: equal values, equal bits.
-    return torch.tensor([float(v) + 0.0 for v in values], dtype=torch.float64).view(torch.int64)
+def _logical_shift(x: Tensor, bits: int) -> Tensor:
+    """x >> bits on int64 as an unsigned shift (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _as_int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_MIX1, _MIX2, _GOLDEN = _as_int64(0xBF58476D1CE4E5B9), _as_int64(0x94D049BB133111EB), _as_int64(0x9E3779B97F4A7C15)
+
+
+def _labels_hash(labels: Tensor) -> Tensor:
+    """One int64 that differs between two label tensors of the same size
+    unless they are equal (or with probability ~2^-63): sum of label_i * r_i
+    modulo 2^64, r_i odd and pseudo-random per position (splitmix64 of i).
+    A sum of the labels, or of i * label_i, misses differences such as
+    (+1, -2, +1) at three neighbouring positions; this does not."""
+    flat = labels.reshape(-1).to(torch.int64)
+    x = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device) * _GOLDEN + _GOLDEN
+    x = (x ^ _logical_shift(x, 30)) * _MIX1
+    x = (x ^ _logical_shift(x, 27)) * _MIX2
+    x = x ^ _logical_shift(x, 31)
+    return (flat * (x | 1)).sum()
+
+
+def _float_bits(values, like: Tensor) -> Tensor:
+    """The float64 bits (as int64) of values, each made a 0-dim tensor by a
+    fill (ops.scalar_tensor), so that under torch.compile a changing value
+    is a graph input, not a constant that recompiles the graph. + 0.0 makes
+    -0.0 into 0.0: equal values, equal bits."""
+    floats = torch.stack([v if isinstance(v, Tensor) else ops.scalar_tensor(v, like) for v in values]) + 0.0
+    return floats.view(torch.int64)
 
 
 def _report_bad_input(student, group):
@@ -86,21 +120,30 @@ def _report_bad_input(student, group):
     fc.wait_tensor(_all_gather(meta, group))  # nobody reads it here: wait, so the collective completes
 
 
-def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars, group, ignore_index):
+def _describe(name, column: Tensor):
+    """A column of the agreement table, by rank, as the user wrote it."""
+    if name in _FLOAT_META:
+        return column.contiguous().view(torch.float64).tolist()
+    values = column.tolist()
+    if name in _CODE_NAMES:
+        return [_CODE_NAMES[name][v] if 0 <= v < len(_CODE_NAMES[name]) else v for v in values]
+    return values
+
+
+def _check_ranks_agree(student, teacher, labels, divergence, reduction, ignore_index, scalars, group):
     """Step 0: gathers what every rank must agree on; returns the slice sizes
-    (a tensor, one per rank). scalars: temperature, beta, skew_lambda,
-    akl_mu, jsd_beta, soft_label_weight, hard_label_weight."""
+    (a tensor, one per rank). scalars: the _FLOAT_META values, in order
+    (floats or 0-dim float64 tensors)."""
     rows = student.numel() // student.shape[-1]
-    meta = torch.zeros(_META_SIZE, dtype=torch.int64, device=student.device)  # NCCL gathers device tensors only
-    meta[:7] = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
-                             _DIVERGENCE_CODES[divergence], _REDUCTION_CODES[reduction], labels is not None])
-    meta[7] = _float_bits(scalars[6:])[0]
-    meta[_FLOAT_META] = _float_bits(scalars[:6])
-    if labels is not None:
-        flat = labels.reshape(-1).to(torch.int64)
-        meta[8] = flat.sum()
-        meta[9] = (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum()
+    device = student.device  # NCCL gathers device tensors only
+    ints = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
+                         _DIVERGENCE_CODES[divergence], _REDUCTION_CODES[reduction], labels is not None,
+                         ignore_index], dtype=torch.int64, device=device)
+    labels_hash = _labels_hash(labels) if labels is not None else torch.zeros((), dtype=torch.int64, device=device)
+    flag = torch.zeros(1, dtype=torch.int64, device=device)
+    meta = torch.cat([ints, labels_hash.reshape(1), _float_bits(scalars, student), flag])
     table = _all_gather(meta, group)
+    hard_label_weight = scalars[_FLOAT_META.index("hard_label_weight")]
     if torch.compiler.is_compiling():
         # The table cannot be read on the host inside a graph: a mismatch
         # fails an assert instead (every rank holds the same table, so every
@@ -108,7 +151,7 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars,
         # hard label outside the whole vocabulary.
         same = torch.cat([table[:, :1], table[:, 2:]], dim=1)  # slices may differ in size
         ok = (same == same[:1]).all()
-        if labels is not None and scalars[6] != 0:
+        if labels is not None and hard_label_weight != 0:
             flat = labels.reshape(-1).to(torch.int64)
             in_range = (flat >= 0) & (flat < table[:, 1].sum())
             ok = ok & ((flat == ignore_index) | in_range).all()
@@ -120,15 +163,13 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, scalars,
         raise ValueError(f"vocab_parallel_distill_loss: rank(s) {bad} rejected their inputs (their own error says "
                          "why); this rank's were valid")
     for i, name in enumerate(_META):
-        if i == 1:
+        if name == "vocab slice":
             continue  # slices may differ in size
         if len({row[i] for row in rows_of_table}) > 1:
-            column = table[:, i].contiguous()
-            values = column.view(torch.float64) if i == 7 or 10 <= i < 16 else column
             raise ValueError(
-                f"vocab_parallel_distill_loss: ranks disagree on {name} ({values.tolist()} by rank); every rank "
-                "must pass the same rows, dtypes, divergence and its parameters, reduction, label weights and "
-                "(global) labels"
+                f"vocab_parallel_distill_loss: ranks disagree on {name} ({_describe(name, table[:, i])} by rank); "
+                "every rank must pass the same rows, dtypes, divergence and its parameters, reduction, "
+                "ignore_index, label weights and (global) labels"
             )
     return table[:, 1]
 
@@ -322,9 +363,9 @@ def vocab_parallel_distill_loss(
         # all-gather: join it with a flag, so that they raise too.
         _report_bad_input(student_logits, group)
         raise
-    slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction,
+    slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction, ignore_index,
                                 (temperature, beta, skew_lambda, akl_mu, jsd_beta, soft_label_weight,
-                                 hard_label_weight), group, ignore_index)
+                                 hard_label_weight), group)
     rank = dist.get_rank(group)
     local_vocab = student_logits.shape[-1]
     labels_local = ignored = None
@@ -340,6 +381,8 @@ def vocab_parallel_distill_loss(
         labels_local = torch.where(ignored, torch.full_like(local, _LOCAL_IGNORE),
                                    torch.where(here, local, torch.full_like(local, local_vocab)))
     kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
-    params = (kernel_divergence, float(beta), float(skew_lambda), float(akl_mu), kernel_jsd_beta, float(temperature),
+    # temperature and beta go on as given (under torch.compile: symbolic), so
+    # that the op's 0-dim tensors made from them are graph inputs.
+    params = (kernel_divergence, beta, float(skew_lambda), float(akl_mu), kernel_jsd_beta, temperature,
               reduction, float(soft_label_weight), float(hard_label_weight))
     return _VocabParallelLoss.apply(student_logits, teacher_logits, labels_local, ignored, params, group)
