@@ -163,9 +163,103 @@ def test_logits_that_are_not_a_plain_linear_map_fall_back_with_a_warning(tmp_pat
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = trainer.compute_loss(trainer.model, dict(inputs))
-    assert any("logits path" in str(w.message) for w in caught)
+    assert any("logits path" in str(w.message) and "probe" in str(w.message) for w in caught)
     assert trainer.fused_linear is False
     torch.testing.assert_close(got.double(), by_hand(student, teacher, inputs), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused_linear", [True, False])
+def test_evaluate_and_predict_work_on_both_paths(tmp_path, fused_linear):
+    # Issue 21: with fused_linear=True, evaluate() crashed in prediction_step ((loss, None)[1:]).
+    student, teacher = llama(32, seed=0), llama(48, seed=1)
+    eval_data = batch(4, seed=5)
+    trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused_linear, eval_dataset=Rows(eval_data),
+                           args=dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4))
+    trainer.train()  # evaluates after each step
+    metrics = trainer.evaluate()
+    torch.testing.assert_close(torch.tensor(metrics["eval_loss"], dtype=torch.float64),
+                               by_hand(student, teacher, eval_data).detach(), rtol=2e-5, atol=1e-6)
+    assert trainer.fused_linear == fused_linear
+    predictions = trainer.predict(Rows(eval_data))
+    assert predictions.predictions.shape == (4, 12, VOCAB)
+    torch.testing.assert_close(torch.tensor(predictions.metrics["test_loss"]), torch.tensor(metrics["eval_loss"]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def softcapped_llama(cap, seed):
+    class SoftCapped(LlamaForCausalLM):  # a soft-cap its config does not mention
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = cap * torch.tanh(out.logits / cap)
+            return out
+
+    torch.manual_seed(seed)
+    return SoftCapped(llama(32, seed=seed).config)
+
+
+def test_a_soft_cap_is_found_while_the_logits_are_still_small(tmp_path):
+    # Issue 21: at initialisation 30 tanh(x / 30) ~ x to 1e-4, so comparing the first batch's logits kept the
+    # fused path, and once the logits grew the loss was silently wrong. The probe drives them to ~1000.
+    student, teacher = softcapped_llama(30.0, seed=0), llama(48, seed=1)
+    inputs = batch()
+    with torch.no_grad():
+        logits = student(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    assert float(logits.abs().max()) < 1  # small: 30 tanh(x / 30) is x to within 1e-4 here
+    trainer = make_trainer(tmp_path, student, teacher)
+    with pytest.warns(UserWarning, match="probe with logits of magnitude 1000 came back changed"):
+        trainer.compute_loss(trainer.model, dict(inputs))
+    assert trainer.fused_linear is False
+    # Grown logits (a trained head): the trainer's loss is still that of the model's real logits.
+    with torch.no_grad():
+        student.lm_head.weight.mul_(300.0)
+    got = trainer.compute_loss(trainer.model, dict(inputs))
+    torch.testing.assert_close(got.double(), by_hand(student, teacher, inputs), rtol=2e-5, atol=1e-6)
+
+
+def test_gemma2_with_its_soft_cap_uses_the_logits_path(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def gemma2(hidden, seed):
+        torch.manual_seed(seed)
+        cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                           final_logit_softcapping=30.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        return Gemma2ForCausalLM(cfg)
+
+    student, teacher = gemma2(32, seed=0), gemma2(48, seed=1)
+    with torch.no_grad():  # logits of ~30 and more, where the cap matters
+        student.lm_head.weight.mul_(200.0)
+    inputs = batch()
+    trainer = make_trainer(tmp_path, student, teacher)
+    with pytest.warns(UserWarning, match="final_logit_softcapping=30.0"):
+        got = trainer.compute_loss(trainer.model, dict(inputs))
+    assert trainer.fused_linear is False
+    torch.testing.assert_close(got.double(), by_hand(student, teacher, inputs), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused_linear", [True, False])
+def test_label_smoothing_smooths_the_hard_label_term(tmp_path, fused_linear):
+    # Issue 21: label_smoothing_factor was silently ignored. Hugging Face's definition, which
+    # F.cross_entropy(label_smoothing=e) shares: (1 - e) CE + e mean_v(-log q_v).
+    student, teacher = gpt2(32, seed=0), gpt2(48, seed=1)  # GPT-2's lm_head has no bias; Llama's neither
+    trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused_linear,
+                           args=dict(label_smoothing_factor=0.2))
+    inputs = batch()
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    s = student(**model_inputs).logits[:, :-1].double()
+    with torch.no_grad():
+        t = teacher(**model_inputs).logits[:, :-1].double()
+    y = inputs["labels"][:, 1:]
+    ce = F.cross_entropy(s.flatten(0, 1), y.flatten(), ignore_index=-100, label_smoothing=0.2)
+    expected = 0.5 * ce + 0.5 * reference.distill_loss(s, t, y, temperature=2.0)
+    got = trainer.compute_loss(trainer.model, dict(inputs))
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-6)
+    assert trainer.fused_linear == fused_linear
+    count = int((y != -100).sum())
+    got_sum = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=torch.tensor(count))
+    torch.testing.assert_close(got_sum.double(), expected, rtol=2e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.2 smooths the hard-label cross-entropy"):
+        make_trainer(tmp_path, student, teacher, hard_label_weight=0.0, args=dict(label_smoothing_factor=0.2))
 
 
 def test_the_study_runs_end_to_end(tmp_path):
