@@ -9,6 +9,7 @@
 // both accumulated in float32 across chunks and cast once at the end.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -95,6 +96,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distill_
     double akl_mu, double jsd_beta, const at::Tensor& inv_temperature, int64_t ignore_index,
     c10::string_view reduction, double soft_label_weight, double hard_label_weight, int64_t chunk_size,
     const std::optional<at::Tensor>& row_weights, bool hidden_grad, bool weight_grad, bool bias_grad) {
+  // The op picks its own precision (float32-accumulated matmuls, float32
+  // logits): an enclosing torch.autocast must not recast the matmuls below,
+  // which the dispatcher would otherwise do, since autocast stays on for the
+  // ops a custom op calls.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias);
   check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias);
   TORCH_CHECK_VALUE(teacher_weight.size(0) == student_weight.size(0), "the teacher's vocabulary (",

@@ -7,7 +7,7 @@ import torch
 import todi_ext
 
 from conftest import TOLERANCES, assert_grad_close
-from test_fused_linear import make_problem, materialised, run
+from test_fused_linear import check_autocast_changes_nothing, make_problem, materialised, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -39,3 +39,8 @@ def test_compiles_and_matches_the_cpu_op():
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=2e-5, atol=1e-6)
     for a, b in zip(gpu[1], cpu[1]):
         assert_grad_close(a.cpu(), b.double(), 1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_an_enclosing_autocast_changes_nothing(reduction):
+    check_autocast_changes_nothing("cuda", reduction)
