@@ -11,17 +11,18 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
+import todi_ext  # noqa: E402
 from todi_ext import reference  # noqa: E402
 from todi_ext.integrations.transformers import DistillationTrainer  # noqa: E402
 
 VOCAB = 211
 
 
-def llama(hidden, seed, vocab=VOCAB):
+def llama(hidden, seed, vocab=VOCAB, tied=False):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0)
+                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg)
 
 
@@ -163,7 +164,7 @@ def test_logits_that_are_not_a_plain_linear_map_fall_back_with_a_warning(tmp_pat
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = trainer.compute_loss(trainer.model, dict(inputs))
-    assert any("logits path" in str(w.message) and "probe" in str(w.message) for w in caught)
+    assert any("logits path" in str(w.message) and "changes its lm_head's output" in str(w.message) for w in caught)
     assert trainer.fused_linear is False
     torch.testing.assert_close(got.double(), by_hand(student, teacher, inputs), rtol=2e-5, atol=1e-6)
 
@@ -199,14 +200,15 @@ def softcapped_llama(cap, seed):
 
 def test_a_soft_cap_is_found_while_the_logits_are_still_small(tmp_path):
     # Issue 21: at initialisation 30 tanh(x / 30) ~ x to 1e-4, so comparing the first batch's logits kept the
-    # fused path, and once the logits grew the loss was silently wrong. The probe drives them to ~1000.
+    # fused path, and once the logits grew the loss was silently wrong. The model returning another tensor than
+    # the lm_head's output shows at any logit size.
     student, teacher = softcapped_llama(30.0, seed=0), llama(48, seed=1)
     inputs = batch()
     with torch.no_grad():
         logits = student(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     assert float(logits.abs().max()) < 1  # small: 30 tanh(x / 30) is x to within 1e-4 here
     trainer = make_trainer(tmp_path, student, teacher)
-    with pytest.warns(UserWarning, match="probe with logits of magnitude 1000 came back changed"):
+    with pytest.warns(UserWarning, match="changes its lm_head's output before returning it"):
         trainer.compute_loss(trainer.model, dict(inputs))
     assert trainer.fused_linear is False
     # Grown logits (a trained head): the trainer's loss is still that of the model's real logits.
@@ -319,3 +321,79 @@ def test_ddp_with_two_gloo_processes_gives_the_single_process_update(tmp_path):
     make_trainer(tmp_path, student, teacher, args=dict(per_device_train_batch_size=4, max_steps=1)).train()
     for name, p in student.named_parameters():
         torch.testing.assert_close(ddp[name], p.detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _fsdp2_worker(rank, world, init_file, out_dir, layout):
+    import pathlib
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        student, teacher = llama(32, seed=0, tied=layout == "tied"), llama(48, seed=1)
+        for layer in student.model.layers:
+            fully_shard(layer)
+        if layout == "own lm_head unit":
+            fully_shard(student.lm_head)
+        fully_shard(student, reshard_after_forward=True)  # the root reshards too: lm_head.weight is a DTensor
+        trainer = make_trainer(pathlib.Path(out_dir) / str(rank), student, teacher)
+        inputs = {k: v[2 * rank:2 * rank + 2] for k, v in fsdp2_batch().items()}
+        for _ in range(2):  # two steps: the second starts from resharded weights
+            loss = trainer.compute_loss(trainer.model, inputs)
+            loss.backward()
+            with torch.no_grad():
+                for p in student.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+        assert trainer.fused_linear
+        assert type(student.lm_head.weight).__name__ == "DTensor"
+        # A direct call with the sharded weight: an error that names the fix.
+        hidden = torch.randn(3, 32)
+        with pytest.raises(TypeError, match="student_weight is a DTensor.*unshard"):
+            todi_ext.fused_linear_distill_loss(hidden, student.lm_head.weight, torch.randn(3, 48),
+                                               teacher.lm_head.weight)
+        full = {n: p.full_tensor() for n, p in student.named_parameters()}
+        if rank == 0:
+            torch.save(full, os.path.join(out_dir, "fsdp2.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_batch():
+    inputs = batch(4, seed=2)
+    inputs["labels"] = inputs["input_ids"].clone()
+    inputs["labels"][:, :3] = -100  # the same count on every row: the ranks' means average to the whole batch's
+    return inputs
+
+
+@pytest.mark.parametrize("layout", ["root reshards after forward", "own lm_head unit", "tied"])
+def test_fsdp2_with_two_gloo_processes_gives_the_single_process_update(tmp_path, layout):
+    # Issue 21: with lm_head.weight a sharded DTensor outside the forward, the fused path failed ("mixed
+    # torch.Tensor and DTensor"). The loss now runs inside the lm_head's forward, where FSDP2 holds it whole.
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_fsdp2_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), layout), nprocs=2,
+                       start_method="spawn")
+    sharded = torch.load(tmp_path / "fsdp2.pt")
+    student, teacher = llama(32, seed=0, tied=layout == "tied"), llama(48, seed=1)
+    trainer = make_trainer(tmp_path, student, teacher)
+    for _ in range(2):
+        trainer.compute_loss(trainer.model, fsdp2_batch()).backward()
+        with torch.no_grad():
+            for p in student.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(sharded[name], p.detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_zero3_partitioned_weight_is_named_in_the_error():
+    # DeepSpeed does not run on this CPU-only machine: its partitioned parameter (an empty tensor with a ds_id
+    # outside the module's forward) is recognised by that attribute.
+    hidden, weight = torch.randn(3, 8), torch.nn.Parameter(torch.empty(0))
+    weight.ds_id = 7
+    with pytest.raises(TypeError, match="student_weight is a DeepSpeed ZeRO-3 partitioned parameter"):
+        todi_ext.fused_linear_distill_loss(hidden, weight, torch.randn(3, 8), torch.randn(11, 8))

@@ -210,10 +210,36 @@ def check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta):
     _check_ranges(skew_lambda, akl_mu, jsd_beta)
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = None
+
+
+def _check_not_sharded(name, t):
+    """A parameter that a sharding framework holds in pieces outside its module's forward."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        raise TypeError(
+            f"{name} is a DTensor (sharded, e.g. by FSDP2's fully_shard): the loss needs the whole tensor. Compute "
+            "it inside the module's forward, where FSDP2 holds the weight unsharded and reduces its gradient "
+            "(todi_ext.integrations.transformers.DistillationTrainer does this), or call module.unshard() first"
+        )
+    if hasattr(t, "ds_id"):
+        raise TypeError(
+            f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(t.shape)} here): compute the loss "
+            "inside the module's forward, where ZeRO-3 gathers it (DistillationTrainer does this), or gather it "
+            "with deepspeed.zero.GatheredParameters"
+        )
+
+
 def check_fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias):
     """Hidden states (..., H) and lm_head weights (V, H) (+ biases (V,)) of
     the student and the teacher; V must agree (no padding: padded entries
     would get probability mass)."""
+    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        _check_not_sharded(name, t)
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if not isinstance(t, torch.Tensor):

@@ -13,10 +13,8 @@ todi_ext itself never does.
 """
 
 import warnings
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 try:
     from transformers import Trainer
@@ -54,12 +52,6 @@ _LOGIT_POSTPROCESSING = {
     "output_multiplier_scale": lambda v: v is not None and v != 1,
 }
 
-# The probe's logits reach this magnitude: a soft-cap (Gemma 2: 30) or a
-# clamp then shows, where logits of a freshly initialised model (|x| < 1 or
-# so) pass through 30 tanh(x / 30) unchanged to 1e-4.
-_PROBE_LOGIT_MAGNITUDE = 1000.0
-
-
 def _logit_postprocessing(model):
     """The config fields that say model post-processes its logits, as 'name=value'."""
     config = getattr(_unwrap(model), "config", None)
@@ -67,45 +59,47 @@ def _logit_postprocessing(model):
             if hasattr(config, name) and applies(getattr(config, name))]
 
 
-class _LmHeadInput:
-    """Runs a causal LM and returns the hidden states its lm_head receives,
-    while the lm_head itself computes logits for one position only (a
-    forward pre-hook hands it the last position): the full logits are never
-    formed. The hook goes through the model's own forward (and so through a
-    DDP wrapper's gradient hooks).
+def _plain_linear(head):
+    """Why head is not a plain nn.Linear (its own forward, or another module), or None."""
+    if not isinstance(head, torch.nn.Linear):
+        return f"its output layer is a {type(head).__name__}, not a Linear"
+    if type(head).forward is not torch.nn.Linear.forward:
+        return f"its output layer {type(head).__name__} has a forward of its own"
+    return None
 
-    probe=True: the lm_head gets, instead of the last position, a fixed
-    random vector scaled so that its logits reach _PROBE_LOGIT_MAGNITUDE;
-    the model's output for it is returned with the logits the lm_head alone
-    gives, so that any post-processing shows (the last position's logits
-    are not part of the loss)."""
 
-    def __init__(self, model):
-        self.head = _unwrap(model).get_output_embeddings()
-        self.captured = None
-        self.probe_logits = None
+def _full(t):
+    """A DTensor (a teacher sharded by FSDP2, say) as one plain tensor; other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    def __call__(self, model, inputs, probe=False):
-        def hook(module, args):
-            self.captured = args[0]
-            last = args[0][..., -1:, :]
-            if not probe:
-                return (last,)
-            with torch.no_grad():
-                g = torch.Generator(device="cpu").manual_seed(0)
-                direction = torch.randn(last.shape, generator=g, dtype=torch.float32).to(last.device)
-                unit = F.linear(direction.to(last.dtype), module.weight).float().abs().max().clamp(min=1e-30)
-                vector = (direction * (_PROBE_LOGIT_MAGNITUDE / unit)).to(last.dtype)
-                self.probe_logits = F.linear(vector, module.weight, module.bias)[..., 0, :].float()
-            return (vector,)
 
-        handle = self.head.register_forward_pre_hook(hook)
-        try:
-            outputs = model(**inputs)
-        finally:
-            handle.remove()
-        hidden, self.captured = self.captured, None
-        return hidden, outputs.logits[..., -1, :]
+def _run_with_head_replaced(model, head, replacement, inputs):
+    """Runs model(**inputs) with head.forward replaced by replacement(hidden).
+
+    The replacement runs where the lm_head would, inside the model's forward:
+    FSDP2 (the lm_head its own unit, or a root that reshards after forward)
+    and DeepSpeed ZeRO-3 hold the weight gathered there and reduce its
+    gradient through their own hooks, and DDP sees an ordinary forward.
+    Returns (result, whether the model returned result itself as its logits):
+    any post-processing of the lm_head's output (a soft-cap, a scale) makes a
+    new tensor, so the check cannot pass by luck."""
+    result = {}
+
+    def forward(hidden, *args, **kwargs):
+        result["value"] = replacement(hidden)
+        return result["value"]
+
+    own = head.__dict__.get("forward")  # a forward already set on the instance (by a wrapper) is put back
+    head.forward = forward
+    try:
+        outputs = model(**inputs)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    value = result.get("value")
+    return value, value is not None and outputs.logits is value
 
 
 class DistillationTrainer(Trainer):
@@ -119,14 +113,18 @@ class DistillationTrainer(Trainer):
     to the student's device (its dtype is left as given: a bf16 teacher stays
     bf16), run under torch.no_grad(), and never saved by the trainer.
 
-    fused_linear=True runs both decoders without forming logits and calls
-    fused_linear_distill_loss with their lm_head weights; a model whose
-    logits are not a plain linear map of what its lm_head receives falls
-    back to the logits path, with a warning, once. Such a model is found by
-    its config (final_logit_softcapping, logit_scale, logits_scaling, ...),
-    by its output layer (not a Linear), or by a probe on the first batch:
-    the lm_head gets a vector whose logits reach 1000 in magnitude, where a
-    soft-cap or a scale cannot hide. Both paths give the same loss.
+    fused_linear=True runs both decoders without forming logits: inside
+    each model's forward, the lm_head's forward is replaced (for that call)
+    by one that computes fused_linear_distill_loss from its input and
+    weight, so FSDP2 and ZeRO-3 hold the weight gathered as in any forward
+    and reduce its gradient with their own hooks. A model whose logits are
+    not a plain linear map of what its lm_head receives falls back to the
+    logits path, with a warning, once. Such a model is found by its config
+    (final_logit_softcapping, logit_scale, logits_scaling, ...), by its
+    output layer (not a plain Linear), or because it returns something
+    other than the lm_head's output itself as its logits (a soft-cap or a
+    scale makes a new tensor, whatever the logits' size). Both paths give
+    the same loss.
 
     Evaluation: a loss-only prediction_step (evaluate() without
     compute_metrics) takes the fused path too; when predictions are wanted
@@ -178,34 +176,60 @@ class DistillationTrainer(Trainer):
                       f"({why}); using the logits path (fused_linear=False)")
         self.fused_linear = False
 
-    def _fused_inputs(self, model, inputs):
-        """Hidden states and lm_head parameters of student and teacher, or None when the logits path must be used."""
-        student_in, teacher_in = _LmHeadInput(model), _LmHeadInput(self.teacher_model)
-        for who, runner, owner in (("student", student_in, model), ("teacher", teacher_in, self.teacher_model)):
-            if not isinstance(runner.head, torch.nn.Linear):
-                self._use_logits_path(who, f"its output layer is a {type(runner.head).__name__}, not a Linear")
-                return None
+    def _fused_loss(self, model, inputs, shifted, reduction):
+        """The loss from both models' lm_head inputs and weights (no logits formed), or None when the
+        logits path must be used."""
+        heads = {"student": _unwrap(model).get_output_embeddings(),
+                 "teacher": _unwrap(self.teacher_model).get_output_embeddings()}
+        for who, owner in (("student", model), ("teacher", self.teacher_model)):
+            why = _plain_linear(heads[who])
             fields = _logit_postprocessing(owner)
-            if fields:
-                self._use_logits_path(who, "its config post-processes them: " + ", ".join(fields))
+            if why is None and fields:
+                why = "its config post-processes them: " + ", ".join(fields)
+            if why is not None:
+                self._use_logits_path(who, why)
                 return None
-        probe = not self._fused_checked
         model_inputs = self._model_inputs(inputs)
-        h_s, last_s = student_in(model, model_inputs, probe=probe)
+        student_head, teacher_head = heads["student"], heads["teacher"]
+
+        def keep_teacher_hidden(hidden):
+            keep_teacher_hidden.hidden = hidden
+            return torch.zeros((), device=hidden.device)  # a float32 stand-in for the logits
+
         with torch.no_grad():
-            h_t, last_t = teacher_in(self.teacher_model, model_inputs, probe=probe)
-        if probe:
-            # Once: the model's logits for large lm_head outputs must be those outputs; a soft-cap,
-            # a clamp or a scale after the lm_head would make the fused loss differ from the logits path.
-            for who, runner, last in (("student", student_in, last_s), ("teacher", teacher_in, last_t)):
-                expected = runner.probe_logits
-                tolerance = 1e-2 * float(expected.abs().max())
-                if not torch.allclose(expected, last.detach().float(), rtol=0, atol=tolerance):
-                    self._use_logits_path(who, "a probe with logits of magnitude "
-                                               f"{_PROBE_LOGIT_MAGNITUDE:g} came back changed")
-                    return None
-            self._fused_checked = True
-        return h_s, student_in.head, h_t, teacher_in.head
+            _, untouched = _run_with_head_replaced(self.teacher_model, teacher_head, keep_teacher_hidden,
+                                                   model_inputs)
+        if not untouched:
+            self._use_logits_path("teacher", "the model changes its lm_head's output before returning it")
+            return None
+
+        def loss_from_hidden(hidden):
+            # Here the student's lm_head weight is gathered, as in its own forward (FSDP2, ZeRO-3).
+            weight, bias = student_head.weight, student_head.bias
+            hidden = hidden[..., :-1, :].to(weight.dtype)
+            teacher_bias = None if teacher_head.bias is None else _full(teacher_head.bias).to(weight.dtype)
+            loss = fused_linear_distill_loss(
+                hidden, weight, keep_teacher_hidden.hidden[..., :-1, :].to(weight.dtype),
+                _full(teacher_head.weight).to(weight.dtype), shifted, student_bias=bias, teacher_bias=teacher_bias,
+                reduction=reduction, **self.loss_params)
+            if self.args.label_smoothing_factor != 0:
+                # z is linear in the hidden state: z_label and mean_v z_v without the logits.
+                with torch.autocast(hidden.device.type, enabled=False):
+                    labels = shifted.clamp(min=0)  # ignored positions read entry 0, masked in _label_smoothing
+                    h, w = hidden.float(), weight.float()
+                    label_logit = (h * w[labels]).sum(-1)
+                    mean_logit = h @ w.mean(0)
+                    if bias is not None:
+                        label_logit = label_logit + bias.float()[labels]
+                        mean_logit = mean_logit + bias.float().mean()
+                loss = loss + self._label_smoothing(label_logit, mean_logit, shifted, reduction)
+            return loss
+
+        loss, untouched = _run_with_head_replaced(model, student_head, loss_from_hidden, model_inputs)
+        if not untouched:
+            self._use_logits_path("student", "the model changes its lm_head's output before returning it")
+            return None
+        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Only the loss is wanted (evaluate() without compute_metrics): compute_loss may take the fused
@@ -229,27 +253,10 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         shifted = labels[..., 1:]
-        safe_labels = shifted.clamp(min=0).unsqueeze(-1)  # ignored positions read entry 0, masked later
         reduction = "sum" if num_items_in_batch is not None else "mean"
-        smoothing = self.args.label_smoothing_factor != 0
         use_fused = self.fused_linear and not (return_outputs and self._logits_wanted)
-        fused = self._fused_inputs(model, inputs) if use_fused else None
-        if fused is not None:
-            h_s, head_s, h_t, head_t = fused
-            hidden = h_s[..., :-1, :]
-            loss = fused_linear_distill_loss(
-                hidden, head_s.weight, h_t[..., :-1, :].to(h_s.dtype), head_t.weight.to(h_s.dtype),
-                shifted, student_bias=head_s.bias,
-                teacher_bias=None if head_t.bias is None else head_t.bias.to(h_s.dtype),
-                reduction=reduction, **self.loss_params)
-            if smoothing:  # z is linear in the hidden state: z_label and mean_v z_v without the logits
-                weight, bias = head_s.weight.float(), head_s.bias
-                label_logit = (hidden.float() * weight[safe_labels.squeeze(-1)]).sum(-1)
-                mean_logit = hidden.float() @ weight.mean(0)
-                if bias is not None:
-                    label_logit = label_logit + bias.float()[safe_labels.squeeze(-1)]
-                    mean_logit = mean_logit + bias.float().mean()
-                loss = loss + self._label_smoothing(label_logit, mean_logit, shifted, reduction)
+        loss = self._fused_loss(model, inputs, shifted, reduction) if use_fused else None
+        if loss is not None:
             outputs = {"loss": loss}  # no logits: prediction_step asked for the loss only
         else:
             model_inputs = self._model_inputs(inputs)
@@ -259,8 +266,8 @@ class DistillationTrainer(Trainer):
             student_logits = outputs.logits[..., :-1, :]
             loss = distill_loss(student_logits, teacher_logits[..., :-1, :], shifted,
                                 reduction=reduction, **self.loss_params)
-            if smoothing:
-                label_logit = student_logits.gather(-1, safe_labels).squeeze(-1).float()
+            if self.args.label_smoothing_factor != 0:
+                label_logit = student_logits.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
                 mean_logit = student_logits.mean(-1, dtype=torch.float32)
                 loss = loss + self._label_smoothing(label_logit, mean_logit, shifted, reduction)
         if num_items_in_batch is not None:
