@@ -16,7 +16,7 @@ import torch
 import todi_ext
 from todi_ext import reference
 
-from conftest import make_labels, make_logits
+from conftest import TOLERANCES, assert_grad_close, make_labels, make_logits
 
 DIVERGENCES = ["todi", "fkl", "rkl", "js", "tvd", "skl", "srkl", "akl", "gjsd"]
 CASES = [(v, scale, t) for v in (1000, 32000, 262144) for scale in (3.0, 10.0, 40.0) for t in (1.0, 2.0)]
@@ -60,3 +60,23 @@ def test_a_temperature_whose_reciprocal_is_inexact_gives_the_same_probabilities_
     got = todi_ext.distill_loss(s, t, divergence=divergence, temperature=temperature)
     ref = reference.distill_loss(s.double(), t.double(), divergence=divergence, temperature=temperature)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("temperature", [1e-8, 1e-10, 1e-12])
+@pytest.mark.parametrize("divergence", ["todi", "akl", "fkl"])
+def test_the_peak_entry_keeps_its_gradient_at_tiny_temperatures(divergence, temperature):
+    # At T <= 1e-8 the student's argmax entry had gradient 0 instead of +1/T (issue 21): (u_j - q_j U) / T with
+    # q_j = 1 and u_j ~ 1e8 cancels completely in float32 (the float32 eager formula loses it too). The entry
+    # whose probability exceeds 1/2 now has u_j (1 - q_j) - q_j (U - u_j), both sums over the other entries;
+    # likewise the teacher's. Down to T = 1e-12 the float64 oracle is exact here (at 1e-20 it loses the entry).
+    z, s = make_logits((4, 50), seed=1), make_logits((4, 50), seed=2)
+    labels = make_labels((4,), ignore_fraction=0.0, num_classes=50)
+    results = []
+    for dtype, fn in ((torch.float32, todi_ext.distill_loss), (torch.float64, reference.distill_loss)):
+        zc, sc = z.to(dtype).clone().requires_grad_(), s.to(dtype).clone().requires_grad_()
+        fn(zc, sc, labels, divergence=divergence, temperature=temperature, hard_label_weight=0.5).backward()
+        results.append((zc.grad, sc.grad))
+    (gz, gs), (ref_z, ref_s) = results
+    assert ref_z.abs().max() > 0.1 / temperature  # the argmax entries' +-1/T, which were lost
+    assert_grad_close(gz, ref_z, TOLERANCES[torch.float32][2])
+    assert_grad_close(gs, ref_s, TOLERANCES[torch.float32][2])

@@ -433,16 +433,75 @@ struct HardLabelGrad {
   acc_t neg_max = 0, log_sum = 0;  // else: z's own log-sum-exp
 };
 
+// The gradient (w_j - prob_j W) / T of the one entry whose probability
+// exceeds 1/2 is all cancellation when prob_j is near 1: w_j and prob_j W
+// agree but for ~1 ulp of w_j, which can be all there is (at T <= 1e-8 it
+// was 0 for +1/T). Without cancellation it is w_j (1 - prob_j) - prob_j
+// (W - w_j), with 1 - prob_j and W - w_j summed over the other entries,
+// whose error is ~eps (|w_j| (1 - prob_j) + |W - w_j|). That form replaces
+// the direct one only where the two differ by more than 4x that error: the
+// direct one is then provably off; elsewhere it stands (where a saturated
+// divergence's w is proportional to prob, it is exactly 0, as is the truth
+// to ~1e-17). (chunk start, sums) of pass 2 locate the entry.
+template <class acc_t>
+struct PeakTracker {
+  double prob_total = 0;  // sum of prob over the row
+  int64_t chunk = -1;     // start of the chunk holding a prob > 1/2
+  double chunk_weight = 0, chunk_prob = 0;
+
+  void add_chunk(int64_t start, double weight_sum, double prob_sum, acc_t prob_max) {
+    prob_total += prob_sum;
+    if (prob_max > acc_t(0.5)) chunk = start, chunk_weight = weight_sum, chunk_prob = prob_sum;
+  }
+};
+
+template <class acc_t>
+struct PeakEntry {
+  int64_t index = -1;  // -1: no entry has prob > 1/2
+  acc_t grad = 0;      // w_j (1 - prob_j) - prob_j (W - w_j), before the 1/T and weights
+};
+
+// How far apart the two forms may be before the direct one counts as off.
+constexpr double kPeakErrorBounds = 4;
+
+template <class acc_t>
+PeakEntry<acc_t> peak_entry(const PeakTracker<acc_t>& tracker, const acc_t* weight, const acc_t* prob,
+                            double weight_total, int64_t vocab) {
+  PeakEntry<acc_t> peak;
+  if (tracker.chunk < 0) return peak;
+  const int64_t end = std::min(vocab, tracker.chunk + kChunk);
+  double weight_rest = 0, prob_rest = 0;  // the chunk's other entries
+  for (int64_t i = tracker.chunk; i < end; ++i) {
+    if (peak.index < 0 && prob[i] > acc_t(0.5)) {
+      peak.index = i;
+    } else {
+      weight_rest += weight[i], prob_rest += prob[i];
+    }
+  }
+  if (peak.index < 0) return peak;
+  weight_rest += weight_total - tracker.chunk_weight;
+  prob_rest += tracker.prob_total - tracker.chunk_prob;
+  const double w = weight[peak.index], pr = prob[peak.index];
+  const double exact = w * prob_rest - pr * weight_rest;
+  const acc_t direct = weight[peak.index] - prob[peak.index] * static_cast<acc_t>(weight_total);
+  const double error = std::numeric_limits<acc_t>::epsilon() * (std::abs(w) * prob_rest + std::abs(weight_rest));
+  if (std::abs(direct - exact) <= kPeakErrorBounds * error) peak.index = -1;
+  peak.grad = static_cast<acc_t>(exact);
+  return peak;
+}
+
 // grad = soft_weight * (weight - prob * sum(weight)) / T (+ the hard-label
-// term) over one row, stored in out's dtype.
+// term) over one row, stored in out's dtype; the peak entry from its own
+// formula.
 template <class acc_t>
 void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, const ForwardParams& p,
                     const OutMatrix& out, int64_t out_offset, RowChunk<acc_t>& c, int64_t row,
-                    const HardLabelGrad<acc_t>& hard) {
+                    const HardLabelGrad<acc_t>& hard, const PeakEntry<acc_t>& peak) {
   using Vec = Vectorized<acc_t>;
   // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
   const acc_t scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
-  const Vec inv_t(static_cast<acc_t>(*p.inv_temperature) * scale * static_cast<acc_t>(p.soft_weight));
+  const acc_t soft_scale = static_cast<acc_t>(*p.inv_temperature) * scale * static_cast<acc_t>(p.soft_weight);
+  const Vec inv_t(soft_scale);
   const Vec sum_v(weight_sum);
   const Vec hard_w(hard.weight * scale), neg_max(hard.neg_max), log_sum(hard.log_sum);
   const int64_t elem = c10::elementSize(out.dtype);
@@ -456,6 +515,14 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
         g = g + hard_w * probs;
       }
       g.store(c.grad + i);
+    }
+    if (peak.index >= start && peak.index < start + n) {
+      const int64_t k = peak.index - start;
+      acc_t g = peak.grad * soft_scale;
+      if (hard.on) {
+        g += hard.weight * scale * (hard.probs_are_q ? prob[peak.index] : std::exp((c.z[k] + hard.neg_max) - hard.log_sum));
+      }
+      c.grad[k] = g;
     }
     if (hard.on && hard.label >= start && hard.label < start + n) c.grad[hard.label - start] -= hard.weight * scale;
     store_chunk(c.grad, n, static_cast<char*>(out.data) + (out_offset + start) * elem, out.dtype);
@@ -541,11 +608,14 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
 
   // Pass 2: loss and the weight sums (blocked); keep what pass 3 needs.
   double loss_sum = 0, u_sum = 0, v_sum = 0;
+  PeakTracker<acc_t> peak_q, peak_p;  // the student's and the teacher's (fused phase only)
+  const bool peaks = phase == Phase::kFused;
+  const Vec zero(acc_t(0));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
     const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
     load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
-    Vec loss_acc(acc_t(0)), u_acc(acc_t(0)), v_acc(acc_t(0));
+    Vec loss_acc(zero), u_acc(zero), v_acc(zero), q_acc(zero), q_max(zero), p_acc(zero), p_max(zero);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
       const auto t = masked_terms<D>(c.z + i, c.s + i, lse_zv, lse_sv, prm);
       loss_acc = loss_acc + t.loss;
@@ -554,15 +624,22 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
       if (want_gs) {
         t.u.store(scratch.u + start + i);
         t.q.store(scratch.q + start + i);
+        q_acc = q_acc + t.q;
+        q_max = at::vec::maximum(q_max, t.q);
       }
       if (want_gt) {
         t.v.store(scratch.v + start + i);
         t.p.store(scratch.p + start + i);
+        p_acc = p_acc + t.p;
+        p_max = at::vec::maximum(p_max, t.p);
       }
     }
+    const double u_chunk = hsum(u_acc), v_chunk = hsum(v_acc);
     loss_sum += hsum(loss_acc);
-    u_sum += hsum(u_acc);
-    v_sum += hsum(v_acc);
+    u_sum += u_chunk;
+    v_sum += v_chunk;
+    if (peaks && want_gs) peak_q.add_chunk(start, u_chunk, hsum(q_acc), hmax(q_max));
+    if (peaks && want_gt) peak_p.add_chunk(start, v_chunk, hsum(p_acc), hmax(p_max));
   }
   HardLabelGrad<acc_t> hard_grad;
   double cross_entropy = 0, z_label_here = 0;
@@ -596,11 +673,12 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
 
   // Pass 3: gradients from the scratch.
   if (want_gs) {
-    write_grad_row(scratch.u, scratch.q, static_cast<acc_t>(u_sum), p, p.grad_student, out_offset, c, row, hard_grad);
+    write_grad_row(scratch.u, scratch.q, static_cast<acc_t>(u_sum), p, p.grad_student, out_offset, c, row, hard_grad,
+                   peak_entry(peak_q, scratch.u, scratch.q, u_sum, p.vocab));
   }
   if (want_gt) {
     write_grad_row(scratch.v, scratch.p, static_cast<acc_t>(v_sum), p, p.grad_teacher, out_offset, c, row,
-                   HardLabelGrad<acc_t>{});
+                   HardLabelGrad<acc_t>{}, peak_entry(peak_p, scratch.v, scratch.p, v_sum, p.vocab));
   }
 }
 
