@@ -52,7 +52,9 @@ TORCH_LIBRARY(todi_ext, m) {
   // (rows, 6) float64. Partial sums, given the merged (max, log sum) pairs:
   // this slice's sums of the loss, u, v and z[label], (rows, 4) float64.
   // Gradients, given all slices' sums: this slice's logits gradients, scaled
-  // by grad_scale (math dtype, 0-dim).
+  // by grad_scale (math dtype, 0-dim), with label_weights = (soft, hard),
+  // float64 (2,), read by the kernel like beta (a compiled step's schedule of
+  // them is a graph input, not a recompile).
   m.def(
       "vocab_parallel_row_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
       "Tensor inv_temperature, int ignore_index, bool with_cross_entropy) -> Tensor");
@@ -63,8 +65,8 @@ TORCH_LIBRARY(todi_ext, m) {
   m.def(
       "vocab_parallel_gradients(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
       "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
-      "Tensor global_stats, Tensor global_sums, Tensor grad_scale, float soft_label_weight, "
-      "float hard_label_weight, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
+      "Tensor global_stats, Tensor global_sums, Tensor grad_scale, Tensor label_weights, "
+      "bool with_cross_entropy, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
   // AKL's head/tail split (math::AklTailSearch) between the statistics and
   // the partial sums: with tail_key the search's per-row low key (int64) and

@@ -102,18 +102,25 @@ std::tuple<at::Tensor, at::Tensor> gradients(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
     c10::string_view divergence, const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
     const at::Tensor& inv_temperature, int64_t ignore_index, const at::Tensor& global_stats,
-    const at::Tensor& global_sums, const at::Tensor& grad_scale, double soft_label_weight, double hard_label_weight,
-    bool student_grad, bool teacher_grad, const std::optional<at::Tensor>& akl_gaps) {
+    const at::Tensor& global_sums, const at::Tensor& grad_scale, const at::Tensor& label_weights,
+    bool with_cross_entropy, bool student_grad, bool teacher_grad, const std::optional<at::Tensor>& akl_gaps) {
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, student_grad, teacher_grad);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
   check_row_table("global_sums", global_sums, setup.view.rows, 4, student_logits);
   // The label weights' checks but the range one (a local label may be another slice's): prepare_phase passed 0.
-  TORCH_CHECK_VALUE(std::isfinite(soft_label_weight) && std::isfinite(hard_label_weight),
-                    "soft_label_weight and hard_label_weight must be finite, got ", soft_label_weight, " and ",
-                    hard_label_weight);
-  TORCH_CHECK_VALUE(hard_label_weight == 0 || labels.has_value(), "hard_label_weight = ", hard_label_weight,
-                    " needs labels");
+  TORCH_CHECK_VALUE(label_weights.scalar_type() == at::kDouble && label_weights.dim() == 1 &&
+                        label_weights.size(0) == 2 && label_weights.is_contiguous() &&
+                        label_weights.device() == student_logits.device(),
+                    "label_weights must be a contiguous (2,) float64 tensor (soft, hard) on ", student_logits.device(),
+                    ", got ", label_weights.scalar_type(), " of shape ", label_weights.sizes(), " on ",
+                    label_weights.device());
+  if (label_weights.device().is_cpu()) {  // elsewhere reading them would sync: the Python API checked them
+    const double* w = label_weights.const_data_ptr<double>();
+    TORCH_CHECK_VALUE(std::isfinite(w[0]) && std::isfinite(w[1]),
+                      "label_weights (soft, hard) must be finite, got ", w[0], " and ", w[1]);
+  }
+  TORCH_CHECK_VALUE(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
   TORCH_CHECK_VALUE(grad_scale.dim() == 0 && grad_scale.scalar_type() == setup.per_position.scalar_type() &&
                         grad_scale.device() == student_logits.device(),
                     "grad_scale must be a 0-dim ", setup.per_position.scalar_type(), " tensor on ",
@@ -122,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor> gradients(
   ForwardParams p = forward_params(setup, ignore_index);
   set_akl_gaps(setup, akl_gaps, student_logits, p);
   if (setup.view.rows > 0 && (student_grad || teacher_grad)) {
-    p.soft_weight = soft_label_weight;
-    p.hard_weight = hard_label_weight;
+    p.hard_weight = with_cross_entropy ? 1.0 : 0.0;  // on or off; the values are label_weights'
+    p.label_weights = label_weights.const_data_ptr<double>();
     p.grad_scale = grad_scale.const_data_ptr();
     p.vocab_parallel.phase = Phase::kGradients;
     p.vocab_parallel.global_stats = global_stats.const_data_ptr<double>();

@@ -123,7 +123,9 @@ def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, so
     per_row = soft * sums[:, 0] + (hard * (stats[:, 5] - (sums[:, 3] - stats[:, 4])) if with_ce else 0)
     per_row = torch.where(labels == -100, torch.zeros_like(per_row), per_row)
     grads = [ops.vocab_parallel_gradients(zr, sr, lr, kernel, beta, 0.1, akl_mu, jsd_beta, inv_t, -1, stats, sums,
-                                          torch.ones((), dtype=math, device=z.device), soft, hard, True, True, gaps)
+                                          torch.ones((), dtype=math, device=z.device),
+                                          torch.tensor([soft, hard], dtype=torch.float64, device=z.device), with_ce,
+                                          True, True, gaps)
              for (zr, sr), lr in zip(slices, local)]
     return per_row, torch.cat([g[0] for g in grads], dim=-1), torch.cat([g[1] for g in grads], dim=-1)
 

@@ -164,24 +164,25 @@ def _check_compiled_step(rank, world):
 
 
 def _check_schedules_do_not_recompile(rank, world):
-    # A temperature schedule or a beta sweep (issue 21: each value recompiled, and at 8 values fullgraph failed):
-    # after the first, specialised, graph the values are graph inputs, as for the logits op.
+    # A temperature schedule, a beta sweep, a label-weight schedule (issue 21: each value recompiled, and at 8
+    # values fullgraph failed): after the first, specialised, graph the values are graph inputs.
     from torch._dynamo.testing import CompileCounterWithBackend
 
     vocab = 64
     lo = sum(_slices(vocab, world)[:rank])
     z, s = make_logits((3, vocab), seed=11), make_logits((3, vocab), seed=12)
+    labels = make_labels((3,), num_classes=vocab, ignore_fraction=0.0, seed=13)
     zl, sl = z[:, lo:lo + _slices(vocab, world)[rank]], s[:, lo:lo + _slices(vocab, world)[rank]]
     counter = CompileCounterWithBackend("aot_eager")
-    step = torch.compile(lambda z, s, t, b: td.vocab_parallel_distill_loss(z, s, temperature=t, beta=b),
-                         backend=counter, fullgraph=True)
+    step = torch.compile(lambda z, s, y, t, b, w: td.vocab_parallel_distill_loss(
+        z, s, y, temperature=t, beta=b, hard_label_weight=w, soft_label_weight=1 - w), backend=counter, fullgraph=True)
     for i in range(10):
-        t, b = 1.0 + 0.1 * i, 0.5 + 0.05 * i
+        t, b, w = 1.0 + 0.1 * i, 0.5 + 0.05 * i, 0.1 + 0.05 * i
         zc = zl.clone().requires_grad_()
-        loss = step(zc, sl, t, b)
+        loss = step(zc, sl, labels, t, b, w)
         loss.backward()
         zf = z.clone().requires_grad_()
-        expected = todi_ext.todi_loss(zf, s, temperature=t, beta=b)
+        expected = todi_ext.todi_loss(zf, s, labels, temperature=t, beta=b, hard_label_weight=w, soft_label_weight=1 - w)
         expected.backward()
         torch.testing.assert_close(loss.detach(), expected.detach())
         torch.testing.assert_close(zc.grad, zf.grad[:, lo:lo + zl.shape[1]])
@@ -272,7 +273,7 @@ def test_phase_ops_pass_opcheck_and_check_their_tables():
                           (z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1, merged, True))
     torch.library.opcheck(torch.ops.todi_ext.vocab_parallel_gradients.default,
                           (z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1, merged, sums,
-                           torch.tensor(0.25), 0.5, 0.5, True, True))
+                           torch.tensor(0.25), torch.tensor([0.5, 0.5], dtype=torch.float64), True, True, True))
     # One slice holding the whole row: the phases give the fused op's loss.
     per_row = 0.5 * sums[:, 0] + 0.5 * (merged[:, 5] - (sums[:, 3] - merged[:, 4]))
     fused = todi_ext.distill_loss(z, s, torch.tensor([3, -100, 1, 0, 39]), temperature=2.0, reduction="none",
@@ -285,10 +286,14 @@ def test_phase_ops_pass_opcheck_and_check_their_tables():
     with pytest.raises(ValueError, match="with_cross_entropy needs labels"):
         torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                        merged, True)
-    for hard, match in ((0.5, "needs labels"), (float("nan"), "must be finite")):
+    for labels_, hard, match in ((None, 0.5, "with_cross_entropy needs labels"), (labels, float("nan"), "must be finite")):
         with pytest.raises(ValueError, match=match):
-            torch.ops.todi_ext.vocab_parallel_gradients(z, s, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1, merged,
-                                                        sums, torch.tensor(0.25), 0.5, hard, True, True)
+            torch.ops.todi_ext.vocab_parallel_gradients(z, s, labels_, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
+                                                        merged, sums, torch.tensor(0.25),
+                                                        torch.tensor([0.5, hard], dtype=torch.float64), True, True, True)
+    with pytest.raises(ValueError, match=r"label_weights must be a contiguous \(2,\) float64"):
+        torch.ops.todi_ext.vocab_parallel_gradients(z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1, merged,
+                                                    sums, torch.tensor(0.25), torch.tensor([0.5, 0.5]), True, True, True)
     with pytest.raises(ValueError, match="divergence 'akl' needs akl_gaps"):
         torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "akl", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                        merged, True)
@@ -315,8 +320,8 @@ def test_akl_phase_ops_on_one_slice_give_the_fused_split(dtype, akl_mu):
     sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "akl", beta, 0.1, akl_mu, 0.5, inv_t, -1,
                                                           merged, False, gaps)
     grad_z, grad_s = torch.ops.todi_ext.vocab_parallel_gradients(
-        z, s, labels, "akl", beta, 0.1, akl_mu, 0.5, inv_t, -1, merged, sums, torch.ones((), dtype=dtype), 1.0, 0.0,
-        True, True, gaps)
+        z, s, labels, "akl", beta, 0.1, akl_mu, 0.5, inv_t, -1, merged, sums, torch.ones((), dtype=dtype),
+        torch.tensor([1.0, 0.0], dtype=torch.float64), False, True, True, gaps)
     zf, sf = z.clone().requires_grad_(), s.clone().requires_grad_()
     fused = todi_ext.distill_loss(zf, sf, torch.tensor([3, -100, 40, 0, 39, 1000]), divergence="akl",
                                   akl_mu=akl_mu, temperature=2.0, reduction="none")

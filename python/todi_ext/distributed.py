@@ -263,6 +263,8 @@ class _VocabParallelLoss(torch.autograd.Function):
         z, s = student.reshape(rows, student.shape[-1]), teacher.reshape(rows, teacher.shape[-1])
         inv_t = ops.scalar_tensor(1.0 / temperature, z)
         beta_t = ops.scalar_tensor(beta, z)
+        # (soft, hard) as the gradients op reads them: tensors, so that a schedule is a graph input.
+        label_weights = torch.stack([ops.scalar_tensor(soft, z), ops.scalar_tensor(hard, z)])
         with_ce = hard != 0
         # 1: local row statistics, merged across ranks (one all-gather).
         local_stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels_local, inv_t, _LOCAL_IGNORE, with_ce)
@@ -278,9 +280,9 @@ class _VocabParallelLoss(torch.autograd.Function):
                                                               akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE, global_stats,
                                                               with_ce, akl_gaps)
         sums = fc.all_reduce(sums, "sum", group)
-        per_row = soft * sums[:, 0]
+        per_row = label_weights[0] * sums[:, 0]
         if with_ce:  # log sum exp(z) - z[label], max and log(sum) kept apart
-            per_row = per_row + hard * (global_stats[:, 5] - (sums[:, 3] - global_stats[:, 4]))
+            per_row = per_row + label_weights[1] * (global_stats[:, 5] - (sums[:, 3] - global_stats[:, 4]))
         if ignored is not None:
             per_row = torch.where(ignored, torch.zeros_like(per_row), per_row)
         count = None
@@ -294,7 +296,7 @@ class _VocabParallelLoss(torch.autograd.Function):
                           else torch.as_tensor(count, dtype=math, device=z.device).reciprocal())
             grad_s, grad_t = torch.ops.todi_ext.vocab_parallel_gradients(
                 z, s, labels_local, divergence, beta_t, skew_lambda, akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE,
-                global_stats, sums, grad_scale, soft, hard, want_s, want_t, akl_gaps)
+                global_stats, sums, grad_scale, label_weights, with_ce, want_s, want_t, akl_gaps)
             grad_s, grad_t = grad_s.view(student.shape) if want_s else None, grad_t.view(teacher.shape) if want_t else None
         ctx.save_for_backward(grad_s, grad_t)
         per_row = per_row.to(math)
@@ -381,8 +383,8 @@ def vocab_parallel_distill_loss(
         labels_local = torch.where(ignored, torch.full_like(local, _LOCAL_IGNORE),
                                    torch.where(here, local, torch.full_like(local, local_vocab)))
     kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
-    # temperature and beta go on as given (under torch.compile: symbolic), so
-    # that the op's 0-dim tensors made from them are graph inputs.
+    # temperature, beta and the label weights go on as given (under torch.compile:
+    # symbolic), so that the ops' tensors made from them are graph inputs.
     params = (kernel_divergence, beta, float(skew_lambda), float(akl_mu), kernel_jsd_beta, temperature,
-              reduction, float(soft_label_weight), float(hard_label_weight))
+              reduction, soft_label_weight, hard_label_weight)
     return _VocabParallelLoss.apply(student_logits, teacher_logits, labels_local, ignored, params, group)

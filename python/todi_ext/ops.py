@@ -345,8 +345,8 @@ def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta,
 
 @torch.library.register_fake("todi_ext::vocab_parallel_gradients")
 def _gradients_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
-                    inv_temperature, ignore_index, global_stats, global_sums, grad_scale, soft_label_weight,
-                    hard_label_weight, student_grad, teacher_grad, akl_gaps=None):
+                    inv_temperature, ignore_index, global_stats, global_sums, grad_scale, label_weights,
+                    with_cross_entropy, student_grad, teacher_grad, akl_gaps=None):
     _validation.check_logits(student_logits, teacher_logits)
     return (student_logits.new_empty(student_logits.shape if student_grad else _EMPTY),
             teacher_logits.new_empty(teacher_logits.shape if teacher_grad else _EMPTY))

@@ -91,6 +91,10 @@ struct ForwardParams {
   // [0, vocab) makes its row NaN on CUDA, where checking would sync).
   double soft_weight = 1.0;
   double hard_weight = 0.0;
+  // (soft, hard) in the logits' memory, or nullptr: when set, the kernel
+  // reads the two weights from there (hard_weight != 0 still says whether
+  // the cross-entropy is on).
+  const double* label_weights = nullptr;
   bool double_math = false;          // accumulate in float64 (float64 inputs)
   void* loss = nullptr;              // (rows,) per-position losses, float32 (float64 with double_math)
   const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
