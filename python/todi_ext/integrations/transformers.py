@@ -52,6 +52,7 @@ _LOGIT_POSTPROCESSING = {
     "output_multiplier_scale": lambda v: v is not None and v != 1,
 }
 
+
 def _logit_postprocessing(model):
     """The config fields that say model post-processes its logits, as 'name=value'."""
     config = getattr(_unwrap(model), "config", None)
@@ -78,8 +79,9 @@ def _run_with_head_replaced(model, head, replacement, inputs):
 
     The replacement runs where the lm_head would, inside the model's forward:
     FSDP2 (the lm_head its own unit, or a root that reshards after forward)
-    and DeepSpeed ZeRO-3 hold the weight gathered there and reduce its
-    gradient through their own hooks, and DDP sees an ordinary forward.
+    holds the weight gathered there and reduces its gradient through its own
+    hooks (as DeepSpeed ZeRO-3 would; untested), and DDP sees an ordinary
+    forward.
     Returns (result, whether the model returned result itself as its logits):
     any post-processing of the lm_head's output (a soft-cap, a scale) makes a
     new tensor, so the check cannot pass by luck."""
@@ -157,7 +159,6 @@ class DistillationTrainer(Trainer):
                                 akl_mu=akl_mu, jsd_beta=jsd_beta, hard_label_weight=hard_label_weight,
                                 soft_label_weight=soft_label_weight)
         self.fused_linear = fused_linear
-        self._fused_checked = False
         self._logits_wanted = True  # False inside a loss-only prediction_step
         if self.args.label_smoothing_factor != 0 and hard_label_weight == 0:
             raise ValueError(
@@ -204,7 +205,7 @@ class DistillationTrainer(Trainer):
             return None
 
         def loss_from_hidden(hidden):
-            # Here the student's lm_head weight is gathered, as in its own forward (FSDP2, ZeRO-3).
+            # Here the student's lm_head weight is whole, as in its own forward (FSDP2; ZeRO-3 likewise, untested).
             weight, bias = student_head.weight, student_head.bias
             hidden = hidden[..., :-1, :].to(weight.dtype)
             teacher_bias = None if teacher_head.bias is None else _full(teacher_head.bias).to(weight.dtype)
