@@ -423,10 +423,6 @@ void akl_slice_sums(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Row
   }
 }
 
-// The label weights' values: the kernel parameters', or label_weights' (a tensor's memory).
-double soft_weight(const ForwardParams& p) { return p.label_weights ? p.label_weights[0] : p.soft_weight; }
-double hard_weight(const ForwardParams& p) { return p.label_weights ? p.label_weights[1] : p.hard_weight; }
-
 // hard_weight * d CE / dz for one student row: hard_weight * (softmax(z) - onehot(label)).
 template <class acc_t>
 struct HardLabelGrad {
@@ -504,7 +500,7 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
   using Vec = Vectorized<acc_t>;
   // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
   const acc_t scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
-  const acc_t soft_scale = static_cast<acc_t>(*p.inv_temperature) * scale * static_cast<acc_t>(soft_weight(p));
+  const acc_t soft_scale = static_cast<acc_t>(*p.inv_temperature) * scale * static_cast<acc_t>(p.soft_label_weight());
   const Vec inv_t(soft_scale);
   const Vec sum_v(weight_sum);
   const Vec hard_w(hard.weight * scale), neg_max(hard.neg_max), log_sum(hard.log_sum);
@@ -660,7 +656,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     }
     // log sum exp(z) - z_label, with max and log(sum) kept apart.
     cross_entropy = log_sum_z1 - (z_label_here - lse_z1.max);
-    hard_grad = {true, here ? label : -1, static_cast<acc_t>(hard_weight(p)), unit_t,
+    hard_grad = {true, here ? label : -1, static_cast<acc_t>(p.hard_label_weight()), unit_t,
                  static_cast<acc_t>(-lse_z1.max), static_cast<acc_t>(log_sum_z1)};
   }
   if (phase == Phase::kPartialSums) {
@@ -672,7 +668,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     u_sum = vp.global_sums[row * 4 + 1];
     v_sum = vp.global_sums[row * 4 + 2];
   } else {
-    *loss_out = static_cast<acc_t>(soft_weight(p) * loss_sum + hard_weight(p) * cross_entropy);
+    *loss_out = static_cast<acc_t>(p.soft_label_weight() * loss_sum + p.hard_label_weight() * cross_entropy);
   }
 
   // Pass 3: gradients from the scratch.

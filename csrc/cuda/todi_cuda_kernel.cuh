@@ -449,11 +449,6 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   // The hard-label cross-entropy (hard_weight != 0) needs z's own log-sum-exp:
   // lse_z's when T = 1, else a third one in pass 1.
   const bool hard = args.hard_weight != 0;
-  // The label weights' values, read where used (kept live across the row
-  // loop, the two registers lengthened pass 3's SASS).
-  const auto label_weight = [&](int which) {
-    return static_cast<A>(args.label_weights ? args.label_weights[which] : which == 0 ? args.soft_weight : args.hard_weight);
-  };
   const bool unit_t = *args.inv_temperature == 1.0;
   const bool need_z1 = hard && !unit_t;
   // Vocabulary-parallel phases (kernel_params.h): this launch is one step of
@@ -709,9 +704,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       continue;
     }
     if (threadIdx.x == 0 && rank == 0 && fused) {
-      A loss = label_weight(0) * sums[0];
+      A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
       // log sum exp(z) - z_label, with max and log(sum) kept apart.
-      if (hard) loss += label_weight(1) * (lz1.log_sum - (z_label - lz1.max));
+      if (hard) loss += static_cast<A>(args.hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
       *loss_out = loss;
     }
 
@@ -721,8 +716,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       const A v_sum = sums[2];
       // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
       const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
-      const A grad_t = inv_t * reduction_scale * label_weight(0);
-      const A hard_t = label_weight(1) * reduction_scale;
+      // The label weights are read here, where used: read once at the kernel's start, the two
+      // registers they kept live lengthened pass 3's SASS.
+      const A grad_t = inv_t * reduction_scale * static_cast<A>(args.soft_label_weight());
+      const A hard_t = static_cast<A>(args.hard_label_weight()) * reduction_scale;
       // d loss / dz: the divergence's part, plus hard_weight * softmax(z) (the
       // one-hot part is fixed up below, at the label only).
       auto student_grad = [&](const math::EntryTerms<A>& t, A z) {

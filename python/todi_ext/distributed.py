@@ -107,7 +107,7 @@ def _float_bits(values, like: Tensor) -> Tensor:
     fill (ops.scalar_tensor), so that under torch.compile a changing value
     is a graph input, not a constant that recompiles the graph. + 0.0 makes
     -0.0 into 0.0: equal values, equal bits."""
-    floats = torch.stack([v if isinstance(v, Tensor) else ops.scalar_tensor(v, like) for v in values]) + 0.0
+    floats = torch.stack([ops.scalar_tensor(v, like) for v in values]) + 0.0
     return floats.view(torch.int64)
 
 
@@ -132,8 +132,7 @@ def _describe(name, column: Tensor):
 
 def _check_ranks_agree(student, teacher, labels, divergence, reduction, ignore_index, scalars, group):
     """Step 0: gathers what every rank must agree on; returns the slice sizes
-    (a tensor, one per rank). scalars: the _FLOAT_META values, in order
-    (floats or 0-dim float64 tensors)."""
+    (a tensor, one per rank). scalars: the _FLOAT_META values, in order."""
     rows = student.numel() // student.shape[-1]
     device = student.device  # NCCL gathers device tensors only
     ints = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],

@@ -95,6 +95,8 @@ struct ForwardParams {
   // reads the two weights from there (hard_weight != 0 still says whether
   // the cross-entropy is on).
   const double* label_weights = nullptr;
+  TODI_HOST_DEVICE double soft_label_weight() const { return label_weights ? label_weights[0] : soft_weight; }
+  TODI_HOST_DEVICE double hard_label_weight() const { return label_weights ? label_weights[1] : hard_weight; }
   bool double_math = false;          // accumulate in float64 (float64 inputs)
   void* loss = nullptr;              // (rows,) per-position losses, float32 (float64 with double_math)
   const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
