@@ -1,8 +1,6 @@
 """The CUDA kernels: parity with the float64 reference and with the CPU kernel,
 opcheck, torch.compile, CUDA graphs, devices. Skipped without a GPU."""
 
-import os
-
 import pytest
 import torch
 
@@ -15,8 +13,7 @@ from conftest import TOLERANCES, assert_close_to_oracle, assert_grad_close, loss
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# From one-block rows to rows far past L2 per block (the default streams every
-# row; the opt-in variants are compared with it below).
+# From one-block rows to rows far past L2 per block.
 VOCABS = [1, 7, 4096, 32000, 50257, 128256, 151936, 262144]
 
 
@@ -90,32 +87,6 @@ def test_nan_among_infinite_entries_makes_the_row_nan(divergence):
         student, teacher = nan_among_infinities(dtype=dtype)
         loss = todi_ext.distill_loss(*cuda(student, teacher), divergence=divergence, reduction="none").cpu()
         assert torch.isnan(loss[1:]).all() and torch.isfinite(loss[0]), dtype
-
-
-def test_several_row_cached_kernels_above_48k_of_shared_memory():
-    # Each instantiation needs its own cudaFuncSetAttribute; when they shared
-    # one once-flag only the first launched kernel could use > 48 KB. The row
-    # cache is opt-in, hence a process of its own.
-    import subprocess
-    import sys
-
-    script = f"""
-import sys, torch, todi_ext
-sys.path.insert(0, {os.path.dirname(__file__)!r})
-from todi_ext import reference
-from conftest import TOLERANCES, assert_grad_close, loss_and_grads, make_logits
-cases = [("todi", torch.bfloat16, 32000), ("todi", torch.float16, 32000), ("fkl", torch.bfloat16, 32000),
-         ("rkl", torch.float32, 20000), ("akl", torch.bfloat16, 40000)]
-for divergence, dtype, vocab in cases:
-    student, teacher = make_logits((3, vocab), dtype), make_logits((3, vocab), dtype, seed=1)
-    kwargs = dict(divergence=divergence, temperature=2.0, reduction="none")
-    loss, grad, _ = loss_and_grads(todi_ext.distill_loss, student.cuda(), teacher.cuda(), **kwargs)
-    ref, ref_grad, _ = loss_and_grads(reference.distill_loss, student.double(), teacher.double(), **kwargs)
-    loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
-    torch.testing.assert_close(loss.cpu().double(), ref, rtol=loss_rtol, atol=loss_atol)
-    assert_grad_close(grad.cpu(), ref_grad, grad_tol)
-"""
-    subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TODI_EXT_CUDA_ROW_CACHE="1"), check=True)
 
 
 @pytest.mark.parametrize("layout", ["shifted_3d", "vocab_strided", "odd_row_offset"])
@@ -246,42 +217,39 @@ def test_cuda_graph_capture_and_replay(vocab):
     torch.testing.assert_close(z.grad, expected_grad)
 
 
-# The launch's opt-in variants (environment switches, read once per process):
-# rows cached in one block's shared memory, rows split over a cluster.
-OPT_IN_CASES = [
-    ("TODI_EXT_CUDA_ROW_CACHE", torch.bfloat16, 32000),
-    ("TODI_EXT_CUDA_ROW_CACHE", torch.float32, 20000),
-    ("TODI_EXT_CUDA_SPLIT_ROWS", torch.bfloat16, 70001),
-    ("TODI_EXT_CUDA_SPLIT_ROWS", torch.bfloat16, 262144),
-    ("TODI_EXT_CUDA_SPLIT_ROWS", torch.float32, 128256),
-]
+# The register-row kernel serves rows that start on 16-byte boundaries when
+# only the student's gradient is asked for (the usual distillation step), up
+# to 131072 entries a row (16 CTAs x 256 threads x 32); a row one element off
+# streams. Views are passed to the op as they are (a clone would
+# make them contiguous).
+REGISTER_CASES = [(torch.bfloat16, 1000), (torch.bfloat16, 32000), (torch.float16, 50257), (torch.bfloat16, 70001),
+                  (torch.bfloat16, 128256), (torch.float32, 128256), (torch.bfloat16, 151936),
+                  (torch.bfloat16, 262144)]
 
 
-@pytest.mark.parametrize("switch,dtype,vocab", OPT_IN_CASES)
-def test_opt_in_kernel_variants_agree_with_the_default(switch, dtype, vocab, tmp_path):
-    import subprocess
-    import sys
-
-    script = f"""
-import torch, todi_ext, sys
-sys.path.insert(0, {os.path.dirname(__file__)!r})
-from conftest import make_logits, make_labels
-z = make_logits((6, {vocab}), {dtype}).cuda().requires_grad_()
-s = make_logits((6, {vocab}), {dtype}, seed=1).cuda().requires_grad_()
-for d in ("todi", "akl"):
-    loss = todi_ext.distill_loss(z, s, make_labels((6,)).cuda(), divergence=d, temperature=2.0, reduction="none")
-    loss.sum().backward()
-    torch.save((loss.cpu(), z.grad.cpu(), s.grad.cpu()), {str(tmp_path)!r} + f"/{{d}}-" + sys.argv[1])
-    z.grad = s.grad = None
-"""
-    for value in ("1", "0"):
-        subprocess.run([sys.executable, "-c", script, value], env=dict(os.environ, **{switch: value}), check=True)
+@pytest.mark.parametrize("dtype,vocab", REGISTER_CASES)
+@pytest.mark.parametrize("divergence", ["todi", "akl", "gjsd"])
+def test_register_rows_and_streamed_rows_match_the_oracle(divergence, dtype, vocab):
+    width = -(-vocab // 8) * 8 + 8  # a multiple of 8 entries: every row of base[:, :vocab] is 16-byte aligned
+    base_z = make_logits((6, width), dtype).cuda().requires_grad_()
+    base_s = make_logits((6, width), dtype, seed=1).cuda()
+    labels = make_labels((6,)).cuda()
+    kwargs = dict(divergence=divergence, temperature=2.0, reduction="none", hard_label_weight=0.3,
+                  soft_label_weight=0.7)
+    weights = torch.rand(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
     loss_rtol, loss_atol, grad_tol = TOLERANCES[dtype]
-    for d in ("todi", "akl"):
-        variant, default = torch.load(tmp_path / f"{d}-1"), torch.load(tmp_path / f"{d}-0")
-        torch.testing.assert_close(variant[0], default[0], rtol=loss_rtol, atol=loss_atol)
-        for a, b in zip(variant[1:], default[1:]):
-            assert_grad_close(a, b.double(), grad_tol)
+    for offset in (0, 1):  # aligned rows (registers where they fit), rows one element off (streamed)
+        base_z.grad = None
+        z, s = base_z[:, offset:offset + vocab], base_s[:, offset:offset + vocab]
+        loss = todi_ext.distill_loss(z, s, labels, **kwargs)
+        loss.backward(weights.to(device="cuda", dtype=loss.dtype))
+        zd = z.detach().double().cpu().requires_grad_()
+        ref = reference.distill_loss(zd, s.detach().double().cpu(), labels.cpu(), **kwargs)
+        ref.backward(weights)
+        torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=loss_rtol, atol=loss_atol)
+        grad = base_z.grad[:, offset:offset + vocab].cpu()
+        assert_grad_close(grad, zd.grad, grad_tol)
+        assert (base_z.grad[:, :offset] == 0).all() and (base_z.grad[:, offset + vocab:] == 0).all()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

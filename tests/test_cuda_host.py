@@ -25,9 +25,12 @@ from conftest import (TOLERANCES, assert_grad_close, make_labels, make_logits, p
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIVERGENCES = ["todi", "fkl", "rkl", "tvd", "skl", "srkl", "gjsd", "akl"]
-# (variant, blocks per cluster): one block per row, the row cached or streamed,
-# or the row split over a cluster of 2 or 4 blocks, each caching its slice.
-VARIANTS = [("cached", 1), ("streamed", 1), ("split", 2), ("split", 4)]
+# (kernel, CTAs per cluster): the streamed kernel (one block per row), or the
+# register-row kernel with the row in one CTA or split over a cluster of 2 or 4.
+# A "registers" call whose arguments the kernel does not serve (float64, a
+# teacher gradient, misaligned rows) runs the streamed kernel, as the real
+# launch does; harness.last_kernel() says which ran.
+VARIANTS = [("streamed", 1), ("registers", 1), ("registers", 2), ("registers", 4)]
 KW = dict(temperature=2.0, ignore_index=-100)
 
 
@@ -64,14 +67,65 @@ def harness():
                 extra_cflags=flags, build_directory=build)
 
 
-def host_forward(h, z, s, labels, divergence, variant="cached", parts=1, threads=64, blocks=2, teacher_grad=True,
+ENTRIES_PER_THREAD = 32  # of each row, in the register-row kernel
+
+
+def fits_registers(vocab, dtype):
+    """Whether a cluster of at most 16 CTAs holds the row (the launch's rule)."""
+    return vocab <= 16 * 256 * ENTRIES_PER_THREAD
+
+
+def register_threads(vocab, dtype, parts, threads=64):
+    """Threads per CTA for the register-row kernel: `threads` (at most 256),
+    or more where a cluster of `parts` CTAs would not hold the row (in
+    16-byte words, the last one maybe partial)."""
+    per_vector = 16 // torch.empty((), dtype=dtype).element_size()
+    vectors_per_thread = ENTRIES_PER_THREAD // per_vector
+    needed = -(-(-(-vocab // per_vector)) // (parts * vectors_per_thread))
+    threads = max(min(threads, 256), -(-needed // 32) * 32)
+    assert threads <= 256, f"{parts} CTAs cannot hold {vocab} entries"
+    return threads
+
+
+def with_aligned_rows(t):
+    """The same values, each row starting on a 16-byte boundary (storage
+    padded to a multiple of 8 entries): rows the register-row kernel serves
+    whatever the vocabulary."""
+    vocab = t.shape[-1]
+    padded = torch.full((*t.shape[:-1], -(-vocab // 8) * 8), float("nan"), dtype=t.dtype)
+    padded[..., :vocab] = t
+    return padded[..., :vocab]
+
+
+def expected_kernel(variant, z, s, teacher_grad):
+    """The kernel a call runs: register rows for one 16/32-bit dtype, 16-byte aligned rows, no teacher gradient."""
+    aligned = all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0
+                                                  for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+                  for t in (z, s))
+    ok = variant == "registers" and z.dtype == s.dtype and z.dtype != torch.float64 and aligned and not teacher_grad
+    return "registers" if ok and fits_registers(z.shape[-1], z.dtype) else "streamed"
+
+
+def host_forward(h, z, s, labels, divergence, variant="streamed", parts=1, threads=64, blocks=2, teacher_grad=None,
                  reduction="none", temperature=KW["temperature"], soft_label_weight=1.0, hard_label_weight=0.0,
-                 **params):
+                 keep_layout=False, **params):
+    """The harness's forward. With variant "registers" the rows are copied to
+    16-byte aligned storage (unless keep_layout) and only the student's
+    gradient is asked for (unless teacher_grad), so the register-row kernel
+    runs; the test fails if another kernel ran than the launch rule says."""
     p = dict(beta=1.0, skew_lambda=0.1, akl_mu=0.5, jsd_beta=0.5)
     p.update(params)
-    return h.distill_forward(z, s, labels, divergence, p["beta"], p["skew_lambda"], p["akl_mu"], p["jsd_beta"],
-                             temperature, KW["ignore_index"], reduction, True, teacher_grad, variant, threads,
-                             blocks, parts, soft_label_weight, hard_label_weight)
+    if teacher_grad is None:
+        teacher_grad = variant != "registers"
+    if variant == "registers" and z.dtype != torch.float64 and fits_registers(z.shape[-1], z.dtype):
+        threads = register_threads(z.shape[-1], z.dtype, parts, threads)
+        if not keep_layout:
+            z, s = with_aligned_rows(z), with_aligned_rows(s)
+    out = h.distill_forward(z, s, labels, divergence, p["beta"], p["skew_lambda"], p["akl_mu"], p["jsd_beta"],
+                            temperature, KW["ignore_index"], reduction, True, teacher_grad, variant, threads,
+                            blocks, parts, soft_label_weight, hard_label_weight)
+    assert h.last_kernel() == expected_kernel(variant, z, s, teacher_grad)
+    return out
 
 
 def oracle(z, s, labels, divergence, reduction="none", **params):
@@ -132,18 +186,28 @@ def test_mixed_dtypes_use_the_generic_kernel(harness, divergence):
 
 
 @pytest.mark.parametrize("variant,parts", VARIANTS)
-@pytest.mark.parametrize("layout", ["shifted_3d", "misaligned_head", "different_offsets"])
+@pytest.mark.parametrize("layout", ["shifted_3d", "misaligned_head", "different_offsets", "aligned_shifted_3d",
+                                    "aligned_with_a_tail"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_layouts(harness, layout, dtype, variant, parts):
-    base_z, base_s = make_logits((2, 4, 1203), dtype), make_logits((2, 4, 1203), dtype, seed=1)
-    if layout == "shifted_3d":  # logits[:, :-1]: rows at the base's stride, in place
+    # The register-row kernel serves the rows that start on 16-byte boundaries
+    # (the last two layouts), whatever their stride; the others stream.
+    # aligned_with_a_tail: 1203 entries, 3 past the last 16-byte word, and a
+    # gradient whose rows are not aligned (scalar stores).
+    width = 1208 if layout.startswith("aligned") else 1203
+    base_z, base_s = make_logits((2, 4, width), dtype), make_logits((2, 4, width), dtype, seed=1)
+    if layout == "aligned_shifted_3d":
+        z, s = base_z[:, :-1], base_s[:, :-1]
+    elif layout == "aligned_with_a_tail":
+        z, s = base_z[..., :1203], base_s[..., :1203]
+    elif layout == "shifted_3d":  # logits[:, :-1]: rows at the base's stride, in place
         z, s = base_z[:, :-1], base_s[:, :-1]
     elif layout == "misaligned_head":  # both rows start one element past a 16-byte boundary
         z, s = base_z[..., 1:], base_s[..., 1:]
     else:  # student and teacher misaligned differently: the kernels fall back to scalar loads
         z, s = base_z[..., 1:], base_s[..., :-1]
     labels = make_labels(z.shape[:-1], ignore_fraction=0.2)
-    got = host_forward(harness, z, s, labels, "todi", variant, parts)
+    got = host_forward(harness, z, s, labels, "todi", variant, parts, keep_layout=True)
     assert_matches(got, oracle(z, s, labels, "todi"), dtype)
 
 
@@ -168,12 +232,40 @@ def test_undefined_rows_are_nan_and_infinite_entries_are_left_out(harness, varia
         assert_grad_close(gz[~undefined], expected[1], TOLERANCES[torch.float32][2])
 
 
-@pytest.mark.parametrize("threads", [32, 160, 512])
-def test_block_sizes(harness, threads):
+@pytest.mark.parametrize("variant,threads,parts", [("streamed", 32, 1), ("streamed", 160, 1), ("streamed", 512, 1),
+                                                   ("registers", 32, 4), ("registers", 160, 1), ("registers", 256, 2)])
+def test_block_sizes(harness, variant, threads, parts):
+    # V = 2500 float32: 625 words of 16 bytes, 8 a thread; 64 threads x 4
+    # CTAs hold them with 40% of the slots empty, 160 threads in one CTA too.
     z, s = make_logits((3, 2500)), make_logits((3, 2500), seed=4)
-    for variant, parts in VARIANTS:
-        got = host_forward(harness, z, s, None, "todi", variant, parts, threads=threads, blocks=1)
-        assert_matches(got, oracle(z, s, None, "todi"), torch.float32)
+    got = host_forward(harness, z, s, None, "todi", variant, parts, threads=threads, blocks=1)
+    assert_matches(got, oracle(z, s, None, "todi"), torch.float32)
+
+
+@pytest.mark.parametrize("vocab,dtype,parts", [(128256, torch.bfloat16, 16), (32000, torch.bfloat16, 4),
+                                               (262144, torch.bfloat16, 0), (128256, torch.float32, 16),
+                                               (8193, torch.float32, 2)])
+def test_the_launch_shape_of_llm_vocabularies(harness, vocab, dtype, parts):
+    # The launch's rule (register_row_shape): the smallest cluster whose
+    # 256-thread CTAs hold the row at 32 entries a thread; none above 16 CTAs
+    # (the streamed kernel). The shape runs on one row against the oracle.
+    elem = torch.empty((), dtype=dtype).element_size()
+    got_parts, threads = harness.register_row_shape(vocab, elem)
+    assert got_parts == parts
+    n = ENTRIES_PER_THREAD
+    if parts:
+        assert threads % 32 == 0 and threads <= 256 and parts * threads * n >= vocab
+        assert threads - 32 < -(-vocab // (parts * n)) and (parts == 1 or (parts // 2) * 256 * n < vocab)
+    z, s = make_logits((1, vocab), dtype, seed=41), make_logits((1, vocab), dtype, seed=42)
+    labels = torch.tensor([vocab - 1])
+    for divergence in ("todi", "akl"):
+        got = host_forward(harness, z, s, labels, divergence, "registers", max(parts, 1), threads=threads or 64,
+                           blocks=1, hard_label_weight=0.5, soft_label_weight=0.5)
+        zd = z.double().requires_grad_()
+        ref = reference.distill_loss(zd, s.double(), labels, divergence=divergence, reduction="none",
+                                     hard_label_weight=0.5, soft_label_weight=0.5, **KW)
+        ref.sum().backward()
+        assert_matches(got, (ref.detach(), zd.grad, torch.empty(0)), dtype)
 
 
 @pytest.mark.parametrize("variant,parts", VARIANTS)
@@ -189,12 +281,13 @@ def test_ignored_rows_give_exact_zeros(harness):
     labels = torch.tensor([-100, 1, -100, 2])
     for variant, parts in VARIANTS:
         loss, gz, gs = host_forward(harness, z, s, labels, "todi", variant, parts)
-        assert (loss[[0, 2]] == 0).all() and (gz[[0, 2]] == 0).all() and (gs[[0, 2]] == 0).all()
+        assert (loss[[0, 2]] == 0).all() and (gz[[0, 2]] == 0).all()
+        assert gs.numel() == 0 if variant == "registers" else (gs[[0, 2]] == 0).all()
 
 
-def test_split_rows_are_bitwise_deterministic(harness):
+def test_rows_split_over_a_cluster_are_bitwise_deterministic(harness):
     z, s = make_logits((4, 1501)), make_logits((4, 1501), seed=6)
-    runs = [host_forward(harness, z, s, None, "akl", "split", 4, blocks=b) for b in (1, 2, 1)]
+    runs = [host_forward(harness, z, s, None, "akl", "registers", 4, blocks=b) for b in (1, 2, 1)]
     for r in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
 
@@ -234,8 +327,8 @@ def test_as_accurate_as_the_best_float32_formulation(harness, variant, parts, sc
     zf = z.clone().requires_grad_()
     best = reference.distill_loss(zf, s, **kw)
     best.sum().backward()
-    loss, grad, _ = harness.distill_forward(z, s, None, "todi", 1.0, 0.1, 0.5, 0.5, temperature, -100, "none",
-                                            True, False, variant, 64, 2, parts, 1.0, 0.0)
+    loss, grad, _ = host_forward(harness, z, s, None, "todi", variant, parts, temperature=temperature,
+                                 teacher_grad=False)
     best_loss_err = float((best.detach().double() - ref.detach()).abs().max())
     best_grad_err = float((zf.grad.double() - zd.grad).norm())
     assert float((loss.double() - ref.detach()).abs().max()) <= 4 * best_loss_err + 1e-6 * float(ref.detach().abs().max())
@@ -274,8 +367,8 @@ def test_hard_label_outside_the_vocabulary_gives_a_nan_row(harness, variant, par
 
 
 # ------------------------------------------- vocabulary-parallel phases
-@pytest.mark.parametrize("variant,parts,dtype", [("streamed", 1, torch.float32), ("split", 2, torch.float32),
-                                                 ("streamed", 1, torch.float64), ("streamed", 1, torch.bfloat16)])
+@pytest.mark.parametrize("variant,parts,dtype", [("streamed", 1, torch.float32), ("streamed", 1, torch.float64),
+                                                 ("streamed", 1, torch.bfloat16)])
 @pytest.mark.parametrize("divergence", DIVERGENCES + ["js"])
 def test_vocab_parallel_phases_give_the_whole_rows_results(harness, divergence, variant, parts, dtype):
     # Three slices of unequal size, labels at every slice edge and an ignored

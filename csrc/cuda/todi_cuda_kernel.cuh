@@ -1,14 +1,15 @@
 // The distillation CUDA kernels: ToDi and its paper's baselines, the divergence a
 // template parameter (math::divergence_entry). Design and status: README.md here.
 //
-// One thread block per position row (grid-stride over rows): pass 1 the
-// online log-sum-exps of z/T and s/T, pass 2 the loss and the weight sums
-// U, V, pass 3 the gradients. Block reductions are warp shuffles then one
-// warp over the per-warp partials, in a fixed order: the same inputs give
-// bitwise the same outputs. When the row pair fits in shared memory
-// (kCacheRow), pass 1 keeps it there and passes 2-3 read it from on chip, so
-// HBM sees each input once; otherwise passes 2-3 re-read global memory and
-// hit L2 as far as it holds the rows in flight.
+// The streamed kernel: one thread block per position row (grid-stride over
+// rows): pass 1 the online log-sum-exps of z/T and s/T, pass 2 the loss and
+// the weight sums U, V, pass 3 the gradients, each pass reading the row again
+// (from L2 as far as it holds the rows in flight). It serves what the
+// register-row kernel (register_rows_kernel.cuh) does not: rows too long for
+// its registers, misaligned rows, the teacher's gradient, float64, mixed
+// dtypes and the vocabulary-parallel phases. Block reductions are warp
+// shuffles then one warp over the per-warp partials, in a fixed order: the
+// same inputs give bitwise the same outputs.
 #pragma once
 
 #ifdef TODI_EXT_HOST_EMULATION  // tests/test_cuda_host.py runs these kernels on the CPU
@@ -17,7 +18,7 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-// Shared-memory declarations go through these two macros so that the host
+// Shared-memory declarations go through this macro so that the host
 // emulation can give each emulated block its own copy.
 #define TODI_SHARED_ARRAY(type, name, count) __shared__ type name[count]
 #define TODI_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
@@ -34,11 +35,6 @@
 namespace todi_ext::cuda {
 
 constexpr int kMaxThreads = 512;
-// Forward kernels that accumulate in float allow 1024-thread blocks (the
-// register budget is then 64 per thread, which they fit without spills);
-// the launch uses them only when TODI_EXT_CUDA_MAX_THREADS asks (A/B runs).
-template <class A>
-constexpr int kForwardMaxThreads = sizeof(A) == 8 ? kMaxThreads : 2 * kMaxThreads;
 constexpr int kWarp = 32;
 
 // ---------------------------------------------------------------- elements
@@ -342,24 +338,9 @@ __device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, const Ro
 }
 
 // ------------------------------------------------------------------ kernels
-// Row cache layout: one copy per input, `row_cache_stride` elements apart,
-// each at the same 16-byte misalignment as its global row, so pass 1 stores
-// the 16-byte words it loaded as they are and passes 2-3 reload them whole.
-__host__ __device__ constexpr int64_t row_cache_stride(int64_t vocab) { return (vocab + 7) / 8 * 8 + 8; }
-
-template <class T>
-__device__ __forceinline__ T* cache_copy(unsigned char* base, const T* global) {
-  return reinterpret_cast<T*>(base) + reinterpret_cast<uintptr_t>(global) % 16 / sizeof(T);
-}
-
-// Split rows: a cluster of `parts` blocks shares each row, block r taking
-// entries [r * chunk, (r + 1) * chunk). chunk is a multiple of 8 entries, so
-// every slice starts at its row's 16-byte misalignment.
-__host__ __device__ constexpr int64_t slice_chunk(int64_t vocab, int64_t parts) {
-  return (vocab + parts - 1) / parts + 7 & ~int64_t(7);
-}
-
-// Cluster-wide reductions over distributed shared memory (sm_90). Each block
+// ------------------------------------------------------------------ clusters
+// Row reductions over a thread-block cluster, through distributed shared
+// memory (sm_90; the register-row kernel). Each block
 // publishes its block-level values in a slot, one cluster barrier, then every
 // thread combines the slots of ranks 0, 1, ... in that order: every block
 // gets bitwise the same totals. Two slot sets used in turn: a block rewrites
@@ -425,22 +406,13 @@ __device__ __forceinline__ void cluster_merge(L& a, L& b, ClusterSlots<A>& slots
 #endif
 
 
-// T: the element type of both inputs, or AnyDtype. kCacheRow: keep the row
-// pair in dynamic shared memory (typed rows only). D: the divergence.
-// kCluster: a thread-block cluster shares each row (slice_chunk), each block
-// caching its slice, so rows too long for one block's shared memory still
-// stay on chip; the row's reductions then span the cluster (sm_90+).
-template <class A, class T, bool kCacheRow, math::Divergence D, bool kCluster = false>
-__global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(const ForwardParams args) {
+// T: the element type of both inputs, or AnyDtype. D: the divergence.
+template <class A, class T, math::Divergence D>
+__global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const ForwardParams args) {
   constexpr bool kTyped = !std::is_same_v<T, AnyDtype>;
-  static_assert(kTyped || !kCacheRow, "the row cache holds typed rows only");
-  static_assert(!kCluster || kCacheRow, "split rows are cached");
   using Lse = math::LogSumExp<A>;
-  TODI_DYNAMIC_SHARED(row_cache);
   // Reduction scratch: 4 values per warp (AKL's search sums 15).
   TODI_SHARED_ARRAY(A, scratch, (D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp);
-  TODI_SHARED_ARRAY(A, slot_memory, kCluster ? 2 * kClusterSlot : 1);
-  ClusterSlots<A> cluster_slots{slot_memory};
   const A inv_t = static_cast<A>(*args.inv_temperature);  // 0-dim tensors in device memory
   const double beta = *args.beta;
   // Invalid scalars from a direct op call (not checked on the host: that would
@@ -458,20 +430,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   const Phase phase = vp.phase;
   const bool fused = phase == Phase::kFused;
 
-  // This block's part of each row: all of it, or with kCluster the rank-th slice.
-  int64_t parts = 1, rank = 0;
-  if constexpr (kCluster) {
-#ifdef TODI_EXT_HAS_CLUSTERS
-    parts = cooperative_groups::this_cluster().num_blocks();
-    rank = cooperative_groups::this_cluster().block_rank();
-#else
-    __trap();
-#endif
-  }
-  const int64_t chunk = kCluster ? slice_chunk(args.vocab, parts) : args.vocab;
-  const int64_t lo = rank * chunk < args.vocab ? rank * chunk : args.vocab;
-  const int64_t vocab = (args.vocab - lo < chunk ? args.vocab - lo : chunk);  // entries of this block's slice
-  const int64_t cache_stride = row_cache_stride(chunk);
+  const int64_t vocab = args.vocab;
   // The phase's float64 output table (phase_table; none in kFused and
   // kGradients), written by one thread per row: write_row with an array of
   // the table's width (a compile-time size, so the values stay in registers),
@@ -479,39 +438,24 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
   const PhaseTable table = phase_table(vp);
   auto write_row = [&](int64_t row, const auto& values) {
     constexpr int n = std::extent_v<std::remove_reference_t<decltype(values)>>;
-    if (table.data != nullptr && threadIdx.x == 0 && rank == 0) {
+    if (table.data != nullptr && threadIdx.x == 0) {
 #pragma unroll
       for (int k = 0; k < n; ++k) table.data[row * n + k] = values[k];
     }
   };
   auto fill_row = [&](int64_t row, double value) {
-    if (table.data != nullptr && threadIdx.x == 0 && rank == 0) {
+    if (table.data != nullptr && threadIdx.x == 0) {
       for (int k = 0; k < table.width; ++k) table.data[row * table.width + k] = value;
     }
   };
 
-  // Sums and log-sum-exp merges over the row: the block, then the cluster.
-  auto row_sum = [&](auto& v) {
-    block_sum(v, scratch);
-#ifdef TODI_EXT_HAS_CLUSTERS
-    if constexpr (kCluster) cluster_sum(v, cluster_slots);
-#endif
-  };
-  auto row_merge = [&](Lse& a, Lse& b) {
-    block_merge(a, b, scratch);
-#ifdef TODI_EXT_HAS_CLUSTERS
-    if constexpr (kCluster) cluster_merge(a, b, cluster_slots);
-#endif
-  };
+  auto row_sum = [&](auto& v) { block_sum(v, scratch); };
+  auto row_merge = [&](Lse& a, Lse& b) { block_merge(a, b, scratch); };
 
-  for (int64_t row = blockIdx.x / parts; row < args.rows; row += gridDim.x / parts) {
+  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
     A* loss_out = static_cast<A*>(args.loss) + row;
-    const int64_t out_base = row * args.vocab + lo;
+    const int64_t out_base = row * args.vocab;
     RowSource<A, T> global_row(args, row);
-    if constexpr (kTyped) {
-      global_row.z += lo;
-      global_row.s += lo;
-    }
 
     if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
       if (phase == Phase::kRowStats) {
@@ -524,29 +468,20 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, A(0));
       }
-      if (threadIdx.x == 0 && rank == 0 && fused) *loss_out = A(0);
+      if (threadIdx.x == 0 && fused) *loss_out = A(0);
       continue;
     }
 
-    // Pass 1: per-thread online log-sum-exps; the row cache is filled on the
-    // way. The later phases take the whole rows' from global_stats instead.
+    // Pass 1: per-thread online log-sum-exps. The later phases take the whole
+    // rows' from global_stats instead.
     Lse lse_z, lse_s, lse_z1;
     RowLse<A> lz, ls, lz1;
     if (fused || phase == Phase::kRowStats) {
       if constexpr (kTyped) {
         constexpr int kVec = 16 / sizeof(T);
-        T* cz = kCacheRow ? cache_copy(row_cache, global_row.z) : nullptr;
-        T* cs = kCacheRow ? cache_copy(row_cache + cache_stride * sizeof(T), global_row.s) : nullptr;
-        // The copies' offsets from their 16-byte aligned bases, in entries.
-        const int64_t i_shift_z = reinterpret_cast<uintptr_t>(global_row.z) % 16 / sizeof(T);
-        const int64_t i_shift_s = reinterpret_cast<uintptr_t>(global_row.s) % 16 / sizeof(T);
         for_each_vector(
             global_row.z, global_row.s, vocab,
-            [&](int64_t i0, const uint4& zw, const uint4& sw) {
-              if constexpr (kCacheRow) {  // as 16-byte words (a T* cast would be split into 4-byte stores)
-                reinterpret_cast<uint4*>(cz - i_shift_z)[(i0 + i_shift_z) / kVec] = zw;
-                reinterpret_cast<uint4*>(cs - i_shift_s)[(i0 + i_shift_s) / kVec] = sw;
-              }
+            [&](int64_t, const uint4& zw, const uint4& sw) {
               const T* ze = reinterpret_cast<const T*>(&zw);
               const T* se = reinterpret_cast<const T*>(&sw);
               A zs[kVec], ss[kVec];
@@ -559,11 +494,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
               lse_fold(lse_s, ss, inv_t);
               if (need_z1) lse_fold(lse_z1, zs, A(1));
             },
-            [&](int64_t i, T z, T s) {
-              if constexpr (kCacheRow) {
-                cz[i] = z;
-                cs[i] = s;
-              }
+            [&](int64_t, T z, T s) {
               const A zs[1] = {Elem<T>::template load<A>(z)}, ss[1] = {Elem<T>::template load<A>(s)};
               lse_fold(lse_z, zs, inv_t);
               lse_fold(lse_s, ss, inv_t);
@@ -577,7 +508,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
           if (need_z1) lse_fold(lse_z1, zs, A(1));
         });
       }
-      row_merge(lse_z, lse_s);  // also orders the cache writes before the reads below
+      row_merge(lse_z, lse_s);
       if (need_z1) {
         Lse unused;
         row_merge(lse_z1, unused);
@@ -611,21 +542,13 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
         if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, nan);
       }
-      if (threadIdx.x == 0 && rank == 0 && fused) *loss_out = nan;
+      if (threadIdx.x == 0 && fused) *loss_out = nan;
       continue;
     }
 
-    // The row as passes 2-3 read it: from the cache, or again from global
-    // memory (L2 if it still holds it). Only the fused kernel's own pass 1
-    // fills the cache.
+    // Passes 2-3 read the row again (L2 as far as it still holds it).
     auto rz = global_row.z;
     auto rs = global_row.s;
-    if constexpr (kCacheRow) {
-      if (fused) {
-        rz = cache_copy(row_cache, global_row.z);
-        rs = cache_copy(row_cache + cache_stride * sizeof(T), global_row.s);
-      }
-    }
     auto walk = [&](auto&& f) {
       if constexpr (kTyped) {
         for_each_entry<A>(rz, rs, vocab, f);
@@ -703,7 +626,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       write_row(row, out);
       continue;
     }
-    if (threadIdx.x == 0 && rank == 0 && fused) {
+    if (threadIdx.x == 0 && fused) {
       A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
       // log sum exp(z) - z_label, with max and log(sum) kept apart.
       if (hard) loss += static_cast<A>(args.hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
@@ -788,10 +711,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
       }
       if (hard && args.grad_student.data) {
         // The one-hot part of the cross-entropy's gradient, -hard_t at the
-        // label: its entry is rewritten by the block whose slice holds it, once
-        // the block's stores above are visible to this thread.
+        // label: its entry is rewritten once the block's stores above are
+        // visible to this thread.
         __syncthreads();
-        if (threadIdx.x == 0 && label >= lo && label < lo + vocab) {
+        if (threadIdx.x == 0 && label_here) {
           const A s_label = load_any<A>(args.teacher.data, args.teacher.dtype, args.teacher.layout.row_offset(row) + label);
           const auto t = terms(z_label, s_label);
           global_row.store(args.grad_student.data, args.grad_student.dtype, row * args.vocab + label,
@@ -799,12 +722,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads<A>) distill_forward_kernel(
         }
       }
     }
-    if constexpr (kCacheRow) __syncthreads();  // the next row overwrites the cache
   }
-#ifdef TODI_EXT_HAS_CLUSTERS
-  // No block may leave while another can still read its slots.
-  if constexpr (kCluster) cooperative_groups::this_cluster().sync();
-#endif
 }
 
 // out = grad * scale, row by row, in A arithmetic; T: the gradient's dtype.

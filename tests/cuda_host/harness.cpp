@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "todi_cuda_kernel.cuh"
+#include "register_rows_kernel.cuh"
 #include "todi_op_common.h"
 #include "vocab_parallel_ops.h"
 
@@ -18,34 +18,46 @@ using todi_ext::math::Divergence;
 namespace kernels = todi_ext::cuda;
 
 struct Launch {
-  std::string variant;  // "cached", "streamed", "split" (cluster-split rows, cached)
-  unsigned threads;     // per block, a multiple of 32 (the real launch uses 32..512)
-  unsigned blocks;      // rows in flight: clusters (split) or blocks
-  unsigned parts;       // blocks per cluster (split only)
+  std::string variant;  // "registers" (the register-row kernel, a cluster of `parts` CTAs) or "streamed"
+  unsigned threads;     // per block, a multiple of 32
+  unsigned blocks;      // rows in flight: clusters (registers) or blocks (streamed)
+  unsigned parts;       // CTAs per cluster (registers only)
 };
+
+// Which kernel the last launch ran: the real launch's rule, register rows
+// where they serve the arguments, is applied here too.
+std::string last_kernel;
 
 template <class A, class T, Divergence D>
 void launch_typed(const ForwardParams& args, const Launch& l) {
-  const int64_t chunk = l.variant == "split" ? kernels::slice_chunk(args.vocab, l.parts) : args.vocab;
-  const size_t cache_bytes = 2 * kernels::row_cache_stride(chunk) * sizeof(T);
-  if (l.variant == "cached") {
-    todi_host::launch(kernels::distill_forward_kernel<A, T, true, D>, l.blocks, l.threads, cache_bytes, 1, args);
-  } else if (l.variant == "split") {
-    todi_host::launch(kernels::distill_forward_kernel<A, T, true, D, true>, l.blocks * l.parts, l.threads, cache_bytes,
-                      l.parts, args);
-  } else {
-    TORCH_CHECK(l.variant == "streamed", "variant must be cached, streamed or split");
-    todi_host::launch(kernels::distill_forward_kernel<A, T, false, D>, l.blocks, l.threads, 0, 1, args);
+  if constexpr (sizeof(T) < 8) {
+    if (l.variant == "registers" && kernels::register_rows_eligible(args, sizeof(T)) &&
+        kernels::register_row_shape(args.vocab, sizeof(T)).parts > 0) {
+      const int64_t per_vector = 16 / sizeof(T);
+      const int64_t vectors = (args.vocab + per_vector - 1) / per_vector;
+      const int64_t capacity = int64_t{l.parts} * l.threads * kernels::kRegisterRowEntries / per_vector;
+      TORCH_CHECK(vectors <= capacity, "registers: ", l.parts, " x ", l.threads, " threads hold ", capacity,
+                  " vectors, the row has ", vectors);
+      TORCH_CHECK(l.threads <= kernels::kRegisterRowThreads, "registers: at most 256 threads");
+      last_kernel = "registers";
+      todi_host::launch(kernels::register_rows_kernel<T, D>, l.blocks * l.parts, l.threads,
+                        kernels::register_row_smem(l.threads, sizeof(T)), l.parts, args);
+      return;
+    }
   }
+  TORCH_CHECK(l.variant == "registers" || l.variant == "streamed", "variant must be registers or streamed");
+  last_kernel = "streamed";
+  todi_host::launch(kernels::distill_forward_kernel<A, T, D>, l.blocks, l.threads, 0, 1, args);
 }
 
 template <Divergence D>
 void launch_divergence(const ForwardParams& args, at::ScalarType zt, at::ScalarType st, const Launch& l) {
   if (zt != st) {  // the generic kernel, streamed only (as in the real launch)
+    last_kernel = "streamed";
     if (args.double_math) {
-      todi_host::launch(kernels::distill_forward_kernel<double, kernels::AnyDtype, false, D>, l.blocks, l.threads, 0, 1, args);
+      todi_host::launch(kernels::distill_forward_kernel<double, kernels::AnyDtype, D>, l.blocks, l.threads, 0, 1, args);
     } else {
-      todi_host::launch(kernels::distill_forward_kernel<float, kernels::AnyDtype, false, D>, l.blocks, l.threads, 0, 1, args);
+      todi_host::launch(kernels::distill_forward_kernel<float, kernels::AnyDtype, D>, l.blocks, l.threads, 0, 1, args);
     }
   } else if (zt == at::kFloat) {
     launch_typed<float, float, D>(args, l);
@@ -111,6 +123,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "todi_ext's CUDA kernels executed on the CPU (test harness, not the extension)";
   m.def("distill_forward", &distill_forward);
   m.def("scale_grad", &scale_grad);
+  m.def("last_kernel", [] { return last_kernel; });
+  m.def("register_row_shape", [](int64_t vocab, int64_t elem_bytes) {
+    const auto shape = kernels::register_row_shape(vocab, elem_bytes);
+    return std::make_tuple(shape.parts, shape.threads);
+  });
   namespace vp = todi_ext::vocab_parallel;
   m.def("set_phase_launch", &set_phase_launch);
   m.def("vocab_parallel_row_stats", &vp::row_stats<run_emulated>);

@@ -118,16 +118,22 @@ struct EntryTerms {
   F q;     // student probability
 };
 
-template <class F>
-TODI_HOST_DEVICE EntryTerms<F> todi_entry(F log_p, F log_q, F beta) {
+// ToDi's terms from the probabilities p, q and r = log p - log q. a =
+// sigmoid(beta r); for beta = 1 that is p / (p + q): one reciprocal instead
+// of an exp and a reciprocal (kUnitBeta; p + q is held above the smallest
+// normal so two flushed probabilities give a = 0, and their terms weigh 0).
+template <bool kUnitBeta, class F>
+TODI_HOST_DEVICE EntryTerms<F> todi_terms(F p, F q, F r, F beta) {
   using O = Ops<F>;
   const F one(1);
-  const F p = O::exp(log_p);
-  const F q = O::exp(log_q);
-  const F r = log_p - log_q;
-  // exp overflowing to inf gives a = 0 and underflowing gives a = 1: the exact
-  // limits of the sigmoid, so no clamping is needed.
-  const F a = O::recip(one + O::exp(F(0) - beta * r));
+  F a;
+  if constexpr (kUnitBeta) {
+    a = p * O::recip(O::max(p + q, F(std::numeric_limits<float>::min())));
+  } else {
+    // exp overflowing to inf gives a = 0 and underflowing gives a = 1: the
+    // exact limits of the sigmoid, so no clamping is needed.
+    a = O::recip(one + O::exp(F(0) - beta * r));
+  }
   const F ap = a * p;
   const F bq = (one - a) * q;
   return {r * (ap - bq), bq * (one - r) - ap, ap * (r + one) - bq, p, q};
@@ -175,16 +181,17 @@ TODI_HOST_DEVICE F log_mix(F log_wa, F la, F log_wb, F lb) {
   return hi + O::log1p(O::exp(O::min(x, y) - hi));
 }
 
-template <Divergence D, class F>
-TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const DivergenceParams& prm) {
+// The terms of one entry given its log-probabilities and probabilities
+// (p = exp(log p), q = exp(log q), which a kernel may hold already).
+// kUnitBeta: ToDi's beta is 1 (todi_terms).
+template <Divergence D, bool kUnitBeta = false, class F>
+TODI_HOST_DEVICE EntryTerms<F> divergence_terms(F log_p, F log_q, F p, F q, const DivergenceParams& prm) {
   using O = Ops<F>;
+  const F r = log_p - log_q;
   if constexpr (D == Divergence::kToDi) {
-    return todi_entry(log_p, log_q, F(prm.beta));
+    return todi_terms<kUnitBeta>(p, q, r, F(prm.beta));
   } else {
     const F one(1), half(0.5);
-    const F p = O::exp(log_p);
-    const F q = O::exp(log_q);
-    const F r = log_p - log_q;
     if constexpr (D == Divergence::kFKL) {  // sum p (log p - log q)
       return {p * r, F(0) - p, p * r + p, p, q};
     } else if constexpr (D == Divergence::kRKL) {  // sum q (log q - log p)
@@ -216,6 +223,11 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const Divergen
       return {fp + fq, fq, fp, p, q};
     }
   }
+}
+
+template <Divergence D, class F>
+TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const DivergenceParams& prm) {
+  return divergence_terms<D>(log_p, log_q, Ops<F>::exp(log_p), Ops<F>::exp(log_q), prm);
 }
 
 // ------------------------------------------------------------------- AKL

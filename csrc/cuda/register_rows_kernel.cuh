@@ -1,0 +1,412 @@
+// The register-row kernel (kernel v2): each logit is read from memory once.
+// A row pair is split over a thread-block cluster (1-16 CTAs, sized by the
+// vocabulary: register_row_shape); every thread holds its 32 entries (16
+// for float32) of both rows in registers, as loaded and as exponentials, from pass 1 to the
+// gradient store:
+//   pass 1  thread maxima, e = exp(x / T - thread max) kept, thread sums;
+//           one (max, sum) merge over the CTA and the cluster
+//   pass 2  p = e_s f_s, q = e_z f_z (f folds the thread's max into the row's
+//           and 1/sum: no exp); r from the logits and the two log-sums (the
+//           accuracy formulation of todi_cuda_kernel.cuh); the divergence's
+//           terms (math::divergence_terms: ToDi at beta = 1 one reciprocal);
+//           the gradient's two parts overwrite e; one (loss, U) row sum
+//   pass 3  g = w - q' U from registers, 16-byte streaming stores.
+// So ToDi costs 3 MUFU per entry (2 exps, 1 reciprocal) instead of ~10, and
+// HBM sees each input once and the gradient once. The rows that do not fit
+// (longer than 16 x 256 x 32 entries, 16 x 256 x 16 for float32; not 16-byte aligned, a teacher
+// gradient, float64, mixed dtypes, the vocabulary-parallel phases) take the
+// streamed kernel of todi_cuda_kernel.cuh. Reductions run in a fixed order
+// (CTA: shuffles, then one warp; cluster: ranks 0, 1, ... over distributed
+// shared memory): the same inputs give bitwise the same outputs.
+#pragma once
+
+#include "todi_cuda_kernel.cuh"
+
+namespace todi_ext::cuda {
+
+// Entries of each row a thread holds: their exponentials (and later the
+// gradient's parts) take 64 registers, so 2 CTAs of 256 threads fit an SM at
+// <= 128 registers a thread. The raw words sit in shared memory (32 KB a CTA
+// for 16-bit rows, 64 KB for float32): in registers too they took 96-128
+// registers and spilled (kernel_resources.py, NOTES).
+constexpr int kRegisterRowEntries = 32;
+constexpr int kRegisterRowThreads = 256;
+constexpr int kRegisterRowMaxParts = 16;  // above the portable 8: allowed per kernel on sm_90
+
+// Dynamic shared memory of a CTA: both rows' raw words.
+inline size_t register_row_smem(int threads, int64_t elem_bytes) {
+  return 2 * static_cast<size_t>(threads) * kRegisterRowEntries * elem_bytes;
+}
+
+// A launch of the register-row kernel: `parts` CTAs per cluster of `threads`
+// threads each; parts == 0: the row does not fit.
+struct RegisterRowShape {
+  int parts = 0;
+  int threads = 0;
+};
+
+// The smallest cluster (a power of 2) whose registers hold the row, and the
+// fewest warps per CTA that do; short rows get one CTA of fewer threads.
+inline RegisterRowShape register_row_shape(int64_t vocab, int64_t elem_bytes, int max_parts = kRegisterRowMaxParts) {
+  const int64_t per_vector = 16 / elem_bytes;
+  const int64_t vectors_per_thread = kRegisterRowEntries / per_vector;
+  const int64_t vectors = (vocab + per_vector - 1) / per_vector;  // the last one may be partial
+  for (int parts = 1; parts <= max_parts; parts *= 2) {
+    const int64_t per_cta = (vectors + parts - 1) / parts;
+    if (per_cta <= kRegisterRowThreads * vectors_per_thread) {
+      const int64_t threads = ((per_cta + vectors_per_thread - 1) / vectors_per_thread + kWarp - 1) / kWarp * kWarp;
+      return {parts, static_cast<int>(threads < kWarp ? kWarp : threads)};
+    }
+  }
+  return {};
+}
+
+// Whether the kernel serves these arguments: one dtype of 4 or 2 bytes for
+// both inputs, every row starting on a 16-byte boundary, the fused op (not a
+// vocabulary-parallel phase), no teacher gradient (its two more terms per
+// entry would not fit the registers).
+inline bool register_rows_eligible(const ForwardParams& args, int64_t elem_bytes) {
+  const auto aligned = [&](const RowMatrix& m) {
+    if (reinterpret_cast<uintptr_t>(m.data) % 16 != 0) return false;
+    for (int d = 0; d < m.layout.dims; ++d) {
+      if (m.layout.sizes[d] > 1 && m.layout.strides[d] * elem_bytes % 16 != 0) return false;
+    }
+    return true;
+  };
+  return !args.double_math && elem_bytes != 8 && args.student.dtype == args.teacher.dtype &&
+         args.vocab_parallel.phase == Phase::kFused && args.grad_teacher.data == nullptr && aligned(args.student) &&
+         aligned(args.teacher);
+}
+
+// Keeps the compiler from carrying values across it in registers: the raw
+// words are read from shared memory again after it, not kept from before.
+__device__ __forceinline__ void reload_barrier() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" ::: "memory");
+#endif
+}
+
+// Loads that will not be reused (evict-first) and stores of a gradient no
+// one reads back in this kernel.
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcs(p);
+#else
+  return *p;
+#endif
+}
+
+__device__ __forceinline__ void store_streaming(uint4* p, const uint4& v) {
+#if defined(__CUDA_ARCH__)
+  __stcs(p, v);
+#else
+  *p = v;
+#endif
+}
+
+// A 16-byte word of T values and the floats it holds.
+template <class T>
+struct Word {
+  static constexpr int kN = 16 / sizeof(T);
+  // w by value: a reference into shared memory became kN 2-byte loads.
+  static __device__ __forceinline__ void unpack(const uint4 w, float (&x)[kN]) {
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) x[k] = Elem<T>::template load<float>(e[k]);
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&x)[kN]) {
+    uint4 w;
+    T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) e[k] = Elem<T>::from(x[k]);
+    return w;
+  }
+  // max(m, the word's values), NaN left out as by fmaxf; 16-bit values two
+  // at a time in their own type (exact), with no unpacking.
+  static __device__ __forceinline__ float max_into(float m, const uint4 w) {
+    using O = math::Ops<float>;
+    if constexpr (sizeof(T) == 2) {
+      using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+      const T2* h = reinterpret_cast<const T2*>(&w);
+      const T2 top = __hmax2(__hmax2(h[0], h[1]), __hmax2(h[2], h[3]));
+      return O::max(m, O::max(__low2float(top), __high2float(top)));
+    } else {
+      float x[kN];
+      unpack(w, x);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) m = O::max(m, x[k]);
+      return m;
+    }
+  }
+  static __device__ __forceinline__ uint4 splat(float v) {
+    float x[kN];
+#pragma unroll
+    for (int k = 0; k < kN; ++k) x[k] = v;
+    return pack(x);
+  }
+};
+
+template <class T, math::Divergence D>
+__global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(const ForwardParams args) {
+  using A = float;
+  using O = math::Ops<A>;
+  using Lse = math::LogSumExp<A>;
+  using W = Word<T>;
+  constexpr int kVec = W::kN;
+  constexpr int kVecs = kRegisterRowEntries / kVec;
+  constexpr A kInf = std::numeric_limits<A>::infinity();
+  TODI_DYNAMIC_SHARED(raw_bytes);
+  TODI_SHARED_ARRAY(A, scratch, (D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp);
+  TODI_SHARED_ARRAY(A, slot_memory, 2 * kClusterSlot);
+  ClusterSlots<A> cluster_slots{slot_memory};
+
+  int parts = 1, rank = 0;
+#ifdef TODI_EXT_HAS_CLUSTERS
+  parts = static_cast<int>(cooperative_groups::this_cluster().num_blocks());
+  rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#endif
+  const int threads = static_cast<int>(blockDim.x);
+  const int tid = static_cast<int>(threadIdx.x);
+  // Row positions fit an int here (rows of <= 16 x 256 x 32 entries): 32-bit
+  // index arithmetic, where 64-bit divisions inlined long subroutines.
+  const int vocab = static_cast<int>(args.vocab);
+  const int full_vectors = vocab / kVec;
+  const int tail = vocab - full_vectors * kVec;  // entries of the partial last vector (0: none)
+  const int vectors = full_vectors + (tail > 0);
+  // Vector j of this thread: (j * parts + rank) * threads + tid, so every
+  // CTA of the cluster has a part of each of the kVecs strips of the row,
+  // and a warp reads 512 consecutive bytes.
+  const auto vector_index = [&](int j) { return (j * parts + rank) * threads + tid; };
+  // This thread's raw words: only it writes and reads them.
+  uint4* const raw = reinterpret_cast<uint4*>(raw_bytes);
+  const auto z_word = [&](int j) -> uint4& { return raw[j * threads + tid]; };
+  const auto s_word = [&](int j) -> uint4& { return raw[(kVecs + j) * threads + tid]; };
+
+  const A inv_t = static_cast<A>(*args.inv_temperature);
+  const double beta = *args.beta;
+  const bool scalars_ok = inv_t > A(0) && math::is_finite(inv_t) && math::is_finite(beta);
+  const bool hard = args.hard_weight != 0;
+  const bool unit_t = *args.inv_temperature == 1.0;
+  const bool need_z1 = hard && !unit_t;
+
+  auto row_sum = [&](auto& v) {
+    block_sum(v, scratch);
+#ifdef TODI_EXT_HAS_CLUSTERS
+    if (parts > 1) cluster_sum(v, cluster_slots);
+#endif
+  };
+  auto row_merge = [&](Lse& a, Lse& b) {
+    block_merge(a, b, scratch);
+#ifdef TODI_EXT_HAS_CLUSTERS
+    if (parts > 1) cluster_merge(a, b, cluster_slots);
+#endif
+  };
+  // f(j, k, x, y) for this thread's entries (word j, entry k), x and y from shared memory.
+  auto for_entries = [&](auto&& f) {
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+      A x[kVec], y[kVec];
+      W::unpack(z_word(j), x);
+      W::unpack(s_word(j), y);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) f(j, k, x[k], y[k]);
+    }
+  };
+
+  for (int64_t row = blockIdx.x / parts; row < args.rows; row += gridDim.x / parts) {
+    const T* z_row = static_cast<const T*>(args.student.data) + args.student.layout.row_offset(row);
+    const T* s_row = static_cast<const T*>(args.teacher.data) + args.teacher.layout.row_offset(row);
+    T* out = args.grad_student.data ? static_cast<T*>(args.grad_student.data) + row * args.vocab : nullptr;
+    const bool out_vectors = reinterpret_cast<uintptr_t>(out) % 16 == 0;  // else scalar stores
+    const bool writes_loss = rank == 0 && tid == 0;
+
+    // Writes this thread's entries of the gradient row: vector j (its
+    // entries before the row's end, where it is the partial last one).
+    const auto store_vector = [&](int j, const A (&g)[kVec]) {
+      const int v = vector_index(j);
+      if (out == nullptr || v >= vectors) return;
+      if (out_vectors && v < full_vectors) {
+        store_streaming(reinterpret_cast<uint4*>(out) + v, W::pack(g));
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          if (v * kVec + k < vocab) out[v * kVec + k] = Elem<T>::from(g[k]);
+        }
+      }
+    };
+    const auto fill_row = [&](A value) {
+      A g[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) g[k] = value;
+#pragma unroll
+      for (int j = 0; j < kVecs; ++j) store_vector(j, g);
+      if (writes_loss) static_cast<A*>(args.loss)[row] = value;
+    };
+
+    if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
+      fill_row(A(0));
+      continue;
+    }
+
+    // Load: every word of this thread in flight at once, the thread maxima of
+    // z and s (of x; / T after: 1/T > 0), the words to shared memory. Slots
+    // past the row hold -inf, which every sum leaves out.
+    A top_z = -kInf, top_s = -kInf;
+    {
+      uint4 zw[kVecs], sw[kVecs];
+      const uint4 empty = W::splat(-kInf);
+#pragma unroll
+      for (int j = 0; j < kVecs; ++j) {
+        const int v = vector_index(j);
+        const bool here = v < full_vectors;
+        zw[j] = here ? load_streaming(reinterpret_cast<const uint4*>(z_row) + v) : empty;
+        sw[j] = here ? load_streaming(reinterpret_cast<const uint4*>(s_row) + v) : empty;
+        if (v == full_vectors && tail > 0) {  // the partial last vector, entry by entry (exact: T -> float -> T)
+          A x[kVec], y[kVec];
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            x[k] = k < tail ? Elem<T>::template load<A>(z_row[v * kVec + k]) : -kInf;
+            y[k] = k < tail ? Elem<T>::template load<A>(s_row[v * kVec + k]) : -kInf;
+          }
+          zw[j] = W::pack(x);
+          sw[j] = W::pack(y);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kVecs; ++j) {
+        top_z = W::max_into(top_z, zw[j]);
+        top_s = W::max_into(top_s, sw[j]);
+        z_word(j) = zw[j];
+        s_word(j) = sw[j];
+      }
+    }
+    reload_barrier();
+
+    // Pass 1: the exponentials against the thread maxima, kept, and their sums.
+    const A max_z = O::mul_rn(top_z, inv_t), max_s = O::mul_rn(top_s, inv_t);
+    const A ref_z = max_z == -kInf ? A(0) : max_z;  // no entries: exp(-inf - 0) = 0, not NaN
+    const A ref_s = max_s == -kInf ? A(0) : max_s;
+    const A ref_z1 = top_z == -kInf ? A(0) : top_z;  // z's own (T = 1) for the cross-entropy
+    A ez[kVecs][kVec], es[kVecs][kVec];
+    Lse lse_z{max_z, A(0)}, lse_s{max_s, A(0)}, lse_z1{top_z, A(0)};
+    auto exponentials = [&](A x, A y, A& e_z, A& e_s) {
+      e_z = O::exp(O::mul_rn(x, inv_t) - ref_z);
+      e_s = O::exp(O::mul_rn(y, inv_t) - ref_s);
+      lse_z.sum += e_z;
+      lse_s.sum += e_s;
+      if (need_z1) lse_z1.sum += O::exp(x - ref_z1);
+    };
+    for_entries([&](int j, int k, A x, A y) { exponentials(x, y, ez[j][k], es[j][k]); });
+    Lse row_z = lse_z, row_s = lse_s, row_z1 = lse_z1;
+    row_merge(row_z, row_s);
+    if (need_z1) {
+      Lse unused;
+      row_merge(row_z1, unused);
+    }
+    const RowLse<A> lz{row_z.max, O::log(row_z.sum)}, ls{row_s.max, O::log(row_s.sum)};
+    const RowLse<A> lz1 = need_z1 ? RowLse<A>{row_z1.max, O::log(row_z1.sum)} : lz;
+
+    const int64_t label64 = hard ? args.labels[row] : 0;
+    const bool label_ok = !hard || (label64 >= 0 && label64 < vocab);  // not checked on the host: a sync
+    const int label = static_cast<int>(label64);
+    if (!scalars_ok || !label_ok || !math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum) ||
+        !math::is_finite(lz1.max + lz1.log_sum)) {
+      fill_row(std::numeric_limits<A>::quiet_NaN());
+      continue;
+    }
+    // p = e_s * f_s: the thread's max moved to the row's, and 1 / sum.
+    const A f_z = O::exp(max_z - row_z.max) * O::recip(row_z.sum);
+    const A f_s = O::exp(max_s - row_s.max) * O::recip(row_s.sum);
+
+    math::DivergenceParams prm = args.divergence_params;
+    prm.beta = beta;
+    if constexpr (D == math::Divergence::kAKL) {
+      auto walk = [&](auto&& f) {
+        for_entries([&](int, int, A x, A y) { f(int64_t(0), x, y); });
+      };
+      akl_row_weights(walk, row_sum, inv_t, lz, ls, prm);
+    }
+
+    // Pass 2: the terms; e_z becomes u = df/dlog q, e_s becomes q.
+    A sums[2] = {A(0), A(0)};  // loss, U
+    auto pass2 = [&](auto unit_beta) {
+      auto entry = [&](A z, A s, A& e_z, A& e_s) {
+        const A log_p = ls.log_prob(s, inv_t);
+        const A log_q = lz.log_prob(z, inv_t);
+        auto t = math::divergence_terms<D, decltype(unit_beta)::value>(log_p, log_q, e_s * f_s, e_z * f_z, prm);
+        // A +-inf logit (or a padding slot) makes |r| infinite or NaN: left out, as in the streamed kernel.
+        if (!(O::abs(log_p - log_q) < kInf)) {
+          t.loss = A(0);
+          t.u = A(0);
+        }
+        sums[0] += t.loss;
+        sums[1] += t.u;
+        e_z = t.u;
+        e_s = t.q;
+      };
+      for_entries([&](int j, int k, A x, A y) { entry(x, y, ez[j][k], es[j][k]); });
+    };
+    if (beta == 1.0) {
+      pass2(std::true_type{});
+    } else {
+      pass2(std::false_type{});
+    }
+    row_sum(sums);
+    if (writes_loss) {
+      A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
+      if (hard) {
+        const A z_label = Elem<T>::template load<A>(z_row[label]);
+        loss += static_cast<A>(args.hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
+      }
+      static_cast<A*>(args.loss)[row] = loss;
+    }
+    if (out == nullptr) continue;
+
+    // Pass 3: the gradient from registers, (u - q U) / T scaled (the
+    // subtraction first: u and q U can be ~1/T and agree to the last bits),
+    // plus the cross-entropy's softmax(z) - one-hot.
+    const A u_sum = sums[1];
+    const A grad_t = inv_t * (args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1)) *
+                     static_cast<A>(args.soft_label_weight());
+    const A hard_t = static_cast<A>(args.hard_label_weight()) *
+                     (args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1));
+    // The label's slot among this thread's entries (j * kVec + k), or -1.
+    int label_slot = -1;
+    if (hard) {
+      const int v = label / kVec, strip = v / threads;
+      if (tid == v % threads && rank == strip % parts) label_slot = strip / parts * kVec + label % kVec;
+    }
+    // mode 0: no cross-entropy; 1: at T = 1 (its softmax is q); 2: at T != 1 (exp from the raw logit).
+    auto pass3 = [&](auto mode) {
+      constexpr int kMode = decltype(mode)::value;
+      auto grad = [&](A u, A q, A z, int slot) {
+        A g = math::log_softmax_grad(u, q, u_sum, grad_t);
+        if constexpr (kMode == 1) g += hard_t * q;
+        if constexpr (kMode == 2) g += hard_t * O::exp((z - lz1.max) - lz1.log_sum);
+        if constexpr (kMode != 0) g -= slot == label_slot ? hard_t : A(0);
+        return g;
+      };
+#pragma unroll
+      for (int j = 0; j < kVecs; ++j) {
+        A x[kVec], g[kVec];
+        if constexpr (kMode == 2) W::unpack(z_word(j), x);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) g[k] = grad(ez[j][k], es[j][k], kMode == 2 ? x[k] : A(0), j * kVec + k);
+        store_vector(j, g);
+      }
+    };
+    if (!hard) {
+      pass3(std::integral_constant<int, 0>{});
+    } else if (unit_t) {
+      pass3(std::integral_constant<int, 1>{});
+    } else {
+      pass3(std::integral_constant<int, 2>{});
+    }
+  }
+#ifdef TODI_EXT_HAS_CLUSTERS
+  // No CTA may leave while another can still read its slots.
+  if (parts > 1) cooperative_groups::this_cluster().sync();
+#endif
+}
+
+}  // namespace todi_ext::cuda
