@@ -8,8 +8,9 @@
 #   3. the benchmark: N = 8192, V in {32000, 128256, 262144}, bf16 and fp32,
 #      todi_ext vs eager, torch.compile, Liger's JSD and the HBM floor,
 #   4. compute-sanitizer memcheck, then racecheck, on small cases of every
-#      kernel variant (after 5),
-#   5. the streamed kernel on the long rows (A/B against the cluster split),
+#      kernel (after 5),
+#   5. the register-row kernel against the streamed kernel and the floor
+#      (benchmarks/bench_kernels.py),
 #   6. vocab-parallel phases on one NCCL rank vs the fused kernel (ToDi, AKL),
 #   7. fused linear + distillation vs the materialised path and Liger,
 #   8. every divergence against eager (GPU_CHECK_DIVERGENCES=0 skips it).
@@ -81,27 +82,31 @@ stage bench "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench.py --device cuda 
 [ -f "$WORK/bench/bench-cuda.md" ] && cp "$WORK/bench/bench-cuda.md" "$OUT/" && cat "$WORK/bench/bench-cuda.md" >> "$WORK/summary.txt"
 pack
 
-# A/B: the long rows streamed from global memory instead of split over a cluster.
-TODI_EXT_CUDA_SPLIT_ROWS=0 stage bench-streamed "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench.py --device cuda \
-  --dtype bfloat16 float32 --out "$WORK/bench-streamed" --no-plots --repeats "${GPU_CHECK_REPEATS:-10}" \
-  --impl todi_ext --shapes 8192x128256 8192x262144
-[ -f "$WORK/bench-streamed/bench-cuda.md" ] && grep "todi_ext" "$WORK/bench-streamed/bench-cuda.md" >> "$WORK/summary.txt"
+# A/B: the register-row kernel (aligned rows) against the streamed kernel (rows one element off) and the floor.
+stage bench-kernels "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench_kernels.py --out "$WORK/bench-kernels" \
+  --repeats "${GPU_CHECK_REPEATS:-10}"
+[ -f "$WORK/bench-kernels/kernels-cuda.md" ] && cp "$WORK/bench-kernels/kernels-cuda.md" "$OUT/" && \
+  cat "$WORK/bench-kernels/kernels-cuda.md" >> "$WORK/summary.txt"
 pack
 
-# Small cases of every kernel variant: row-cached (V=1000 and bf16 V=3001), split over a cluster (bf16 V=70001
-# at an odd offset), the generic mixed-dtype kernel, scale_grad (reduction "none"); ToDi and AKL (extra passes).
+# Small cases of every kernel: register rows in one CTA (V=1000, fp32 and bf16 V=3001 with a partial last
+# word), over a cluster of 16 (bf16 V=70001), streamed (the same rows one element off, the teacher's gradient
+# too), the generic mixed-dtype kernel, scale_grad (reduction "none"); ToDi and AKL (extra passes).
 cat > "$WORK/sanitize_cases.py" <<'PYEOF'
 import sys, torch, todi_ext
-cases = [((7, 1000), torch.float32, torch.float32, slice(None)), ((5, 3001), torch.bfloat16, torch.bfloat16, slice(None)),
-         ((5, 70001), torch.bfloat16, torch.bfloat16, slice(1, None))]
+cases = [((7, 1000), torch.float32, torch.float32), ((5, 3001), torch.bfloat16, torch.bfloat16),
+         ((5, 70001), torch.bfloat16, torch.bfloat16)]
 if sys.argv[1] == "memcheck":
-    cases += [((3, 4097), torch.bfloat16, torch.float32, slice(None))]
-for shape, dt_s, dt_t, sl in cases:
-    z = (torch.randn(shape, device="cuda") * 3).to(dt_s)[:, sl].requires_grad_()
-    s = (torch.randn(shape, device="cuda") * 3).to(dt_t)[:, sl].requires_grad_()
-    labels = torch.randint(0, 10, shape[:1], device="cuda"); labels[0] = -100
-    for divergence in ("todi", "akl"):
-        todi_ext.distill_loss(z, s, labels, divergence=divergence, temperature=2.0, reduction="none").sum().backward()
+    cases += [((3, 4097), torch.bfloat16, torch.float32)]
+for shape, dt_s, dt_t in cases:
+    for offset, teacher_grad in ((0, False), (1, True)):
+        n, v = shape
+        z = (torch.randn(n, v + 8, device="cuda") * 3).to(dt_s)[:, offset:offset + v].detach().requires_grad_()
+        s = (torch.randn(n, v + 8, device="cuda") * 3).to(dt_t)[:, offset:offset + v].detach().requires_grad_(teacher_grad)
+        labels = torch.randint(0, 10, (n,), device="cuda"); labels[0] = -100
+        for divergence in ("todi", "akl"):
+            todi_ext.distill_loss(z, s, labels, divergence=divergence, temperature=2.0, reduction="none",
+                                  hard_label_weight=0.5, soft_label_weight=0.5).sum().backward()
 torch.cuda.synchronize()
 print("sanitizer cases ran")
 PYEOF

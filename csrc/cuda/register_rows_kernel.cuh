@@ -32,6 +32,7 @@ namespace todi_ext::cuda {
 constexpr int kRegisterRowEntries = 32;
 constexpr int kRegisterRowThreads = 256;
 constexpr int kRegisterRowMaxParts = 16;  // above the portable 8: allowed per kernel on sm_90
+static_assert(kRegisterRowMaxParts <= kWarp, "cluster reductions read one rank per lane");
 
 // Dynamic shared memory of a CTA: both rows' raw words.
 inline size_t register_row_smem(int threads, int64_t elem_bytes) {
@@ -104,6 +105,62 @@ __device__ __forceinline__ void store_streaming(uint4* p, const uint4& v) {
 #endif
 }
 
+// A (max, sum) log-sum-exp state of x / T in logit units: max is the
+// largest logit x itself and sum adds 2^((x - max) k2), k2 = log2(e) / T.
+// x - max is exact for 16-bit logits (one rounding for float32) and the max
+// entry's term exactly 1; forming x / T first would add an error of
+// ~eps |x / T| to every exponent (and take one more instruction).
+struct ScaledLse {
+  float max = -std::numeric_limits<float>::infinity();
+  float sum = 0.f;
+  float k2 = 0.f;
+
+  __device__ void merge(float other_max, float other_sum) {  // as math::LogSumExp::merge
+    using O = math::Ops<float>;
+    if (other_max == -std::numeric_limits<float>::infinity()) {
+      sum += other_sum * 0.f;  // a NaN sum still reaches the row
+      return;
+    }
+    if (other_max > max) {
+      sum = sum * O::exp2((max - other_max) * k2) + other_sum;
+      max = other_max;
+    } else {
+      sum = sum + other_sum * O::exp2((other_max - max) * k2);
+    }
+  }
+  __device__ ScaledLse identity() const { return {-std::numeric_limits<float>::infinity(), 0.f, k2}; }
+};
+
+// 2^(d k) for d = x - m (exact: 16-bit logits; one rounding for float32) and
+// k = log2(e) / T held as hi + lo: ex2 of the rounded product d hi, times
+// 1 + ln(2) (its rounding error + d lo). The exponent is then good to
+// ~2^-48 |d k| instead of ~2^-24 |d k|: an entry 100 below the max gets its
+// exponential to ~1e-7 instead of ~1e-5, and those tiny entries decide the
+// gradient of saturated rows (SKL at logit scale 40: 9x the eager float32
+// error without it, in the host emulation). 5 instructions more than ex2 alone.
+struct Exp2Scaled {
+  float hi, lo;
+  __device__ Exp2Scaled(float inv_t) {
+    hi = inv_t * math::kLog2e<float>;
+    lo = fmaf(inv_t, math::kLog2e<float>, -hi) + inv_t * float(1.4426950408889634 - double(math::kLog2e<float>));
+  }
+  __device__ float operator()(float d) const {
+    const float a = d * hi;
+    // The rounding error of a, and d lo; a -inf d makes it NaN: fmaxf's
+    // maximum drops a NaN (the exponential is 0 there; a NaN d stays NaN in e).
+    const float c = fmaxf(fmaf(d, lo, fmaf(d, hi, -a)), -1.f);
+    const float e = math::Ops<float>::exp2(a);
+    return fmaf(e * 0.6931471805599453f, c, e);
+  }
+};
+
+// A row's log-sum-exp in the same units: log q = (x - max) / T - log_sum,
+// one FMA (fmaf on the host too: the emulation rounds the same way).
+struct RawRowLse {
+  float max, log_sum;
+  __device__ float log_prob(float x, float inv_t) const { return fmaf(x - max, inv_t, -log_sum); }
+};
+
 // A 16-byte word of T values and the floats it holds.
 template <class T>
 struct Word {
@@ -150,7 +207,6 @@ template <class T, math::Divergence D>
 __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(const ForwardParams args) {
   using A = float;
   using O = math::Ops<A>;
-  using Lse = math::LogSumExp<A>;
   using W = Word<T>;
   constexpr int kVec = W::kN;
   constexpr int kVecs = kRegisterRowEntries / kVec;
@@ -195,7 +251,7 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     if (parts > 1) cluster_sum(v, cluster_slots);
 #endif
   };
-  auto row_merge = [&](Lse& a, Lse& b) {
+  auto row_merge = [&](ScaledLse& a, ScaledLse& b) {
     block_merge(a, b, scratch);
 #ifdef TODI_EXT_HAS_CLUSTERS
     if (parts > 1) cluster_merge(a, b, cluster_slots);
@@ -283,28 +339,28 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     reload_barrier();
 
     // Pass 1: the exponentials against the thread maxima, kept, and their sums.
-    const A max_z = O::mul_rn(top_z, inv_t), max_s = O::mul_rn(top_s, inv_t);
-    const A ref_z = max_z == -kInf ? A(0) : max_z;  // no entries: exp(-inf - 0) = 0, not NaN
-    const A ref_s = max_s == -kInf ? A(0) : max_s;
-    const A ref_z1 = top_z == -kInf ? A(0) : top_z;  // z's own (T = 1) for the cross-entropy
+    const A ref_z = top_z == -kInf ? A(0) : top_z;  // no entries: 2^(-inf - 0) = 0, not NaN
+    const A ref_s = top_s == -kInf ? A(0) : top_s;
+    const Exp2Scaled exp2_scaled(inv_t), exp2_unscaled(A(1));
+    const A k2 = exp2_scaled.hi;
     A ez[kVecs][kVec], es[kVecs][kVec];
-    Lse lse_z{max_z, A(0)}, lse_s{max_s, A(0)}, lse_z1{top_z, A(0)};
+    ScaledLse lse_z{top_z, A(0), k2}, lse_s{top_s, A(0), k2}, lse_z1{top_z, A(0), math::kLog2e<A>};
     auto exponentials = [&](A x, A y, A& e_z, A& e_s) {
-      e_z = O::exp(O::mul_rn(x, inv_t) - ref_z);
-      e_s = O::exp(O::mul_rn(y, inv_t) - ref_s);
+      e_z = exp2_scaled(x - ref_z);
+      e_s = exp2_scaled(y - ref_s);
       lse_z.sum += e_z;
       lse_s.sum += e_s;
-      if (need_z1) lse_z1.sum += O::exp(x - ref_z1);
+      if (need_z1) lse_z1.sum += exp2_unscaled(x - ref_z);  // z's own (T = 1), for the cross-entropy
     };
     for_entries([&](int j, int k, A x, A y) { exponentials(x, y, ez[j][k], es[j][k]); });
-    Lse row_z = lse_z, row_s = lse_s, row_z1 = lse_z1;
+    ScaledLse row_z = lse_z, row_s = lse_s, row_z1 = lse_z1;
     row_merge(row_z, row_s);
     if (need_z1) {
-      Lse unused;
+      ScaledLse unused = row_z1.identity();
       row_merge(row_z1, unused);
     }
-    const RowLse<A> lz{row_z.max, O::log(row_z.sum)}, ls{row_s.max, O::log(row_s.sum)};
-    const RowLse<A> lz1 = need_z1 ? RowLse<A>{row_z1.max, O::log(row_z1.sum)} : lz;
+    const RawRowLse lz{row_z.max, O::log(row_z.sum)}, ls{row_s.max, O::log(row_s.sum)};
+    const RawRowLse lz1 = need_z1 ? RawRowLse{row_z1.max, O::log(row_z1.sum)} : lz;
 
     const int64_t label64 = hard ? args.labels[row] : 0;
     const bool label_ok = !hard || (label64 >= 0 && label64 < vocab);  // not checked on the host: a sync
@@ -315,8 +371,8 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
       continue;
     }
     // p = e_s * f_s: the thread's max moved to the row's, and 1 / sum.
-    const A f_z = O::exp(max_z - row_z.max) * O::recip(row_z.sum);
-    const A f_s = O::exp(max_s - row_s.max) * O::recip(row_s.sum);
+    const A f_z = exp2_scaled(ref_z - row_z.max) * O::recip(row_z.sum);
+    const A f_s = exp2_scaled(ref_s - row_s.max) * O::recip(row_s.sum);
 
     math::DivergenceParams prm = args.divergence_params;
     prm.beta = beta;
@@ -326,6 +382,18 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
       };
       akl_row_weights(walk, row_sum, inv_t, lz, ls, prm);
     }
+
+    // The peak: where the student's largest probability 1 / sum exceeds 3/4
+    // (so one entry, the row's max logit), its gradient (u - q U) / T is a
+    // cancellation - u and q U agree but for ~eps |u| - that decided the
+    // whole error of saturated rows (TVD, JS at logit scale 40) and lost the
+    // entry at T <= 1e-8. It is formed as (u Q' - q U') / T instead, Q' and
+    // U' summed over the other entries (as on the CPU: docs/accuracy.md).
+    // Only the thread holding the row max sees the entry; the others' sums
+    // are over other entries already. The peak's q is f_z: its exponential
+    // is 2^0.
+    const bool peak_row = row_z.sum < A(4) / A(3);
+    const bool holds_peak = peak_row && ref_z == row_z.max;
 
     // Pass 2: the terms; e_z becomes u = df/dlog q, e_s becomes q.
     A sums[2] = {A(0), A(0)};  // loss, U
@@ -351,7 +419,40 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     } else {
       pass2(std::false_type{});
     }
-    row_sum(sums);
+    // The slot (j * kVec + k) of the entry whose logit is the row max, in the thread that holds it.
+    const auto peak_slot = [&] {
+      int slot = 0;
+      for_entries([&](int j, int k, A x, A) { slot = x == lz.max ? j * kVec + k : slot; });
+      return slot;
+    };
+    A rest[2] = {A(0), A(0)};  // over the other entries: sum q; and the peak's u
+    if (peak_row) {
+      // A thread's sum of q: its pass-1 sum times f_z; the holder's U and sum
+      // of q again from its registers, without the peak (one thread of a row).
+      A thread_q = lse_z.sum * f_z, peak_u = A(0);
+      if (holds_peak) {
+        const int slot = peak_slot();
+        sums[1] = thread_q = A(0);
+#pragma unroll
+        for (int j = 0; j < kVecs; ++j) {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const bool peak = j * kVec + k == slot;
+            sums[1] += peak ? A(0) : ez[j][k];
+            thread_q += peak ? A(0) : es[j][k];
+            peak_u += peak ? ez[j][k] : A(0);
+          }
+        }
+      }
+      A parts4[4] = {sums[0], sums[1], thread_q, peak_u};
+      row_sum(parts4);
+      sums[0] = parts4[0];
+      sums[1] = parts4[1];
+      rest[0] = parts4[2];
+      rest[1] = parts4[3];
+    } else {
+      row_sum(sums);
+    }
     if (writes_loss) {
       A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
       if (hard) {
@@ -365,7 +466,7 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     // Pass 3: the gradient from registers, (u - q U) / T scaled (the
     // subtraction first: u and q U can be ~1/T and agree to the last bits),
     // plus the cross-entropy's softmax(z) - one-hot.
-    const A u_sum = sums[1];
+    const A u_sum = sums[1] + rest[1];
     const A grad_t = inv_t * (args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1)) *
                      static_cast<A>(args.soft_label_weight());
     const A hard_t = static_cast<A>(args.hard_label_weight()) *
@@ -382,7 +483,7 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
       auto grad = [&](A u, A q, A z, int slot) {
         A g = math::log_softmax_grad(u, q, u_sum, grad_t);
         if constexpr (kMode == 1) g += hard_t * q;
-        if constexpr (kMode == 2) g += hard_t * O::exp((z - lz1.max) - lz1.log_sum);
+        if constexpr (kMode == 2) g += hard_t * O::exp(lz1.log_prob(z, A(1)));
         if constexpr (kMode != 0) g -= slot == label_slot ? hard_t : A(0);
         return g;
       };
@@ -401,6 +502,13 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
       pass3(std::integral_constant<int, 1>{});
     } else {
       pass3(std::integral_constant<int, 2>{});
+    }
+    if (holds_peak) {  // the peak's gradient, over the one pass 3 wrote
+      const int slot = peak_slot();
+      A g = (rest[1] * rest[0] - f_z * sums[1]) * grad_t;  // rest[1]: the peak's u, summed with zeros
+      if (hard) g += hard_t * (unit_t ? f_z : O::exp(lz1.log_prob(lz.max, A(1))));
+      if (hard && slot == label_slot) g -= hard_t;
+      out[vector_index(slot / kVec) * kVec + slot % kVec] = Elem<T>::from(g);
     }
   }
 #ifdef TODI_EXT_HAS_CLUSTERS

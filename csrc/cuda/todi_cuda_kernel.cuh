@@ -149,7 +149,7 @@ __device__ __forceinline__ void block_merge(L& a, L& b, A* scratch) {
     scratch[3 * kWarp + warp] = b.sum;
   }
   __syncthreads();
-  L wa, wb;
+  L wa = a.identity(), wb = b.identity();  // empty states (of a's kind: a scaled one keeps its scale)
   if (lane < warps) {
     wa.merge(scratch[lane], scratch[kWarp + lane]);
     wb.merge(scratch[2 * kWarp + lane], scratch[3 * kWarp + lane]);
@@ -284,14 +284,16 @@ __device__ __forceinline__ bool left_out(A z, A s) {
 // walk computes the probability with the one expression below, so an entry
 // is compared consistently. `walk(f)` calls f(i, z, s) for this thread's
 // entries.
-template <class A>
-__device__ __forceinline__ A akl_teacher_prob(A s, A inv_t, const RowLse<A>& ls) {
+// R: the row's log-sum-exp with log_prob(x, inv_t) (RowLse, or the
+// register-row kernel's RawRowLse).
+template <class A, class R>
+__device__ __forceinline__ A akl_teacher_prob(A s, A inv_t, const R& ls) {
   return math::Ops<A>::exp(ls.log_prob(s, inv_t));
 }
 
 // One walk: this thread's sums of p at the search's thresholds.
-template <class A, class Walk>
-__device__ void akl_walk_sums(Walk&& walk, A inv_t, const RowLse<A>& ls, const math::AklTailSearch<A>& search,
+template <class A, class R, class Walk>
+__device__ void akl_walk_sums(Walk&& walk, A inv_t, const R& ls, const math::AklTailSearch<A>& search,
                               A (&sums)[math::kAklCandidates]) {
   A thresholds[math::kAklCandidates];
 #pragma unroll
@@ -308,8 +310,8 @@ __device__ void akl_walk_sums(Walk&& walk, A inv_t, const RowLse<A>& ls, const m
 }
 
 // This thread's g_head (g[0]) and g_tail (g[1]) at the split.
-template <class A, class Walk>
-__device__ void akl_gap_sums(Walk&& walk, A inv_t, const RowLse<A>& lz, const RowLse<A>& ls, A tail_max, A (&g)[2]) {
+template <class A, class R, class Walk>
+__device__ void akl_gap_sums(Walk&& walk, A inv_t, const R& lz, const R& ls, A tail_max, A (&g)[2]) {
   g[0] = g[1] = A(0);
   walk([&](int64_t, A z, A s) {
     if (left_out(z, s)) return;
@@ -320,8 +322,8 @@ __device__ void akl_gap_sums(Walk&& walk, A inv_t, const RowLse<A>& lz, const Ro
   });
 }
 
-template <class A, class Walk, class RowSum>
-__device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, const RowLse<A>& lz, const RowLse<A>& ls,
+template <class A, class R, class Walk, class RowSum>
+__device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, const R& lz, const R& ls,
                                 math::DivergenceParams& prm) {
   math::AklTailSearch<A> search;
   const A mu = static_cast<A>(prm.akl_mu);
@@ -340,12 +342,13 @@ __device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, const Ro
 // ------------------------------------------------------------------ kernels
 // ------------------------------------------------------------------ clusters
 // Row reductions over a thread-block cluster, through distributed shared
-// memory (sm_90; the register-row kernel). Each block
-// publishes its block-level values in a slot, one cluster barrier, then every
-// thread combines the slots of ranks 0, 1, ... in that order: every block
-// gets bitwise the same totals. Two slot sets used in turn: a block rewrites
-// a set only after the next barrier, which every block reaches only once it
-// has read that set.
+// memory (sm_90; the register-row kernel). Each block publishes its
+// block-level values in a slot, one cluster barrier, then in every warp lane
+// r reads rank r's slot and the warp combines the lanes in its fixed
+// shuffle tree: every block gets bitwise the same totals, for ~6
+// instructions a value instead of one load and add per rank. Two slot sets
+// used in turn: a block rewrites a set only after the next barrier, which
+// every block reaches only once it has read that set.
 constexpr int kClusterSlot = 16;  // values per slot (AKL's 15 sums at most)
 
 template <class A>
@@ -373,15 +376,13 @@ __device__ __forceinline__ void cluster_sum(A (&v)[kN], ClusterSlots<A>& slots) 
     for (int k = 0; k < kN; ++k) mine[k] = v[k];
   }
   cluster.sync();
+  const unsigned lane = threadIdx.x % kWarp;
+  const A* theirs = lane < cluster.num_blocks() ? cluster.map_shared_rank(mine, lane) : nullptr;
 #pragma unroll
-  for (int k = 0; k < kN; ++k) v[k] = A(0);
-  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
-    const A* theirs = cluster.map_shared_rank(mine, r);
-#pragma unroll
-    for (int k = 0; k < kN; ++k) v[k] += theirs[k];
-  }
+  for (int k = 0; k < kN; ++k) v[k] = warp_sum(theirs ? theirs[k] : A(0));
 }
 
+// a, b: block states, the same in every thread (block_merge); afterwards the cluster's.
 template <class A, class L>
 __device__ __forceinline__ void cluster_merge(L& a, L& b, ClusterSlots<A>& slots) {
   namespace cg = cooperative_groups;
@@ -394,12 +395,15 @@ __device__ __forceinline__ void cluster_merge(L& a, L& b, ClusterSlots<A>& slots
     mine[3] = b.sum;
   }
   cluster.sync();
-  L ta, tb;
-  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
-    const A* theirs = cluster.map_shared_rank(mine, r);
+  const unsigned lane = threadIdx.x % kWarp;
+  L ta = a.identity(), tb = b.identity();
+  if (lane < cluster.num_blocks()) {
+    const A* theirs = cluster.map_shared_rank(mine, lane);
     ta.merge(theirs[0], theirs[1]);
     tb.merge(theirs[2], theirs[3]);
   }
+  warp_merge(ta);
+  warp_merge(tb);
   a = ta;
   b = tb;
 }

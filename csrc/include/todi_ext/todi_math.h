@@ -30,6 +30,9 @@
 
 namespace todi_ext::math {
 
+template <class F>
+constexpr F kLog2e = F(1.4426950408889634);  // log2(e)
+
 // Elementwise functions a value type must provide. Scalars are defined here;
 // a backend adds specializations for its vector types.
 template <class F>
@@ -42,11 +45,19 @@ struct Ops;
 // The extra rounding of x * log2(e) is no larger than the rounding x itself
 // already carries (x = log p = (logit / T - max) - log sum). Host code keeps
 // the libm functions.
-TODI_HOST_DEVICE float fast_exp(float x) {
+TODI_HOST_DEVICE float fast_exp2(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  return ::exp2f(x);
+#endif
+}
+
+TODI_HOST_DEVICE float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return fast_exp2(x * kLog2e<float>);
 #else
   return ::expf(x);
 #endif
@@ -85,6 +96,7 @@ TODI_HOST_DEVICE double rounded_product(double a, double b) {
 template <>
 struct Ops<float> {
   static TODI_HOST_DEVICE float exp(float x) { return fast_exp(x); }
+  static TODI_HOST_DEVICE float exp2(float x) { return fast_exp2(x); }
   static TODI_HOST_DEVICE float mul_rn(float a, float b) { return rounded_product(a, b); }
   static TODI_HOST_DEVICE float recip(float x) { return fast_recip(x); }
   static TODI_HOST_DEVICE float log(float x) { return ::logf(x); }
@@ -98,6 +110,7 @@ struct Ops<float> {
 template <>
 struct Ops<double> {
   static TODI_HOST_DEVICE double exp(double x) { return ::exp(x); }
+  static TODI_HOST_DEVICE double exp2(double x) { return ::exp2(x); }
   static TODI_HOST_DEVICE double mul_rn(double a, double b) { return rounded_product(a, b); }
   static TODI_HOST_DEVICE double recip(double x) { return 1.0 / x; }
   static TODI_HOST_DEVICE double log(double x) { return ::log(x); }
@@ -355,6 +368,7 @@ struct LogSumExp {
     }
   }
   // The log-sum-exp is max + log(sum); the kernels keep the two apart.
+  TODI_HOST_DEVICE LogSumExp identity() const { return {}; }  // the empty state (merges leave others unchanged)
 };
 
 template <class T>
