@@ -365,6 +365,48 @@ def test_register_rows_are_as_accurate_as_the_best_float32_formulation(harness, 
     assert grad_err <= 4 * best_grad_err + 1e-6 * float(zd.grad.norm()), (grad_err, best_grad_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("divergence", ["todi", "akl"])
+def test_register_rows_take_finfo_min_masks_as_minus_infinity(harness, divergence, temperature, dtype):
+    # Hugging Face masks with finfo(dtype).min: (x - max) log2(e) / T then
+    # overflows to -inf, and the exponent's rounding correction to +inf/NaN;
+    # the entry must drop out as a -inf one does (the cross-entropy at T != 1
+    # takes the same path at T = 1).
+    z, s = make_logits((3, 504), dtype), make_logits((3, 504), dtype, seed=1)
+    masked = torch.zeros(504, dtype=torch.bool)
+    masked[::7] = True
+    labels = torch.tensor([1, 2, 3])
+    results = []
+    for fill in (torch.finfo(dtype).min, float("-inf")):
+        loss, grad, _ = host_forward(harness, z.masked_fill(masked, fill), s.masked_fill(masked, fill), labels,
+                                     divergence, "registers", 1, temperature=temperature, hard_label_weight=0.5,
+                                     soft_label_weight=0.5)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        results.append((loss, grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-6, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-9)
+
+
+def test_register_rows_with_threads_past_the_row_and_log_probability_inputs(harness):
+    # V = 100 float32 in 32 threads: threads 25-31 hold no entry (their
+    # maxima -inf, reference 0). Log-probability rows have their max at
+    # exactly 0 and (the teacher's, shifted) far below it: a thread with no
+    # entry must neither claim the student's peak (its max "equals" 0) nor
+    # scale by 2^((0 - max) / T) (overflow: NaN gradients).
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 100, generator=g) * 2 - 8
+    z[:, 17] = 0.0  # the peak, probability > 3/4
+    s = torch.log_softmax(torch.randn(4, 100, generator=g) * 3, -1) - 100
+    for divergence in ("todi", "tvd"):
+        loss, grad, _ = host_forward(harness, z, s, None, divergence, "registers", 1, threads=32, temperature=1.0)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        zd = z.double().requires_grad_()
+        ref = reference.distill_loss(zd, s.double(), divergence=divergence, temperature=1.0, reduction="none")
+        ref.sum().backward()
+        assert_matches((loss, grad, torch.empty(0)), (ref.detach(), zd.grad, None), torch.float32)
+
+
 @pytest.mark.parametrize("temperature", [1e-8, 1e-10, 1e-12])
 @pytest.mark.parametrize("divergence", ["todi", "akl", "fkl"])
 def test_register_rows_keep_the_peak_entry_at_tiny_temperatures(harness, divergence, temperature):

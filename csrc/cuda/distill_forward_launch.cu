@@ -34,7 +34,14 @@ bool launch_register_rows(const ForwardParams& args, int device, cudaStream_t st
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = shape.parts > 1 ? 1 : 0;
-  if (shape.parts > 1 && !cluster_launchable<kernel>(device, config, shape.parts)) return false;
+  if (shape.parts > 1) {
+    // Asked once per cluster size, for the largest CTA it can have (256
+    // threads, their shared memory): a yes then holds for every row length.
+    cudaLaunchConfig_t largest = config;
+    largest.blockDim = dim3(kRegisterRowThreads);
+    largest.dynamicSmemBytes = register_row_smem(kRegisterRowThreads, sizeof(T));
+    if (!cluster_launchable<kernel>(device, largest, shape.parts)) return false;
+  }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
   return true;
 }

@@ -56,8 +56,12 @@ bool cluster_launchable(int device, const cudaLaunchConfig_t& config, int parts)
   if (entry.load() == 0) {
     int major = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    // The kernel's own code must have clusters too: a build with PTX for
+    // sm_8x only, JIT-compiled on sm_90, has them compiled out.
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, Kernel));
     int clusters = 0;
-    if (major >= 9) {
+    if (major >= 9 && attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90) {
       if (parts > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       if (cudaOccupancyMaxActiveClusters(&clusters, Kernel, &config) != cudaSuccess) {
         (void)cudaGetLastError();  // not launchable this way: clear the error, stream instead

@@ -1,23 +1,22 @@
 // The register-row kernel (kernel v2): each logit is read from memory once.
 // A row pair is split over a thread-block cluster (1-16 CTAs, sized by the
-// vocabulary: register_row_shape); every thread holds its 32 entries (16
-// for float32) of both rows in registers, as loaded and as exponentials, from pass 1 to the
-// gradient store:
-//   pass 1  thread maxima, e = exp(x / T - thread max) kept, thread sums;
+// vocabulary: register_row_shape); every thread owns 32 entries of both
+// rows: their raw 16-byte words wait in shared memory, their exponentials
+// stay in registers from pass 1 to the gradient store:
+//   load    every word in flight at once, thread maxima, words to shared memory
+//   pass 1  e = 2^((x - m) log2(e) / T) against the thread max m, kept; sums;
 //           one (max, sum) merge over the CTA and the cluster
-//   pass 2  p = e_s f_s, q = e_z f_z (f folds the thread's max into the row's
-//           and 1/sum: no exp); r from the logits and the two log-sums (the
-//           accuracy formulation of todi_cuda_kernel.cuh); the divergence's
-//           terms (math::divergence_terms: ToDi at beta = 1 one reciprocal);
-//           the gradient's two parts overwrite e; one (loss, U) row sum
-//   pass 3  g = w - q' U from registers, 16-byte streaming stores.
-// So ToDi costs 3 MUFU per entry (2 exps, 1 reciprocal) instead of ~10, and
-// HBM sees each input once and the gradient once. The rows that do not fit
-// (longer than 16 x 256 x 32 entries, 16 x 256 x 16 for float32; not 16-byte aligned, a teacher
-// gradient, float64, mixed dtypes, the vocabulary-parallel phases) take the
-// streamed kernel of todi_cuda_kernel.cuh. Reductions run in a fixed order
-// (CTA: shuffles, then one warp; cluster: ranks 0, 1, ... over distributed
-// shared memory): the same inputs give bitwise the same outputs.
+//   pass 2  p = e_s f_s, q = e_z f_z (f: the thread's max moved to the row's,
+//           and 1 / sum: no exp); log p, log q from the raw words and the
+//           log-sums; the divergence's terms (math::divergence_terms; ToDi at
+//           beta = 1 one reciprocal); e becomes u and q; one (loss, U) row sum
+//   pass 3  g = (u - q U) / T from registers, 16-byte streaming stores.
+// So ToDi costs 3 MUFU per entry instead of ~10, and HBM sees each input
+// once and the gradient once. What it does not serve (rows longer than
+// 16 x 256 x 32 entries or not 16-byte aligned, a teacher gradient, float64,
+// mixed dtypes, the vocabulary-parallel phases) takes the streamed kernel of
+// todi_cuda_kernel.cuh. Reductions run in a fixed order: the same inputs
+// give bitwise the same outputs.
 #pragma once
 
 #include "todi_cuda_kernel.cuh"
@@ -146,9 +145,10 @@ struct Exp2Scaled {
   }
   __device__ float operator()(float d) const {
     const float a = d * hi;
-    // The rounding error of a, and d lo; a -inf d makes it NaN: fmaxf's
-    // maximum drops a NaN (the exponential is 0 there; a NaN d stays NaN in e).
-    const float c = fmaxf(fmaf(d, lo, fmaf(d, hi, -a)), -1.f);
+    // The rounding error of a, and d lo. d <= 0 (or NaN): a -inf d, or one
+    // whose d hi overflows (finfo.min masks), makes it NaN or +inf, where the
+    // exponential is 0: fminf drops a NaN. A NaN d stays NaN in e.
+    const float c = fminf(fmaf(d, lo, fmaf(d, hi, -a)), 1.f);
     const float e = math::Ops<float>::exp2(a);
     return fmaf(e * 0.6931471805599453f, c, e);
   }
@@ -339,8 +339,9 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     reload_barrier();
 
     // Pass 1: the exponentials against the thread maxima, kept, and their sums.
-    const A ref_z = top_z == -kInf ? A(0) : top_z;  // no entries: 2^(-inf - 0) = 0, not NaN
-    const A ref_s = top_s == -kInf ? A(0) : top_s;
+    const bool none_z = top_z == -kInf, none_s = top_s == -kInf;  // no finite entry in this thread
+    const A ref_z = none_z ? A(0) : top_z;  // 2^(-inf - 0) = 0, not NaN
+    const A ref_s = none_s ? A(0) : top_s;
     const Exp2Scaled exp2_scaled(inv_t), exp2_unscaled(A(1));
     const A k2 = exp2_scaled.hi;
     A ez[kVecs][kVec], es[kVecs][kVec];
@@ -371,8 +372,11 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
       continue;
     }
     // p = e_s * f_s: the thread's max moved to the row's, and 1 / sum.
-    const A f_z = exp2_scaled(ref_z - row_z.max) * O::recip(row_z.sum);
-    const A f_s = exp2_scaled(ref_s - row_s.max) * O::recip(row_s.sum);
+    // A thread with no finite entry has e = 0 everywhere and ref 0, which may
+    // lie above the row max: its exponent is clamped to 0 (2^(0 - max) can
+    // overflow, and 0 * inf is NaN).
+    const A f_z = exp2_scaled(O::min(ref_z - row_z.max, A(0))) * O::recip(row_z.sum);
+    const A f_s = exp2_scaled(O::min(ref_s - row_s.max, A(0))) * O::recip(row_s.sum);
 
     math::DivergenceParams prm = args.divergence_params;
     prm.beta = beta;
@@ -393,7 +397,7 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     // are over other entries already. The peak's q is f_z: its exponential
     // is 2^0.
     const bool peak_row = row_z.sum < A(4) / A(3);
-    const bool holds_peak = peak_row && ref_z == row_z.max;
+    const bool holds_peak = peak_row && !none_z && ref_z == row_z.max;
 
     // Pass 2: the terms; e_z becomes u = df/dlog q, e_s becomes q.
     A sums[2] = {A(0), A(0)};  // loss, U
@@ -420,8 +424,8 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
       pass2(std::false_type{});
     }
     // The slot (j * kVec + k) of the entry whose logit is the row max, in the thread that holds it.
-    const auto peak_slot = [&] {
-      int slot = 0;
+    const auto peak_slot = [&] {  // -1: none (cannot happen where holds_peak: the max is this thread's)
+      int slot = -1;
       for_entries([&](int j, int k, A x, A) { slot = x == lz.max ? j * kVec + k : slot; });
       return slot;
     };
@@ -508,7 +512,7 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
       A g = (rest[1] * rest[0] - f_z * sums[1]) * grad_t;  // rest[1]: the peak's u, summed with zeros
       if (hard) g += hard_t * (unit_t ? f_z : O::exp(lz1.log_prob(lz.max, A(1))));
       if (hard && slot == label_slot) g -= hard_t;
-      out[vector_index(slot / kVec) * kVec + slot % kVec] = Elem<T>::from(g);
+      if (slot >= 0) out[vector_index(slot / kVec) * kVec + slot % kVec] = Elem<T>::from(g);
     }
   }
 #ifdef TODI_EXT_HAS_CLUSTERS
