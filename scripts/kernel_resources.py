@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIVERGENCES = ["todi", "fkl", "rkl", "tvd", "skl", "srkl", "gjsd", "akl"]  # math::Divergence order
 DTYPES = {"f": "float", "d": "double", "6__half": "half", "13__nv_bfloat16": "bf16", "NS0_8AnyDtypeE": "mixed"}
 CPP_TYPES = {"bf16": "__nv_bfloat16", "half": "__half", "float": "float"}
-STREAMED = re.compile(r"distill_forward_kernelI([fd])(f|d|6__half|13__nv_bfloat16|NS0_8AnyDtypeE)LNS_4math10DivergenceE(\d)E")
+STREAMED = re.compile(r"distill_forward_kernelI([fd])(f|d|6__half|13__nv_bfloat16|NS0_8AnyDtypeE)LNS_4math10DivergenceE(\d)ELb([01])E")
 REGISTERS = re.compile(r"register_rows_kernelI(f|6__half|13__nv_bfloat16)LNS_4math10DivergenceE(\d)E")
 
 # The register-row kernel's common path: each runtime feature test replaced
@@ -61,8 +61,9 @@ def cuobjdump():
 def describe(name):
     m = STREAMED.search(name)
     if m:
-        acc, dtype, div = m.groups()
-        return f"{DIVERGENCES[int(div)]:5s} {DTYPES[dtype]:6s} streamed  acc={'double' if acc == 'd' else 'float'}"
+        acc, dtype, div, lean = m.groups()
+        variant = "lean" if lean == "1" else "streamed"
+        return f"{DIVERGENCES[int(div)]:5s} {DTYPES[dtype]:6s} {variant:9s} acc={'double' if acc == 'd' else 'float'}"
     m = REGISTERS.search(name)
     if m:
         dtype, div = m.groups()

@@ -1,7 +1,8 @@
 // The forward kernels of one divergence and their launch. CMake compiles this
-// file once per divergence with -DTODI_EXT_DIVERGENCE=kToDi, kFKL, ...: seven
-// kernels each (register rows for three dtypes, streamed for four, and two
-// generic), and the eight objects build in parallel.
+// file once per divergence with -DTODI_EXT_DIVERGENCE=kToDi, kFKL, ...:
+// register rows for three dtypes, streamed for four (each also lean: student
+// gradient only, no cross-entropy), two generic; the eight objects build in
+// parallel.
 #include <c10/cuda/CUDAException.h>
 
 #include "launch_config.cuh"
@@ -51,7 +52,11 @@ void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
   if constexpr (sizeof(T) < 8) {
     if (launch_register_rows<T, D>(args, device, stream)) return;
   }
-  distill_forward_kernel<A, T, D><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
+  if (streamed_is_lean(args)) {
+    distill_forward_kernel<A, T, D, true><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
+  } else {
+    distill_forward_kernel<A, T, D><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

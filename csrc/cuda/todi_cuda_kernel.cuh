@@ -411,7 +411,15 @@ __device__ __forceinline__ void cluster_merge(L& a, L& b, ClusterSlots<A>& slots
 
 
 // T: the element type of both inputs, or AnyDtype. D: the divergence.
-template <class A, class T, math::Divergence D>
+// Whether the streamed kernel's lean instantiation serves these arguments.
+inline bool streamed_is_lean(const ForwardParams& args) {
+  return args.vocab_parallel.phase == Phase::kFused && args.grad_teacher.data == nullptr && args.hard_weight == 0;
+}
+
+// kLean: the fused op with only the student's gradient and no cross-entropy
+// (streamed_is_lean), so the teacher-gradient, hard-label and phase code is
+// compiled out of its loops instead of predicated off.
+template <class A, class T, math::Divergence D, bool kLean = false>
 __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const ForwardParams args) {
   constexpr bool kTyped = !std::is_same_v<T, AnyDtype>;
   using Lse = math::LogSumExp<A>;
@@ -424,14 +432,15 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
   const bool scalars_ok = inv_t > A(0) && math::is_finite(inv_t) && math::is_finite(beta);
   // The hard-label cross-entropy (hard_weight != 0) needs z's own log-sum-exp:
   // lse_z's when T = 1, else a third one in pass 1.
-  const bool hard = args.hard_weight != 0;
+  const bool hard = !kLean && args.hard_weight != 0;
   const bool unit_t = *args.inv_temperature == 1.0;
   const bool need_z1 = hard && !unit_t;
   // Vocabulary-parallel phases (kernel_params.h): this launch is one step of
   // the row's work on one rank's slice; the rows' statistics and sums of all
   // slices come in as global_stats / global_sums (float64 tables).
   const VocabParallelParams& vp = args.vocab_parallel;
-  const Phase phase = vp.phase;
+  const Phase phase = kLean ? Phase::kFused : vp.phase;
+  void* const grad_teacher = kLean ? nullptr : args.grad_teacher.data;
   const bool fused = phase == Phase::kFused;
 
   const int64_t vocab = args.vocab;
@@ -470,7 +479,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       }
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
-        if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, A(0));
+        if (grad_teacher) global_row.store(grad_teacher, args.grad_teacher.dtype, out_base + i, A(0));
       }
       if (threadIdx.x == 0 && fused) *loss_out = A(0);
       continue;
@@ -544,7 +553,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       fill_row(row, nan);
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
-        if (args.grad_teacher.data) global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i, nan);
+        if (grad_teacher) global_row.store(grad_teacher, args.grad_teacher.dtype, out_base + i, nan);
       }
       if (threadIdx.x == 0 && fused) *loss_out = nan;
       continue;
@@ -638,7 +647,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
     }
 
     // Pass 3: gradients.
-    if (args.grad_student.data || args.grad_teacher.data) {
+    if (args.grad_student.data || grad_teacher) {
       const A u_sum = sums[1];
       const A v_sum = sums[2];
       // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
@@ -659,7 +668,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
         // vectors line up with the input's), scalar stores otherwise.
         constexpr int kVec = 16 / sizeof(T);
         T* out_z = args.grad_student.data ? static_cast<T*>(args.grad_student.data) + out_base : nullptr;
-        T* out_s = args.grad_teacher.data ? static_cast<T*>(args.grad_teacher.data) + out_base : nullptr;
+        T* out_s = grad_teacher ? static_cast<T*>(grad_teacher) + out_base : nullptr;
         const auto misalignment = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
         const bool vec_z = misalignment(out_z) == misalignment(global_row.z);
         const bool vec_s = misalignment(out_s) == misalignment(global_row.s);
@@ -707,8 +716,8 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
           if (args.grad_student.data) {
             global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, student_grad(t, z));
           }
-          if (args.grad_teacher.data) {
-            global_row.store(args.grad_teacher.data, args.grad_teacher.dtype, out_base + i,
+          if (grad_teacher) {
+            global_row.store(grad_teacher, args.grad_teacher.dtype, out_base + i,
                              math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
           }
         });

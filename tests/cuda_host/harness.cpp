@@ -47,7 +47,11 @@ void launch_typed(const ForwardParams& args, const Launch& l) {
   }
   TORCH_CHECK(l.variant == "registers" || l.variant == "streamed", "variant must be registers or streamed");
   last_kernel = "streamed";
-  todi_host::launch(kernels::distill_forward_kernel<A, T, D>, l.blocks, l.threads, 0, 1, args);
+  if (kernels::streamed_is_lean(args)) {
+    todi_host::launch(kernels::distill_forward_kernel<A, T, D, true>, l.blocks, l.threads, 0, 1, args);
+  } else {
+    todi_host::launch(kernels::distill_forward_kernel<A, T, D>, l.blocks, l.threads, 0, 1, args);
+  }
 }
 
 template <Divergence D>
