@@ -109,26 +109,11 @@ __device__ __forceinline__ void store_streaming(uint4* p, const uint4& v) {
 // x - max is exact for 16-bit logits (one rounding for float32) and the max
 // entry's term exactly 1; forming x / T first would add an error of
 // ~eps |x / T| to every exponent (and take one more instruction).
-struct ScaledLse {
-  float max = -std::numeric_limits<float>::infinity();
-  float sum = 0.f;
-  float k2 = 0.f;
-
-  __device__ void merge(float other_max, float other_sum) {  // as math::LogSumExp::merge
-    using O = math::Ops<float>;
-    if (other_max == -std::numeric_limits<float>::infinity()) {
-      sum += other_sum * 0.f;  // a NaN sum still reaches the row
-      return;
-    }
-    if (other_max > max) {
-      sum = sum * O::exp2((max - other_max) * k2) + other_sum;
-      max = other_max;
-    } else {
-      sum = sum + other_sum * O::exp2((other_max - max) * k2);
-    }
-  }
-  __device__ ScaledLse identity() const { return {-std::numeric_limits<float>::infinity(), 0.f, k2}; }
+struct Base2Rescale {
+  float k2;
+  __device__ float operator()(float difference) const { return math::Ops<float>::exp2(difference * k2); }
 };
+using ScaledLse = math::LogSumExp<float, Base2Rescale>;
 
 // 2^(d k) for d = x - m (exact: 16-bit logits; one rounding for float32) and
 // k = log2(e) / T held as hi + lo: ex2 of the rounded product d hi, times
@@ -345,7 +330,7 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     const Exp2Scaled exp2_scaled(inv_t), exp2_unscaled(A(1));
     const A k2 = exp2_scaled.hi;
     A ez[kVecs][kVec], es[kVecs][kVec];
-    ScaledLse lse_z{top_z, A(0), k2}, lse_s{top_s, A(0), k2}, lse_z1{top_z, A(0), math::kLog2e<A>};
+    ScaledLse lse_z{top_z, A(0), {k2}}, lse_s{top_s, A(0), {k2}}, lse_z1{top_z, A(0), {math::kLog2e<A>}};
     auto exponentials = [&](A x, A y, A& e_z, A& e_s) {
       e_z = exp2_scaled(x - ref_z);
       e_s = exp2_scaled(y - ref_s);
@@ -471,10 +456,9 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     // subtraction first: u and q U can be ~1/T and agree to the last bits),
     // plus the cross-entropy's softmax(z) - one-hot.
     const A u_sum = sums[1] + rest[1];
-    const A grad_t = inv_t * (args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1)) *
-                     static_cast<A>(args.soft_label_weight());
-    const A hard_t = static_cast<A>(args.hard_label_weight()) *
-                     (args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1));
+    const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
+    const A grad_t = inv_t * reduction_scale * static_cast<A>(args.soft_label_weight());
+    const A hard_t = static_cast<A>(args.hard_label_weight()) * reduction_scale;
     // The label's slot among this thread's entries (j * kVec + k), or -1.
     int label_slot = -1;
     if (hard) {

@@ -440,7 +440,8 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
   // slices come in as global_stats / global_sums (float64 tables).
   const VocabParallelParams& vp = args.vocab_parallel;
   const Phase phase = kLean ? Phase::kFused : vp.phase;
-  void* const grad_teacher = kLean ? nullptr : args.grad_teacher.data;
+  // Read where used rather than held in a register (the full kernel has none to spare).
+  const auto grad_teacher = [&]() -> void* { return kLean ? nullptr : args.grad_teacher.data; };
   const bool fused = phase == Phase::kFused;
 
   const int64_t vocab = args.vocab;
@@ -479,7 +480,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       }
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
-        if (grad_teacher) global_row.store(grad_teacher, args.grad_teacher.dtype, out_base + i, A(0));
+        if (grad_teacher()) global_row.store(grad_teacher(), args.grad_teacher.dtype, out_base + i, A(0));
       }
       if (threadIdx.x == 0 && fused) *loss_out = A(0);
       continue;
@@ -553,7 +554,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       fill_row(row, nan);
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
         if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
-        if (grad_teacher) global_row.store(grad_teacher, args.grad_teacher.dtype, out_base + i, nan);
+        if (grad_teacher()) global_row.store(grad_teacher(), args.grad_teacher.dtype, out_base + i, nan);
       }
       if (threadIdx.x == 0 && fused) *loss_out = nan;
       continue;
@@ -647,7 +648,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
     }
 
     // Pass 3: gradients.
-    if (args.grad_student.data || grad_teacher) {
+    if (args.grad_student.data || grad_teacher()) {
       const A u_sum = sums[1];
       const A v_sum = sums[2];
       // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
@@ -668,7 +669,7 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
         // vectors line up with the input's), scalar stores otherwise.
         constexpr int kVec = 16 / sizeof(T);
         T* out_z = args.grad_student.data ? static_cast<T*>(args.grad_student.data) + out_base : nullptr;
-        T* out_s = grad_teacher ? static_cast<T*>(grad_teacher) + out_base : nullptr;
+        T* out_s = grad_teacher() ? static_cast<T*>(grad_teacher()) + out_base : nullptr;
         const auto misalignment = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
         const bool vec_z = misalignment(out_z) == misalignment(global_row.z);
         const bool vec_s = misalignment(out_s) == misalignment(global_row.s);
@@ -716,8 +717,8 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
           if (args.grad_student.data) {
             global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, student_grad(t, z));
           }
-          if (grad_teacher) {
-            global_row.store(grad_teacher, args.grad_teacher.dtype, out_base + i,
+          if (grad_teacher()) {
+            global_row.store(grad_teacher(), args.grad_teacher.dtype, out_base + i,
                              math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
           }
         });

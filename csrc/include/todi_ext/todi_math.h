@@ -343,14 +343,23 @@ TODI_HOST_DEVICE F log_softmax_grad(F weight, F prob, F weight_sum, F inv_temper
   return (weight - prob * weight_sum) * inv_temperature;
 }
 
+// The rescale of a LogSumExp: exp of a difference of maxima.
+template <class T>
+struct NaturalRescale {
+  TODI_HOST_DEVICE T operator()(T difference) const { return Ops<T>::exp(difference); }
+};
+
 // Online log-sum-exp: a running (max, sum of exp(x - max)) pair.
 // merge() folds in another pair. -inf entries contribute nothing; a NaN or
 // +inf anywhere makes the result non-finite, which the kernels turn into a
-// NaN row, as log_softmax would.
-template <class T>
+// NaN row, as log_softmax would. Rescale turns a difference of maxima into
+// the factor between their sums (a kernel that keeps maxima in other units
+// brings its own: the CUDA register-row kernel's are raw logits).
+template <class T, class Rescale = NaturalRescale<T>>
 struct LogSumExp {
   T max = -std::numeric_limits<T>::infinity();
   T sum = T(0);
+  Rescale rescale{};
 
   TODI_HOST_DEVICE void merge(T other_max, T other_sum) {
     if (other_max == -std::numeric_limits<T>::infinity()) {
@@ -361,14 +370,15 @@ struct LogSumExp {
       return;
     }
     if (other_max > max) {
-      sum = sum * Ops<T>::exp(max - other_max) + other_sum;
+      sum = sum * rescale(max - other_max) + other_sum;
       max = other_max;
     } else {  // also taken when either max is NaN, which then propagates
-      sum = sum + other_sum * Ops<T>::exp(other_max - max);
+      sum = sum + other_sum * rescale(other_max - max);
     }
   }
   // The log-sum-exp is max + log(sum); the kernels keep the two apart.
-  TODI_HOST_DEVICE LogSumExp identity() const { return {}; }  // the empty state (merges leave others unchanged)
+  // The empty state (merges leave others unchanged), with this one's rescale.
+  TODI_HOST_DEVICE LogSumExp identity() const { return {-std::numeric_limits<T>::infinity(), T(0), rescale}; }
 };
 
 template <class T>
