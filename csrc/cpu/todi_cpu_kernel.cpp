@@ -274,14 +274,14 @@ Vectorized<acc_t> kept(const Vectorized<acc_t>& log_p, const Vectorized<acc_t>& 
   return (log_p - log_q).abs() < Vectorized<acc_t>(std::numeric_limits<acc_t>::infinity());
 }
 
-template <math::Divergence D, class acc_t>
+template <math::Divergence D, bool kUnitBeta, class acc_t>
 math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const RowLse<acc_t>& lse_z,
                                                  const RowLse<acc_t>& lse_s, const math::DivergenceParams& prm) {
   using Vec = Vectorized<acc_t>;
   const Vec log_p = lse_s.log_prob(Vec::loadu(s));
   const Vec log_q = lse_z.log_prob(Vec::loadu(z));
   const Vec keep = kept(log_p, log_q);
-  auto t = math::divergence_entry<D>(log_p, log_q, prm);
+  auto t = math::divergence_entry<D, kUnitBeta>(log_p, log_q, prm);
   const Vec zero(acc_t(0));
   t.loss = Vec::blendv(zero, t.loss, keep);
   t.u = Vec::blendv(zero, t.u, keep);
@@ -610,6 +610,8 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   double loss_sum = 0, u_sum = 0, v_sum = 0;
   PeakTracker<acc_t> peak_q, peak_p;  // the student's and the teacher's (fused phase only)
   const bool peaks = phase == Phase::kFused;
+  // ToDi at beta = 1: a = sigmoid(r) = p / (p + q), a division instead of an exp and a division.
+  const bool unit_beta = D == math::Divergence::kToDi && prm.beta == 1.0;
   const Vec zero(acc_t(0));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
@@ -617,7 +619,8 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     Vec loss_acc(zero), u_acc(zero), v_acc(zero), q_acc(zero), q_max(zero), p_acc(zero), p_max(zero);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
-      const auto t = masked_terms<D>(c.z + i, c.s + i, lse_zv, lse_sv, prm);
+      const auto t = unit_beta ? masked_terms<D, true>(c.z + i, c.s + i, lse_zv, lse_sv, prm)
+                               : masked_terms<D, false>(c.z + i, c.s + i, lse_zv, lse_sv, prm);
       loss_acc = loss_acc + t.loss;
       u_acc = u_acc + t.u;
       v_acc = v_acc + t.v;

@@ -86,24 +86,6 @@ __device__ __forceinline__ void reload_barrier() {
 #endif
 }
 
-// Loads that will not be reused (evict-first) and stores of a gradient no
-// one reads back in this kernel.
-__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcs(p);
-#else
-  return *p;
-#endif
-}
-
-__device__ __forceinline__ void store_streaming(uint4* p, const uint4& v) {
-#if defined(__CUDA_ARCH__)
-  __stcs(p, v);
-#else
-  *p = v;
-#endif
-}
-
 // A (max, sum) log-sum-exp state of x / T in logit units: max is the
 // largest logit x itself and sum adds 2^((x - max) k2), k2 = log2(e) / T.
 // x - max is exact for 16-bit logits (one rounding for float32) and the max

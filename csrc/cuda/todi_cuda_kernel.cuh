@@ -162,6 +162,24 @@ __device__ __forceinline__ void block_merge(L& a, L& b, A* scratch) {
 }
 
 // ------------------------------------------------------------ row walking
+// Loads that will not be reused (evict-first) and stores of a gradient no
+// one reads back in this kernel.
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcs(p);
+#else
+  return *p;
+#endif
+}
+
+__device__ __forceinline__ void store_streaming(uint4* p, const uint4& v) {
+#if defined(__CUDA_ARCH__)
+  __stcs(p, v);
+#else
+  *p = v;
+#endif
+}
+
 // Where a row's 16-byte vectors start: rows of one dtype whose starts share
 // their 16-byte misalignment are read as a scalar head, 16-byte vectors and a
 // scalar tail; other rows entry by entry (head = vocab).
@@ -603,138 +621,150 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
         math::set_akl_weights(static_cast<A>(g[0]), static_cast<A>(g[1]), prm);
       }
     }
-    auto terms = [&](A z, A s) {
-      const A log_p = ls.log_prob(s, inv_t);
-      const A log_q = lz.log_prob(z, inv_t);
-      auto t = math::divergence_entry<D>(log_p, log_q, prm);
-      // The same entries as left_out(z, s) (a +-inf logit makes r = log p - log q infinite or NaN;
-      // +inf and NaN logits never get here) for one compare instead of four.
-      if (!(math::Ops<A>::abs(log_p - log_q) < std::numeric_limits<A>::infinity())) {
-        t.loss = A(0);
-        t.u = A(0);
-        t.v = A(0);
-      }
-      return t;
-    };
-
-    // Pass 2: loss and weight sums (the gradients phase has all slices' in global_sums).
-    A sums[3] = {A(0), A(0), A(0)};
-    if (phase == Phase::kGradients) {
-      sums[1] = static_cast<A>(vp.global_sums[row * 4 + 1]);
-      sums[2] = static_cast<A>(vp.global_sums[row * 4 + 2]);
-    } else {
-      walk([&](int64_t, A z, A s) {
-        const auto t = terms(z, s);
-        sums[0] += t.loss;
-        sums[1] += t.u;
-        sums[2] += t.v;
-      });
-      row_sum(sums);
-    }
-    // The student's own logit at the label, for the cross-entropy and its gradient's fix-up.
-    const A z_label = label_here ? load_any<A>(args.student.data, args.student.dtype,
-                                               args.student.layout.row_offset(row) + label)
-                                 : A(0);
-    if (phase == Phase::kPartialSums) {  // this slice's sums, and z[label] where it holds the label
-      const double out[4] = {sums[0], sums[1], sums[2], z_label};
-      write_row(row, out);
-      continue;
-    }
-    if (threadIdx.x == 0 && fused) {
-      A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
-      // log sum exp(z) - z_label, with max and log(sum) kept apart.
-      if (hard) loss += static_cast<A>(args.hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
-      *loss_out = loss;
-    }
-
-    // Pass 3: gradients.
-    if (args.grad_student.data || grad_teacher()) {
-      const A u_sum = sums[1];
-      const A v_sum = sums[2];
-      // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
-      const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
-      // The label weights are read here, where used: read once at the kernel's start, the two
-      // registers they kept live lengthened pass 3's SASS.
-      const A grad_t = inv_t * reduction_scale * static_cast<A>(args.soft_label_weight());
-      const A hard_t = static_cast<A>(args.hard_label_weight()) * reduction_scale;
-      // d loss / dz: the divergence's part, plus hard_weight * softmax(z) (the
-      // one-hot part is fixed up below, at the label only).
-      auto student_grad = [&](const math::EntryTerms<A>& t, A z) {
-        A g = math::log_softmax_grad(t.u, t.q, u_sum, grad_t);
-        if (hard) g += hard_t * (unit_t ? t.q : math::Ops<A>::exp((math::Ops<A>::mul_rn(z, A(1)) - lz1.max) - lz1.log_sum));
-        return g;
+    // Passes 2-3, compiled twice for the lean ToDi kernel: at beta = 1 its
+    // weight a = sigmoid(r) is p / (p + q), one reciprocal instead of an exp
+    // and a reciprocal in each pass (beta lives on the device: no host
+    // branch). Not in the full kernel: the copy took it from 74 to 100
+    // registers, 3 to 2 blocks of 256 per SM.
+    auto passes = [&](auto unit_beta) {
+      auto terms = [&](A z, A s) {
+        const A log_p = ls.log_prob(s, inv_t);
+        const A log_q = lz.log_prob(z, inv_t);
+        auto t = math::divergence_entry<D, decltype(unit_beta)::value>(log_p, log_q, prm);
+        // The same entries as left_out(z, s) (a +-inf logit makes r = log p - log q infinite or NaN;
+        // +inf and NaN logits never get here) for one compare instead of four.
+        if (!(math::Ops<A>::abs(log_p - log_q) < std::numeric_limits<A>::infinity())) {
+          t.loss = A(0);
+          t.u = A(0);
+          t.v = A(0);
+        }
+        return t;
       };
-      if constexpr (kTyped) {
-        // 16-byte stores where the output row shares the input row's misalignment (then its
-        // vectors line up with the input's), scalar stores otherwise.
-        constexpr int kVec = 16 / sizeof(T);
-        T* out_z = args.grad_student.data ? static_cast<T*>(args.grad_student.data) + out_base : nullptr;
-        T* out_s = grad_teacher() ? static_cast<T*>(grad_teacher()) + out_base : nullptr;
-        const auto misalignment = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
-        const bool vec_z = misalignment(out_z) == misalignment(global_row.z);
-        const bool vec_s = misalignment(out_s) == misalignment(global_row.s);
-        for_each_vector(
-            rz, rs, vocab,
-            [&](int64_t i0, const uint4& zw, const uint4& sw) {
-              const T* ze = reinterpret_cast<const T*>(&zw);
-              const T* se = reinterpret_cast<const T*>(&sw);
-              uint4 gzw, gsw;
-              T* gz = reinterpret_cast<T*>(&gzw);
-              T* gs = reinterpret_cast<T*>(&gsw);
-#pragma unroll
-              for (int k = 0; k < kVec; ++k) {
-                const A z = Elem<T>::template load<A>(ze[k]);
-                const auto t = terms(z, Elem<T>::template load<A>(se[k]));
-                if (out_z) gz[k] = Elem<T>::from(student_grad(t, z));
-                if (out_s) gs[k] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
-              }
-              if (out_z) {
-                if (vec_z) {
-                  *reinterpret_cast<uint4*>(out_z + i0) = gzw;
-                } else {
-#pragma unroll
-                  for (int k = 0; k < kVec; ++k) out_z[i0 + k] = gz[k];
-                }
-              }
-              if (out_s) {
-                if (vec_s) {
-                  *reinterpret_cast<uint4*>(out_s + i0) = gsw;
-                } else {
-#pragma unroll
-                  for (int k = 0; k < kVec; ++k) out_s[i0 + k] = gs[k];
-                }
-              }
-            },
-            [&](int64_t i, T z, T s) {
-              const A za = Elem<T>::template load<A>(z);
-              const auto t = terms(za, Elem<T>::template load<A>(s));
-              if (out_z) out_z[i] = Elem<T>::from(student_grad(t, za));
-              if (out_s) out_s[i] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
-            });
+
+      // Pass 2: loss and weight sums (the gradients phase has all slices' in global_sums).
+      A sums[3] = {A(0), A(0), A(0)};
+      if (phase == Phase::kGradients) {
+        sums[1] = static_cast<A>(vp.global_sums[row * 4 + 1]);
+        sums[2] = static_cast<A>(vp.global_sums[row * 4 + 2]);
       } else {
-        walk([&](int64_t i, A z, A s) {
+        walk([&](int64_t, A z, A s) {
           const auto t = terms(z, s);
-          if (args.grad_student.data) {
-            global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, student_grad(t, z));
-          }
-          if (grad_teacher()) {
-            global_row.store(grad_teacher(), args.grad_teacher.dtype, out_base + i,
-                             math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
-          }
+          sums[0] += t.loss;
+          sums[1] += t.u;
+          sums[2] += t.v;
         });
+        row_sum(sums);
       }
-      if (hard && args.grad_student.data) {
-        // The one-hot part of the cross-entropy's gradient, -hard_t at the
-        // label: its entry is rewritten once the block's stores above are
-        // visible to this thread.
-        __syncthreads();
-        if (threadIdx.x == 0 && label_here) {
-          const A s_label = load_any<A>(args.teacher.data, args.teacher.dtype, args.teacher.layout.row_offset(row) + label);
-          const auto t = terms(z_label, s_label);
-          global_row.store(args.grad_student.data, args.grad_student.dtype, row * args.vocab + label,
-                           student_grad(t, z_label) - hard_t);
+      // The student's own logit at the label, for the cross-entropy and its gradient's fix-up.
+      const A z_label = label_here ? load_any<A>(args.student.data, args.student.dtype,
+                                                 args.student.layout.row_offset(row) + label)
+                                   : A(0);
+      if (phase == Phase::kPartialSums) {  // this slice's sums, and z[label] where it holds the label
+        const double out[4] = {sums[0], sums[1], sums[2], z_label};
+        write_row(row, out);
+        return;
+      }
+      if (threadIdx.x == 0 && fused) {
+        A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
+        // log sum exp(z) - z_label, with max and log(sum) kept apart.
+        if (hard) loss += static_cast<A>(args.hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
+        *loss_out = loss;
+      }
+
+      // Pass 3: gradients.
+      if (args.grad_student.data || grad_teacher()) {
+        const A u_sum = sums[1];
+        const A v_sum = sums[2];
+        // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
+        const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
+        // The label weights are read here, where used: read once at the kernel's start, the two
+        // registers they kept live lengthened pass 3's SASS.
+        const A grad_t = inv_t * reduction_scale * static_cast<A>(args.soft_label_weight());
+        const A hard_t = static_cast<A>(args.hard_label_weight()) * reduction_scale;
+        // d loss / dz: the divergence's part, plus hard_weight * softmax(z) (the
+        // one-hot part is fixed up below, at the label only).
+        auto student_grad = [&](const math::EntryTerms<A>& t, A z) {
+          A g = math::log_softmax_grad(t.u, t.q, u_sum, grad_t);
+          if (hard) g += hard_t * (unit_t ? t.q : math::Ops<A>::exp((math::Ops<A>::mul_rn(z, A(1)) - lz1.max) - lz1.log_sum));
+          return g;
+        };
+        if constexpr (kTyped) {
+          // 16-byte stores where the output row shares the input row's misalignment (then its
+          // vectors line up with the input's), scalar stores otherwise.
+          constexpr int kVec = 16 / sizeof(T);
+          T* out_z = args.grad_student.data ? static_cast<T*>(args.grad_student.data) + out_base : nullptr;
+          T* out_s = grad_teacher() ? static_cast<T*>(grad_teacher()) + out_base : nullptr;
+          const auto misalignment = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
+          const bool vec_z = misalignment(out_z) == misalignment(global_row.z);
+          const bool vec_s = misalignment(out_s) == misalignment(global_row.s);
+          for_each_vector(
+              rz, rs, vocab,
+              [&](int64_t i0, const uint4& zw, const uint4& sw) {
+                const T* ze = reinterpret_cast<const T*>(&zw);
+                const T* se = reinterpret_cast<const T*>(&sw);
+                uint4 gzw, gsw;
+                T* gz = reinterpret_cast<T*>(&gzw);
+                T* gs = reinterpret_cast<T*>(&gsw);
+  #pragma unroll
+                for (int k = 0; k < kVec; ++k) {
+                  const A z = Elem<T>::template load<A>(ze[k]);
+                  const auto t = terms(z, Elem<T>::template load<A>(se[k]));
+                  if (out_z) gz[k] = Elem<T>::from(student_grad(t, z));
+                  if (out_s) gs[k] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
+                }
+                if (out_z) {
+                  if (vec_z) {
+                    store_streaming(reinterpret_cast<uint4*>(out_z + i0), gzw);
+                  } else {
+  #pragma unroll
+                    for (int k = 0; k < kVec; ++k) out_z[i0 + k] = gz[k];
+                  }
+                }
+                if (out_s) {
+                  if (vec_s) {
+                    store_streaming(reinterpret_cast<uint4*>(out_s + i0), gsw);
+                  } else {
+  #pragma unroll
+                    for (int k = 0; k < kVec; ++k) out_s[i0 + k] = gs[k];
+                  }
+                }
+              },
+              [&](int64_t i, T z, T s) {
+                const A za = Elem<T>::template load<A>(z);
+                const auto t = terms(za, Elem<T>::template load<A>(s));
+                if (out_z) out_z[i] = Elem<T>::from(student_grad(t, za));
+                if (out_s) out_s[i] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
+              });
+        } else {
+          walk([&](int64_t i, A z, A s) {
+            const auto t = terms(z, s);
+            if (args.grad_student.data) {
+              global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, student_grad(t, z));
+            }
+            if (grad_teacher()) {
+              global_row.store(grad_teacher(), args.grad_teacher.dtype, out_base + i,
+                               math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
+            }
+          });
+        }
+        if (hard && args.grad_student.data) {
+          // The one-hot part of the cross-entropy's gradient, -hard_t at the
+          // label: its entry is rewritten once the block's stores above are
+          // visible to this thread.
+          __syncthreads();
+          if (threadIdx.x == 0 && label_here) {
+            const A s_label = load_any<A>(args.teacher.data, args.teacher.dtype, args.teacher.layout.row_offset(row) + label);
+            const auto t = terms(z_label, s_label);
+            global_row.store(args.grad_student.data, args.grad_student.dtype, row * args.vocab + label,
+                             student_grad(t, z_label) - hard_t);
+          }
         }
       }
+    };
+    if (kLean && D == math::Divergence::kToDi && beta == 1.0) {
+      if constexpr (kLean && D == math::Divergence::kToDi) passes(std::true_type{});
+    } else {
+      passes(std::false_type{});
     }
   }
 }

@@ -238,9 +238,9 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_terms(F log_p, F log_q, F p, F q, cons
   }
 }
 
-template <Divergence D, class F>
+template <Divergence D, bool kUnitBeta = false, class F>
 TODI_HOST_DEVICE EntryTerms<F> divergence_entry(F log_p, F log_q, const DivergenceParams& prm) {
-  return divergence_terms<D>(log_p, log_q, Ops<F>::exp(log_p), Ops<F>::exp(log_q), prm);
+  return divergence_terms<D, kUnitBeta>(log_p, log_q, Ops<F>::exp(log_p), Ops<F>::exp(log_q), prm);
 }
 
 // ------------------------------------------------------------------- AKL
