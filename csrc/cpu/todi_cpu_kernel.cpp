@@ -42,7 +42,16 @@ struct Ops<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   static V exp(const V& x) { return x.exp(); }
   static V log(const V& x) { return x.log(); }
-  static V log1p(const V& x) { return x.log1p(); }
+  // log1p from log: log(u) x / (u - 1), u = 1 + x rounded, is within a few
+  // ulp of log1p(x) (Goldberg 1991); x where u rounds to 1. ATen's AVX512
+  // log1p (Sleef's) measured 8.5 ns an entry against 1.3 for its AVX2 copy
+  // and 1.0 for log, and made JS/SKL/SRKL/GJSD 2x slower there than on AVX2.
+  static V log1p(const V& x) {
+    const V one(T(1));
+    const V u = x + one;
+    const V r = V::blendv(u.log() * (x / (u - one)), x, u == one);
+    return V::blendv(r, x, x == V(std::numeric_limits<T>::infinity()));
+  }
   static V abs(const V& x) { return x.abs(); }
   static V recip(const V& x) { return x.reciprocal(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
@@ -192,8 +201,13 @@ struct RowScratch {
   acc_t* akl_prob = nullptr;    // AKL: p, or +inf for a masked entry (never in the tail)
   acc_t* akl_diff = nullptr;    // AKL: |p - q|, 0 for a masked entry
   acc_t* akl_window = nullptr;  // AKL: the probabilities the search has not decided yet
+  // Pass 1's exponentials kept (KeptExps): each chunk's max of z/T and of s/T.
+  std::vector<acc_t> chunk_max_z, chunk_max_s;
 
   RowScratch(const ForwardParams& params, bool akl) {
+    const int64_t chunks = (params.vocab + kChunk - 1) / kChunk;
+    chunk_max_z.resize(chunks);
+    chunk_max_s.resize(chunks);
     const int64_t width = Vectorized<acc_t>::size();
     const int64_t padded = (params.vocab + kChunk - 1) / kChunk * kChunk + width;
     const bool gs = params.grad_student.data != nullptr;
@@ -218,11 +232,23 @@ struct RowScratch {
   }
 };
 
+// Where pass 1 leaves its exponentials exp(x/T - chunk max) of z and s for
+// pass 2 (row-sized arrays, and each chunk's max), or nullptr: not kept.
+template <class acc_t>
+struct KeptExps {
+  acc_t* e_z;
+  acc_t* e_s;
+  acc_t* max_z;
+  acc_t* max_s;
+};
+
 // Pass 1: log-sum-exp of z/T and s/T over the row, and with lse_z1 that of
-// z itself (the hard-label cross-entropy's, when T != 1).
+// z itself (the hard-label cross-entropy's, when T != 1). With `kept`, the
+// exponentials of z/T and s/T and the chunk maxima are stored there.
 template <class acc_t>
 void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, math::LogSumExp<double>& lse_z,
-                      math::LogSumExp<double>& lse_s, math::LogSumExp<double>* lse_z1) {
+                      math::LogSumExp<double>& lse_s, math::LogSumExp<double>* lse_z1,
+                      const KeptExps<acc_t>* kept = nullptr) {
   using Vec = Vectorized<acc_t>;
   const Vec inv_t(static_cast<acc_t>(*p.inv_temperature));
   const Vec one(acc_t(1));
@@ -240,14 +266,20 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, m
       }
       const acc_t chunk_max = hmax(vmax);
       acc_t chunk_sum = 0;
+      acc_t* keep = kept == nullptr || which == 2 ? nullptr : (which == 0 ? kept->e_z : kept->e_s) + start;
+      if (keep != nullptr) (which == 0 ? kept->max_z : kept->max_s)[start / kChunk] = chunk_max;
       if (chunk_max != -std::numeric_limits<acc_t>::infinity()) {
         const Vec shift(chunk_max);
         Vec vsum(acc_t(0));
         for (int64_t i = 0; i < padded; i += Vec::size()) {
           // x / T - m as RowLse::log_prob forms it: the max lane gives exp(0).
-          vsum = vsum + (scaled(Vec::loadu(x + i), scale) - shift).exp();
+          const Vec e = (scaled(Vec::loadu(x + i), scale) - shift).exp();
+          vsum = vsum + e;
+          if (keep != nullptr) e.store(keep + i);
         }
         chunk_sum = hsum(vsum);
+      } else if (keep != nullptr) {
+        std::fill(keep, keep + padded, acc_t(0));
       }
       (which == 0 ? lse_z : which == 1 ? lse_s : *lse_z1).merge(chunk_max, chunk_sum);
     }
@@ -274,14 +306,39 @@ Vectorized<acc_t> kept(const Vectorized<acc_t>& log_p, const Vectorized<acc_t>& 
   return (log_p - log_q).abs() < Vectorized<acc_t>(std::numeric_limits<acc_t>::infinity());
 }
 
+// Whether every lane of v is below bound (false for a NaN lane).
+template <class acc_t>
+bool all_below(const Vectorized<acc_t>& v, acc_t bound) {
+  return (v < Vectorized<acc_t>(bound)).zero_mask() == 0;
+}
+
+// Probabilities above this come from exp(log p) even where pass 1's
+// exponentials are kept (forward_row): at most 2 / kExactProbability
+// entries of a row pay the two exps.
+constexpr double kExactProbability = 1.0 / 64;
+
+// q = exp(log q) and p = exp(log p) of one vector of entries, for the few
+// that forward_row's kept exponentials do not serve; out of line, so the
+// exp calls stay out of its loop.
+template <class acc_t>
+[[gnu::noinline]] void exact_probabilities(const acc_t* z, const acc_t* s, const RowLse<acc_t>& lse_z,
+                                           const RowLse<acc_t>& lse_s, acc_t* q, acc_t* p) {
+  lse_z.log_prob(Vectorized<acc_t>::loadu(z)).exp().store(q);
+  lse_s.log_prob(Vectorized<acc_t>::loadu(s)).exp().store(p);
+}
+
+// An entry's terms with masking; p and q as given (nullptr: exp(log p), exp(log q)).
 template <math::Divergence D, bool kUnitBeta, class acc_t>
 math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const RowLse<acc_t>& lse_z,
-                                                 const RowLse<acc_t>& lse_s, const math::DivergenceParams& prm) {
+                                                 const RowLse<acc_t>& lse_s, const math::DivergenceParams& prm,
+                                                 const Vectorized<acc_t>* p = nullptr,
+                                                 const Vectorized<acc_t>* q = nullptr) {
   using Vec = Vectorized<acc_t>;
   const Vec log_p = lse_s.log_prob(Vec::loadu(s));
   const Vec log_q = lse_z.log_prob(Vec::loadu(z));
   const Vec keep = kept(log_p, log_q);
-  auto t = math::divergence_entry<D, kUnitBeta>(log_p, log_q, prm);
+  auto t = p == nullptr ? math::divergence_entry<D, kUnitBeta>(log_p, log_q, prm)
+                        : math::divergence_terms<D, kUnitBeta>(log_p, log_q, *p, *q, prm);
   const Vec zero(acc_t(0));
   t.loss = Vec::blendv(zero, t.loss, keep);
   t.u = Vec::blendv(zero, t.u, keep);
@@ -559,6 +616,13 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     return;
   }
 
+  // The usual step (the fused op, the student's gradient only, not AKL,
+  // whose walks take exp(log p)): pass 1's exponentials go to the scratch
+  // arrays pass 2 overwrites (e_z where q goes, e_s where u goes), and pass 2
+  // forms p and q from them by one product instead of two exps.
+  const bool reuse = D != math::Divergence::kAKL && phase == Phase::kFused && want_gs && !want_gt;
+  const KeptExps<acc_t> kept_exps{scratch.q, scratch.u, scratch.chunk_max_z.data(), scratch.chunk_max_s.data()};
+
   // Chunk results merged in double (the blocked sum), rounded once at the end.
   // The hard-label cross-entropy needs z's own log-sum-exp: lse_z's when T = 1.
   const bool hard = p.hard_weight != 0;
@@ -570,7 +634,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     const double* g = vp.global_stats + row * 6;
     lse_z.max = g[0], log_sum_z = g[1], lse_s.max = g[2], log_sum_s = g[3], lse_z1.max = g[4], log_sum_z1 = g[5];
   } else {
-    row_log_sum_exps(p, row, c, lse_z, lse_s, hard && !unit_t ? &lse_z1 : nullptr);
+    row_log_sum_exps(p, row, c, lse_z, lse_s, hard && !unit_t ? &lse_z1 : nullptr, reuse ? &kept_exps : nullptr);
     if (hard && unit_t) lse_z1 = lse_z;
     if (phase == Phase::kRowStats) {
       const double stats[6] = {lse_z.max, lse_z.sum, lse_s.max, lse_s.sum, hard ? lse_z1.max : 0.0, hard ? lse_z1.sum : 1.0};
@@ -618,24 +682,67 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
     const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
     load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     Vec loss_acc(zero), u_acc(zero), v_acc(zero), q_acc(zero), q_max(zero), p_acc(zero), p_max(zero);
-    for (int64_t i = 0; i < padded; i += Vec::size()) {
-      const auto t = unit_beta ? masked_terms<D, true>(c.z + i, c.s + i, lse_zv, lse_sv, prm)
-                               : masked_terms<D, false>(c.z + i, c.s + i, lse_zv, lse_sv, prm);
-      loss_acc = loss_acc + t.loss;
-      u_acc = u_acc + t.u;
-      v_acc = v_acc + t.v;
-      if (want_gs) {
-        t.u.store(scratch.u + start + i);
-        t.q.store(scratch.q + start + i);
-        q_acc = q_acc + t.q;
-        q_max = at::vec::maximum(q_max, t.q);
+    if (reuse) {
+      // p and q over pass 1's exponentials, in place: q = exp(z/T - chunk
+      // max) exp(chunk max - max - log sum), the second factor formed in
+      // double and rounded once. A vector holding a probability above
+      // kExactProbability takes exp(log p), exp(log q) instead: the row's few
+      // large entries decide the cancellations of saturated rows (the
+      // gradient's u - q U, TVD's p - q), where the product's ~2 ulp against
+      // the exp's ~1 measured up to 3.6x the best float32 error (NOTES).
+      const auto factor = [&](acc_t chunk_max, const math::LogSumExp<double>& lse, double log_sum) {
+        return Vec(static_cast<acc_t>(std::exp((static_cast<double>(chunk_max) - lse.max) - log_sum)));
+      };
+      const Vec f_z = factor(scratch.chunk_max_z[start / kChunk], lse_z, log_sum_z);
+      const Vec f_s = factor(scratch.chunk_max_s[start / kChunk], lse_s, log_sum_s);
+      for (int64_t i = 0; i < padded; i += Vec::size()) {
+        const Vec pv = Vec::loadu(scratch.u + start + i) * f_s;
+        const Vec qv = Vec::loadu(scratch.q + start + i) * f_z;
+        if (all_below(at::vec::maximum(pv, qv), acc_t(kExactProbability))) {
+          pv.store(scratch.u + start + i);
+          qv.store(scratch.q + start + i);
+        } else {
+          exact_probabilities(c.z + i, c.s + i, lse_zv, lse_sv, scratch.q + start + i, scratch.u + start + i);
+        }
       }
-      if (want_gt) {
-        t.v.store(scratch.v + start + i);
-        t.p.store(scratch.p + start + i);
-        p_acc = p_acc + t.p;
-        p_max = at::vec::maximum(p_max, t.p);
+    }
+    // The loop over the chunk, compiled per case: the one over kept
+    // probabilities has no exp call, so its accumulators stay in registers.
+    const auto terms_loop = [&](auto kept_probs, auto unit) {
+      constexpr bool kKept = decltype(kept_probs)::value;
+      for (int64_t i = 0; i < padded; i += Vec::size()) {
+        Vec pv, qv;
+        if constexpr (kKept) {
+          pv = Vec::loadu(scratch.u + start + i);
+          qv = Vec::loadu(scratch.q + start + i);
+        }
+        const auto t = masked_terms<D, decltype(unit)::value>(c.z + i, c.s + i, lse_zv, lse_sv, prm,
+                                                              kKept ? &pv : nullptr, kKept ? &qv : nullptr);
+        loss_acc = loss_acc + t.loss;
+        u_acc = u_acc + t.u;
+        v_acc = v_acc + t.v;
+        if (want_gs) {
+          t.u.store(scratch.u + start + i);
+          t.q.store(scratch.q + start + i);
+          q_acc = q_acc + t.q;
+          q_max = at::vec::maximum(q_max, t.q);
+        }
+        if (want_gt) {
+          t.v.store(scratch.v + start + i);
+          t.p.store(scratch.p + start + i);
+          p_acc = p_acc + t.p;
+          p_max = at::vec::maximum(p_max, t.p);
+        }
       }
+    };
+    if (reuse && unit_beta) {
+      terms_loop(std::true_type{}, std::true_type{});
+    } else if (reuse) {
+      terms_loop(std::true_type{}, std::false_type{});
+    } else if (unit_beta) {
+      terms_loop(std::false_type{}, std::true_type{});
+    } else {
+      terms_loop(std::false_type{}, std::false_type{});
     }
     const double u_chunk = hsum(u_acc), v_chunk = hsum(v_acc);
     loss_sum += hsum(loss_acc);
