@@ -306,6 +306,12 @@ Vectorized<acc_t> kept(const Vectorized<acc_t>& log_p, const Vectorized<acc_t>& 
   return (log_p - log_q).abs() < Vectorized<acc_t>(std::numeric_limits<acc_t>::infinity());
 }
 
+// Whether every lane of v is at least bound (false for a NaN lane).
+template <class acc_t>
+bool all_at_least(const Vectorized<acc_t>& v, acc_t bound) {
+  return (v >= Vectorized<acc_t>(bound)).zero_mask() == 0;
+}
+
 // Whether every lane of v is below bound (false for a NaN lane).
 template <class acc_t>
 bool all_below(const Vectorized<acc_t>& v, acc_t bound) {
@@ -328,7 +334,7 @@ template <class acc_t>
 }
 
 // An entry's terms with masking; p and q as given (nullptr: exp(log p), exp(log q)).
-template <math::Divergence D, bool kUnitBeta, class acc_t>
+template <math::Divergence D, bool kUnitBeta, bool kDirectMix = false, class acc_t>
 math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s, const RowLse<acc_t>& lse_z,
                                                  const RowLse<acc_t>& lse_s, const math::DivergenceParams& prm,
                                                  const Vectorized<acc_t>* p = nullptr,
@@ -338,13 +344,35 @@ math::EntryTerms<Vectorized<acc_t>> masked_terms(const acc_t* z, const acc_t* s,
   const Vec log_q = lse_z.log_prob(Vec::loadu(z));
   const Vec keep = kept(log_p, log_q);
   auto t = p == nullptr ? math::divergence_entry<D, kUnitBeta>(log_p, log_q, prm)
-                        : math::divergence_terms<D, kUnitBeta>(log_p, log_q, *p, *q, prm);
+                        : math::divergence_terms<D, kUnitBeta, kDirectMix>(log_p, log_q, *p, *q, prm);
   const Vec zero(acc_t(0));
   t.loss = Vec::blendv(zero, t.loss, keep);
   t.u = Vec::blendv(zero, t.u, keep);
   t.v = Vec::blendv(zero, t.v, keep);
   return t;
 }
+
+// SKL/SRKL/GJSD's terms with the log-domain mix, for a vector of kept
+// probabilities whose mixture comes near underflow; out of line, so the
+// transcendental calls stay out of forward_row's loop.
+template <math::Divergence D, class acc_t>
+[[gnu::noinline]] math::EntryTerms<Vectorized<acc_t>> log_mix_terms(const acc_t* z, const acc_t* s,
+                                                                     const RowLse<acc_t>& lse_z,
+                                                                     const RowLse<acc_t>& lse_s,
+                                                                     const math::DivergenceParams& prm,
+                                                                     const Vectorized<acc_t>& p,
+                                                                     const Vectorized<acc_t>& q) {
+  return masked_terms<D, false, false>(z, s, lse_z, lse_s, prm, &p, &q);
+}
+
+// The direct mix (math::divergence_terms' kDirectMix) serves vectors whose
+// mixtures are all at least this (far above float32's underflow, where the
+// kept probabilities have their full relative accuracy) and whose
+// probabilities are all below kExactProbability: on the row's few large
+// entries the log-domain mix decides saturated rows' cancellations (with
+// the direct mix there, JS's worst gradient ratio on the AVX2 copy rose
+// from 1.59 to 2.40).
+constexpr double kDirectMixFloor = 0x1p-100;
 
 // AKL, step 1: p (or +inf for a masked entry: never in the tail) and, with
 // with_diff, |p - q| (0 for a masked entry) of every entry into the row
@@ -706,6 +734,10 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
         }
       }
     }
+    // SKL/SRKL/GJSD's mixture weights, for the direct mix's floor check.
+    double mix_pd = 0, mix_qd = 0;
+    if constexpr (math::kHasMix<D>) math::mix_weights<D>(prm, mix_pd, mix_qd);
+    const Vec mix_p(static_cast<acc_t>(mix_pd)), mix_q(static_cast<acc_t>(mix_qd));
     // The loop over the chunk, compiled per case: the one over kept
     // probabilities has no exp call, so its accumulators stay in registers.
     const auto terms_loop = [&](auto kept_probs, auto unit) {
@@ -716,8 +748,18 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
           pv = Vec::loadu(scratch.u + start + i);
           qv = Vec::loadu(scratch.q + start + i);
         }
-        const auto t = masked_terms<D, decltype(unit)::value>(c.z + i, c.s + i, lse_zv, lse_sv, prm,
-                                                              kKept ? &pv : nullptr, kKept ? &qv : nullptr);
+        math::EntryTerms<Vec> t;
+        if constexpr (kKept && math::kHasMix<D>) {
+          if (all_at_least(mix_p * pv + mix_q * qv, acc_t(kDirectMixFloor)) &&
+              all_below(at::vec::maximum(pv, qv), acc_t(kExactProbability))) [[likely]] {
+            t = masked_terms<D, false, true>(c.z + i, c.s + i, lse_zv, lse_sv, prm, &pv, &qv);
+          } else {
+            t = log_mix_terms<D>(c.z + i, c.s + i, lse_zv, lse_sv, prm, pv, qv);
+          }
+        } else {
+          t = masked_terms<D, decltype(unit)::value>(c.z + i, c.s + i, lse_zv, lse_sv, prm, kKept ? &pv : nullptr,
+                                                     kKept ? &qv : nullptr);
+        }
         loss_acc = loss_acc + t.loss;
         u_acc = u_acc + t.u;
         v_acc = v_acc + t.v;

@@ -194,10 +194,27 @@ TODI_HOST_DEVICE F log_mix(F log_wa, F la, F log_wb, F lb) {
   return hi + O::log1p(O::exp(O::min(x, y) - hi));
 }
 
+// The linear weights (w_p, w_q) of the mixture m = w_p p + w_q q that SKL,
+// SRKL and GJSD compare against.
+template <Divergence D>
+TODI_HOST_DEVICE void mix_weights(const DivergenceParams& prm, double& w_p, double& w_q) {
+  static_assert(D == Divergence::kSKL || D == Divergence::kSRKL || D == Divergence::kGJSD);
+  const double a = D == Divergence::kGJSD ? prm.jsd_beta : prm.skew_lambda;
+  w_p = D == Divergence::kSRKL ? 1 - a : a;
+  w_q = D == Divergence::kSRKL ? a : 1 - a;
+}
+
+template <Divergence D>
+constexpr bool kHasMix = D == Divergence::kSKL || D == Divergence::kSRKL || D == Divergence::kGJSD;
+
 // The terms of one entry given its log-probabilities and probabilities
 // (p = exp(log p), q = exp(log q), which a kernel may hold already).
-// kUnitBeta: ToDi's beta is 1 (todi_terms).
-template <Divergence D, bool kUnitBeta = false, class F>
+// kUnitBeta: ToDi's beta is 1 (todi_terms). kDirectMix: SKL/SRKL/GJSD's
+// mixture as log(w_p p + w_q q) and its ratios as divisions, one log and
+// one division instead of the log-domain mix's exp, log1p and exp; only
+// where the mixture is a normal number well above underflow (the caller
+// checks), since p and q lose their relative accuracy there.
+template <Divergence D, bool kUnitBeta = false, bool kDirectMix = false, class F>
 TODI_HOST_DEVICE EntryTerms<F> divergence_terms(F log_p, F log_q, F p, F q, const DivergenceParams& prm) {
   using O = Ops<F>;
   const F r = log_p - log_q;
@@ -214,13 +231,29 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_terms(F log_p, F log_q, F p, F q, cons
       return {half * O::abs(p - q), F(0) - half * q * sgn, half * p * sgn, p, q};
     } else if constexpr (D == Divergence::kSKL) {  // KL(p || lam p + (1 - lam) q)
       const F log_lam(prm.log_skew_lambda), log_rest(prm.log1m_skew_lambda);
-      const F lmix = log_mix(log_lam, log_p, log_rest, log_q);
-      const F w = p * O::exp(log_rest + log_q - lmix);  // p (1 - lam) q / mix
+      F lmix, w;  // w = p (1 - lam) q / mix
+      if constexpr (kDirectMix) {
+        const F rest(1 - prm.skew_lambda);
+        const F mix = F(prm.skew_lambda) * p + rest * q;
+        lmix = O::log(mix);
+        w = p * (rest * q / mix);
+      } else {
+        lmix = log_mix(log_lam, log_p, log_rest, log_q);
+        w = p * O::exp(log_rest + log_q - lmix);
+      }
       return {p * (log_p - lmix), F(0) - w, p * (log_p - lmix) + w, p, q};
     } else if constexpr (D == Divergence::kSRKL) {  // KL(q || (1 - lam) p + lam q)
       const F log_lam(prm.log_skew_lambda), log_rest(prm.log1m_skew_lambda);
-      const F lmix = log_mix(log_rest, log_p, log_lam, log_q);
-      const F w = q * O::exp(log_rest + log_p - lmix);  // q (1 - lam) p / mix
+      F lmix, w;  // w = q (1 - lam) p / mix
+      if constexpr (kDirectMix) {
+        const F rest(1 - prm.skew_lambda);
+        const F mix = rest * p + F(prm.skew_lambda) * q;
+        lmix = O::log(mix);
+        w = q * (rest * p / mix);
+      } else {
+        lmix = log_mix(log_rest, log_p, log_lam, log_q);
+        w = q * O::exp(log_rest + log_p - lmix);
+      }
       return {q * (log_q - lmix), q * (log_q - lmix) + w, F(0) - w, p, q};
     } else if constexpr (D == Divergence::kAKL) {  // w_head FKL + w_tail RKL, weights detached
       const F wh(prm.akl_head_weight), wt(prm.akl_tail_weight);
@@ -230,7 +263,12 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_terms(F log_p, F log_q, F p, F q, cons
       static_assert(D == Divergence::kGJSD);
       const F b(prm.jsd_beta);
       const F log_b(prm.log_jsd_beta), log_rest(prm.log1m_jsd_beta);
-      const F lm = log_mix(log_b, log_p, log_rest, log_q);
+      F lm;
+      if constexpr (kDirectMix) {
+        lm = O::log(b * p + F(1 - prm.jsd_beta) * q);
+      } else {
+        lm = log_mix(log_b, log_p, log_rest, log_q);
+      }
       const F fp = b * p * (log_p - lm);
       const F fq = (one - b) * q * (log_q - lm);
       return {fp + fq, fq, fp, p, q};
