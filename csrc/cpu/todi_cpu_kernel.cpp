@@ -1,11 +1,14 @@
 // The CPU kernel for every divergence (a template parameter; the per-entry
-// math is math::divergence_entry). This file is compiled once per instruction set with
+// math is math::divergence_terms). This file is compiled once per instruction set with
 // CPU_CAPABILITY set to DEFAULT, AVX2 or AVX512 (see CMakeLists.txt), which
 // selects the width of at::vec::Vectorized; everything here lives in a
 // namespace named after the capability so the copies never collide.
 //
 // Per row: (1) online log-sum-exp of z/T and s/T, (2) loss and the row sums
-// U = sum u, V = sum v, (3) the gradients, which need U and V. The row is
+// U = sum u, V = sum v, (3) the gradients, which need U and V. In the usual
+// step (student gradient only) pass 1 keeps its exponentials in the row
+// scratch and pass 2 turns them into p and q by one product (forward_row),
+// so ToDi, FKL, RKL and TVD evaluate two exps per entry in all. The row is
 // walked in chunks of kChunk entries that are first converted to the
 // accumulation type in a small buffer (it stays in L1), so the math below is
 // written once for every input dtype and has no scalar tail: the buffer is
