@@ -122,10 +122,11 @@ Vectorized<acc_t> scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& in
 
 // exp(d) for d <= 0 (-inf gives 0, NaN stays NaN), inline: pass 1's exps
 // through ATen's exp are a call to Sleef per vector (~28% of the op's time
-// on the AVX512 copy, and the call spills the loop's registers). float: n = round(d log2 e), r = d - n ln 2 in two
-// parts (Cody-Waite; n C1 is exact), exp(r) by Cephes' expf polynomial, times
-// 2^n from the exponent bits; results below 2^-126 (d < -87.3) flush to 0
-// (they weigh < 1e-38 of the row max's 1 in any sum). double: ATen's exp.
+// on the AVX512 copy, and the call spills the loop's registers). float:
+// n = round(d log2 e), r = d - n ln 2 in two parts (Cody-Waite; n C1 is
+// exact), exp(r) by Cephes' expf polynomial, times 2^n from the exponent
+// bits; results below 2^-126 (d < -87.3) flush to 0 (they weigh < 1e-38 of
+// the row max's 1 in any sum). double: ATen's exp.
 template <class acc_t>
 Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& d) {
   if constexpr (!std::is_same_v<acc_t, float>) {
@@ -739,6 +740,10 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   // float only: todi_terms holds p + q above float's smallest normal, which in double math would
   // misweigh entries below 1e-38 that sigmoid(r) gets right.
   const bool unit_beta = D == math::Divergence::kToDi && prm.beta == 1.0 && std::is_same_v<acc_t, float>;
+  // SKL/SRKL/GJSD's mixture weights, for the direct mix's floor check.
+  double mix_pd = 0, mix_qd = 0;
+  if constexpr (math::kHasMix<D>) math::mix_weights<D>(prm, mix_pd, mix_qd);
+  const Vec mix_p(static_cast<acc_t>(mix_pd)), mix_q(static_cast<acc_t>(mix_qd));
   const Vec zero(acc_t(0));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
@@ -769,10 +774,6 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
         }
       }
     }
-    // SKL/SRKL/GJSD's mixture weights, for the direct mix's floor check.
-    double mix_pd = 0, mix_qd = 0;
-    if constexpr (math::kHasMix<D>) math::mix_weights<D>(prm, mix_pd, mix_qd);
-    const Vec mix_p(static_cast<acc_t>(mix_pd)), mix_q(static_cast<acc_t>(mix_qd));
     // The loop over the chunk, compiled per case: the one over kept
     // probabilities has no exp call, so its accumulators stay in registers.
     const auto terms_loop = [&](auto kept_probs, auto unit) {

@@ -233,10 +233,11 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_terms(F log_p, F log_q, F p, F q, cons
       const F log_lam(prm.log_skew_lambda), log_rest(prm.log1m_skew_lambda);
       F lmix, w;  // w = p (1 - lam) q / mix
       if constexpr (kDirectMix) {
-        const F rest(1 - prm.skew_lambda);
-        const F mix = F(prm.skew_lambda) * p + rest * q;
+        double w_p, w_q;
+        mix_weights<D>(prm, w_p, w_q);
+        const F mix = F(w_p) * p + F(w_q) * q;
         lmix = O::log(mix);
-        w = p * (rest * q / mix);
+        w = p * (F(w_q) * q / mix);
       } else {
         lmix = log_mix(log_lam, log_p, log_rest, log_q);
         w = p * O::exp(log_rest + log_q - lmix);
@@ -246,10 +247,11 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_terms(F log_p, F log_q, F p, F q, cons
       const F log_lam(prm.log_skew_lambda), log_rest(prm.log1m_skew_lambda);
       F lmix, w;  // w = q (1 - lam) p / mix
       if constexpr (kDirectMix) {
-        const F rest(1 - prm.skew_lambda);
-        const F mix = rest * p + F(prm.skew_lambda) * q;
+        double w_p, w_q;
+        mix_weights<D>(prm, w_p, w_q);
+        const F mix = F(w_p) * p + F(w_q) * q;
         lmix = O::log(mix);
-        w = q * (rest * p / mix);
+        w = q * (F(w_p) * p / mix);
       } else {
         lmix = log_mix(log_rest, log_p, log_lam, log_q);
         w = q * O::exp(log_rest + log_p - lmix);
@@ -265,7 +267,9 @@ TODI_HOST_DEVICE EntryTerms<F> divergence_terms(F log_p, F log_q, F p, F q, cons
       const F log_b(prm.log_jsd_beta), log_rest(prm.log1m_jsd_beta);
       F lm;
       if constexpr (kDirectMix) {
-        lm = O::log(b * p + F(1 - prm.jsd_beta) * q);
+        double w_p, w_q;
+        mix_weights<D>(prm, w_p, w_q);
+        lm = O::log(F(w_p) * p + F(w_q) * q);
       } else {
         lm = log_mix(log_b, log_p, log_rest, log_q);
       }
