@@ -1,10 +1,12 @@
 // The vocabulary-parallel phase ops (schemas: torch_bindings.cpp; the
 // collectives between them: python/todi_ext/distributed.py): argument checks,
 // the output tables and the kernel parameters of each phase, written once for
-// every backend. Each is a template on the backend's kernel runner,
-// Run(params, logits), which launches the distillation kernel on the logits'
-// device (the CPU kernel copy for this machine, or the CUDA launch), so a
-// backend registers e.g. vocab_parallel::row_stats<run_forward_kernel>.
+// every backend. Each is a template on the backend's phase runner,
+// Run(params, phase, logits), which launches the phase's kernel on the
+// logits' device (the CPU kernel copy for this machine, or the CUDA launch),
+// so a backend registers e.g. vocab_parallel::row_stats<run_phase_kernel>.
+// With a phase, a local label outside [0, vocab) (and not ignore_index) is in
+// another rank's slice: no one-hot term here, and not a NaN row.
 // Header-only: the CUDA host-emulation test harness instantiates it too.
 #pragma once
 
@@ -21,7 +23,7 @@
 
 namespace todi_ext::vocab_parallel {
 
-using KernelRunner = void (*)(const ForwardParams&, const at::Tensor& logits);
+using PhaseRunner = void (*)(const ForwardParams&, const VocabParallelParams&, const at::Tensor& logits);
 
 // A per-row float64 table handed from one phase to the next (through a
 // collective): contiguous, (rows, cols), on the logits' device.
@@ -47,16 +49,16 @@ inline ForwardSetup prepare_phase(const at::Tensor& student_logits, const at::Te
 // AKL's weights come from the whole row's (g_head, g_tail): required with
 // AKL, refused without it (a table that would be silently ignored).
 inline void set_akl_gaps(const ForwardSetup& setup, const std::optional<at::Tensor>& akl_gaps,
-                         const at::Tensor& logits, ForwardParams& p) {
+                         const at::Tensor& logits, VocabParallelParams& vp) {
   const bool akl = setup.divergence == math::Divergence::kAKL;
   TORCH_CHECK_VALUE(akl == akl_gaps.has_value(), akl ? "divergence 'akl' needs akl_gaps, the whole rows' "
                     "(g_head, g_tail)" : "akl_gaps is only for divergence 'akl'");
   if (!akl) return;
   check_row_table("akl_gaps", *akl_gaps, setup.view.rows, 2, logits);
-  p.vocab_parallel.akl_global_gaps = akl_gaps->const_data_ptr<double>();
+  vp.akl_global_gaps = akl_gaps->const_data_ptr<double>();
 }
 
-template <KernelRunner Run>
+template <PhaseRunner Run>
 at::Tensor row_stats(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                      const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
                      bool with_cross_entropy) {
@@ -67,14 +69,15 @@ at::Tensor row_stats(const at::Tensor& student_logits, const at::Tensor& teacher
   if (setup.view.rows > 0) {
     ForwardParams p = forward_params(setup, ignore_index);
     p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
-    p.vocab_parallel.phase = Phase::kRowStats;
-    p.vocab_parallel.stats = stats.mutable_data_ptr<double>();
-    Run(p, student_logits);
+    VocabParallelParams vp;
+    vp.phase = Phase::kRowStats;
+    vp.stats = stats.mutable_data_ptr<double>();
+    Run(p, vp, student_logits);
   }
   return stats;
 }
 
-template <KernelRunner Run>
+template <PhaseRunner Run>
 at::Tensor partial_sums(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                         const std::optional<at::Tensor>& labels, c10::string_view divergence, const at::Tensor& beta,
                         double skew_lambda, double akl_mu, double jsd_beta, const at::Tensor& inv_temperature,
@@ -86,18 +89,19 @@ at::Tensor partial_sums(const at::Tensor& student_logits, const at::Tensor& teac
   TORCH_CHECK_VALUE(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
   at::Tensor sums = at::empty({setup.view.rows, 4}, student_logits.options().dtype(at::kDouble));
   ForwardParams p = forward_params(setup, ignore_index);
-  set_akl_gaps(setup, akl_gaps, student_logits, p);
+  VocabParallelParams vp;
+  set_akl_gaps(setup, akl_gaps, student_logits, vp);
   if (setup.view.rows > 0) {
     p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
-    p.vocab_parallel.phase = Phase::kPartialSums;
-    p.vocab_parallel.global_stats = global_stats.const_data_ptr<double>();
-    p.vocab_parallel.sums = sums.mutable_data_ptr<double>();
-    Run(p, student_logits);
+    vp.phase = Phase::kPartialSums;
+    vp.global_stats = global_stats.const_data_ptr<double>();
+    vp.sums = sums.mutable_data_ptr<double>();
+    Run(p, vp, student_logits);
   }
   return sums;
 }
 
-template <KernelRunner Run>
+template <PhaseRunner Run>
 std::tuple<at::Tensor, at::Tensor> gradients(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
     c10::string_view divergence, const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
@@ -127,15 +131,16 @@ std::tuple<at::Tensor, at::Tensor> gradients(
                     student_logits.device(), ", got ", grad_scale.scalar_type(), " of shape ", grad_scale.sizes(),
                     " on ", grad_scale.device());
   ForwardParams p = forward_params(setup, ignore_index);
-  set_akl_gaps(setup, akl_gaps, student_logits, p);
+  VocabParallelParams vp;
+  set_akl_gaps(setup, akl_gaps, student_logits, vp);
   if (setup.view.rows > 0 && (student_grad || teacher_grad)) {
     p.hard_weight = with_cross_entropy ? 1.0 : 0.0;  // on or off; the values are label_weights'
     p.label_weights = label_weights.const_data_ptr<double>();
     p.grad_scale = grad_scale.const_data_ptr();
-    p.vocab_parallel.phase = Phase::kGradients;
-    p.vocab_parallel.global_stats = global_stats.const_data_ptr<double>();
-    p.vocab_parallel.global_sums = global_sums.const_data_ptr<double>();
-    Run(p, student_logits);
+    vp.phase = Phase::kGradients;
+    vp.global_stats = global_stats.const_data_ptr<double>();
+    vp.global_sums = global_sums.const_data_ptr<double>();
+    Run(p, vp, student_logits);
   }
   return {setup.grad_student, setup.grad_teacher};
 }
@@ -143,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> gradients(
 // The AKL search phases: S at one walk's thresholds (remaining_bits > 0), or
 // the gap sums at the split (remaining_bits 0). tail_key: (rows,) int64, the
 // search's low key.
-template <KernelRunner Run>
+template <PhaseRunner Run>
 at::Tensor akl_phase(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                      const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
                      const at::Tensor& global_stats, const at::Tensor& tail_key, int64_t remaining_bits) {
@@ -166,18 +171,18 @@ at::Tensor akl_phase(const at::Tensor& student_logits, const at::Tensor& teacher
                              student_logits.options().dtype(at::kDouble));
   if (setup.view.rows > 0) {
     ForwardParams p = forward_params(setup, ignore_index);
-    VocabParallelParams& vp = p.vocab_parallel;
+    VocabParallelParams vp;
     vp.phase = walk ? Phase::kAklWalk : Phase::kAklGaps;
     vp.global_stats = global_stats.const_data_ptr<double>();
     vp.akl_low = tail_key.const_data_ptr<int64_t>();
     vp.akl_remaining = static_cast<int>(remaining_bits);
     vp.akl_sums = out.mutable_data_ptr<double>();
-    Run(p, student_logits);
+    Run(p, vp, student_logits);
   }
   return out;
 }
 
-template <KernelRunner Run>
+template <PhaseRunner Run>
 at::Tensor akl_walk(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                     const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
                     const at::Tensor& global_stats, const at::Tensor& tail_key, int64_t remaining_bits) {
@@ -186,7 +191,7 @@ at::Tensor akl_walk(const at::Tensor& student_logits, const at::Tensor& teacher_
                         tail_key, remaining_bits);
 }
 
-template <KernelRunner Run>
+template <PhaseRunner Run>
 at::Tensor akl_gaps(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                     const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
                     const at::Tensor& global_stats, const at::Tensor& tail_key) {

@@ -32,6 +32,9 @@ DTYPES = {"f": "float", "d": "double", "6__half": "half", "13__nv_bfloat16": "bf
 CPP_TYPES = {"bf16": "__nv_bfloat16", "half": "__half", "float": "float"}
 STREAMED = re.compile(r"distill_forward_kernelI([fd])(f|d|6__half|13__nv_bfloat16|NS0_8AnyDtypeE)LNS_4math10DivergenceE(\d)ELb([01])E")
 REGISTERS = re.compile(r"register_rows_kernelI(f|6__half|13__nv_bfloat16)LNS_4math10DivergenceE(\d)E")
+PHASES = re.compile(r"vocab_parallel_kernelI([fd])(f|d|6__half|13__nv_bfloat16|NS0_8AnyDtypeE)LNS_4math10DivergenceE(\d)E"
+                    r"LNS_5PhaseE(\d)E")
+PHASE_NAMES = ["fused", "row_stats", "partial_sums", "gradients", "akl_walk", "akl_gaps"]  # Phase order
 
 # The register-row kernel's common path: each runtime feature test replaced
 # by its usual value. A line that no longer matches stops the script.
@@ -68,6 +71,11 @@ def describe(name):
     if m:
         dtype, div = m.groups()
         return f"{DIVERGENCES[int(div)]:5s} {DTYPES[dtype]:6s} registers acc=float"
+    m = PHASES.search(name)
+    if m:
+        acc, dtype, div, phase = m.groups()
+        return (f"{DIVERGENCES[int(div)]:5s} {DTYPES[dtype]:6s} phase {PHASE_NAMES[int(phase)]} "
+                f"acc={'double' if acc == 'd' else 'float'}")
     return re.sub(r"^_ZN8todi_ext4cuda\d+", "", name)[:40]
 
 

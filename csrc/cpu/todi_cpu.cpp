@@ -19,6 +19,7 @@ namespace todi_ext::cpu {
 
 struct Kernels {
   ForwardKernel forward;
+  PhaseKernel phase;
   ScaleGradKernel scale_grad;
   const char* capability;
 };
@@ -28,12 +29,14 @@ const Kernels& kernels() {
   static const Kernels chosen = [] {
     const std::string best = at::get_cpu_capability();
 #if defined(TODI_EXT_HAVE_AVX512)
-    if (best == "AVX512") return Kernels{AVX512::distill_forward_kernel, AVX512::scale_grad_kernel, "AVX512"};
+    if (best == "AVX512") return Kernels{AVX512::distill_forward_kernel, AVX512::vocab_parallel_kernel, AVX512::scale_grad_kernel, "AVX512"};
 #endif
 #if defined(TODI_EXT_HAVE_AVX2)
-    if (best == "AVX512" || best == "AVX2") return Kernels{AVX2::distill_forward_kernel, AVX2::scale_grad_kernel, "AVX2"};
+    if (best == "AVX512" || best == "AVX2") {
+      return Kernels{AVX2::distill_forward_kernel, AVX2::vocab_parallel_kernel, AVX2::scale_grad_kernel, "AVX2"};
+    }
 #endif
-    return Kernels{DEFAULT::distill_forward_kernel, DEFAULT::scale_grad_kernel, "DEFAULT"};
+    return Kernels{DEFAULT::distill_forward_kernel, DEFAULT::vocab_parallel_kernel, DEFAULT::scale_grad_kernel, "DEFAULT"};
   }();
   return chosen;
 }
@@ -70,16 +73,18 @@ at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
 }
 
 // The vocabulary-parallel phase ops (vocab_parallel_ops.h) run this kernel.
-void run_forward_kernel(const ForwardParams& params, const at::Tensor&) { kernels().forward(params); }
+void run_phase_kernel(const ForwardParams& params, const VocabParallelParams& phase, const at::Tensor&) {
+  kernels().phase(params, phase);
+}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(todi_ext, CPU, m) {
-  m.impl("vocab_parallel_row_stats", &vocab_parallel::row_stats<run_forward_kernel>);
-  m.impl("vocab_parallel_partial_sums", &vocab_parallel::partial_sums<run_forward_kernel>);
-  m.impl("vocab_parallel_gradients", &vocab_parallel::gradients<run_forward_kernel>);
-  m.impl("vocab_parallel_akl_walk", &vocab_parallel::akl_walk<run_forward_kernel>);
-  m.impl("vocab_parallel_akl_gaps", &vocab_parallel::akl_gaps<run_forward_kernel>);
+  m.impl("vocab_parallel_row_stats", &vocab_parallel::row_stats<run_phase_kernel>);
+  m.impl("vocab_parallel_partial_sums", &vocab_parallel::partial_sums<run_phase_kernel>);
+  m.impl("vocab_parallel_gradients", &vocab_parallel::gradients<run_phase_kernel>);
+  m.impl("vocab_parallel_akl_walk", &vocab_parallel::akl_walk<run_phase_kernel>);
+  m.impl("vocab_parallel_akl_gaps", &vocab_parallel::akl_gaps<run_phase_kernel>);
   m.impl("distill_forward", &distill_forward_cpu);
   m.impl("scale_grad_", &scale_grad_cpu_);
   m.impl("scale_grad", &scale_grad_cpu);

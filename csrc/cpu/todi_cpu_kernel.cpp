@@ -526,9 +526,8 @@ void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Ro
 // whose state every rank holds (kAklWalk), or the gap sums at its result
 // (kAklGaps). The whole slice every time: no window to keep between calls.
 template <class acc_t>
-void akl_slice_sums(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
-                    const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s) {
-  const VocabParallelParams& vp = p.vocab_parallel;
+void akl_slice_sums(const ForwardParams& p, const VocabParallelParams& vp, int64_t row, RowChunk<acc_t>& c,
+                    RowScratch<acc_t>& scratch, const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s) {
   const int64_t padded_vocab = akl_fill_row(p, row, c, scratch, lse_z, lse_s, vp.phase == Phase::kAklGaps);
   math::AklTailSearch<acc_t> search;
   search.low = static_cast<typename math::AklTailSearch<acc_t>::U>(vp.akl_low[row]);
@@ -656,15 +655,17 @@ bool fill_phase_row(const VocabParallelParams& vp, int64_t row, double value) {
   return table.data != nullptr;
 }
 
+// One row: the whole of it (vp.phase kFused: the distill_forward op), or one
+// vocabulary-parallel phase on this rank's slice.
 template <math::Divergence D, class acc_t>
-void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch) {
+void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t row, RowChunk<acc_t>& c,
+                 RowScratch<acc_t>& scratch) {
   using Vec = Vectorized<acc_t>;
   acc_t* loss_out = static_cast<acc_t*>(p.loss) + row;
   const int64_t out_offset = row * p.vocab;
   const bool want_gs = p.grad_student.data != nullptr;
   const bool want_gt = p.grad_teacher.data != nullptr;
 
-  const VocabParallelParams& vp = p.vocab_parallel;
   const Phase phase = vp.phase;
   if (p.labels != nullptr && p.labels[row] == p.ignore_index) {
     if (phase == Phase::kRowStats) {
@@ -723,7 +724,7 @@ void forward_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScr
   math::DivergenceParams prm = p.divergence_params;
   prm.beta = *p.beta;
   if constexpr (D == math::Divergence::kAKL) {
-    if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) return akl_slice_sums(p, row, c, scratch, lse_zv, lse_sv);
+    if (phase == Phase::kAklWalk || phase == Phase::kAklGaps) return akl_slice_sums(p, vp, row, c, scratch, lse_zv, lse_sv);
     if (phase == Phase::kFused) {
       akl_row_weights(p, row, c, scratch, lse_zv, lse_sv, prm);
     } else {  // the whole row's gaps, summed over the slices
@@ -876,11 +877,11 @@ int64_t grain_rows(int64_t vocab) {
 }
 
 template <math::Divergence D, class acc_t>
-void forward_rows(const ForwardParams& p) {
+void forward_rows(const ForwardParams& p, const VocabParallelParams& vp) {
   at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
     RowChunk<acc_t> chunk;
     RowScratch<acc_t> scratch(p, D == math::Divergence::kAKL);
-    for (int64_t row = begin; row < end; ++row) forward_row<D>(p, row, chunk, scratch);
+    for (int64_t row = begin; row < end; ++row) forward_row<D>(p, vp, row, chunk, scratch);
   });
 }
 
@@ -913,15 +914,17 @@ void scale_grad(const ScaleGradParams& p) {
 
 }  // namespace
 
-void distill_forward_kernel(const ForwardParams& params) {
+void vocab_parallel_kernel(const ForwardParams& params, const VocabParallelParams& phase) {
   dispatch_divergence(params.divergence, [&](auto divergence) {
     if (params.double_math) {
-      forward_rows<decltype(divergence)::value, double>(params);
+      forward_rows<decltype(divergence)::value, double>(params, phase);
     } else {
-      forward_rows<decltype(divergence)::value, float>(params);
+      forward_rows<decltype(divergence)::value, float>(params, phase);
     }
   });
 }
+
+void distill_forward_kernel(const ForwardParams& params) { vocab_parallel_kernel(params, VocabParallelParams{}); }
 
 void scale_grad_kernel(const ScaleGradParams& params) {
   if (params.grad.dtype == c10::ScalarType::Double || params.scale_dtype == c10::ScalarType::Double) {

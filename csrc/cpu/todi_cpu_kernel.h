@@ -9,12 +9,14 @@
 namespace todi_ext::cpu {
 
 using ForwardKernel = void (*)(const ForwardParams&);
+using PhaseKernel = void (*)(const ForwardParams&, const VocabParallelParams&);
 using ScaleGradKernel = void (*)(const ScaleGradParams&);
 
-#define TODI_DECLARE_CPU_KERNELS(capability)                 \
-  namespace capability {                                     \
-  void distill_forward_kernel(const ForwardParams& params);     \
-  void scale_grad_kernel(const ScaleGradParams& params);     \
+#define TODI_DECLARE_CPU_KERNELS(capability)                                            \
+  namespace capability {                                                                \
+  void distill_forward_kernel(const ForwardParams& params);                             \
+  void vocab_parallel_kernel(const ForwardParams& params, const VocabParallelParams& phase); \
+  void scale_grad_kernel(const ScaleGradParams& params);                                \
   }
 
 TODI_DECLARE_CPU_KERNELS(DEFAULT)

@@ -1,8 +1,8 @@
 // The forward kernels of one divergence and their launch. CMake compiles this
 // file once per divergence with -DTODI_EXT_DIVERGENCE=kToDi, kFKL, ...:
 // register rows for three dtypes, streamed for four (each also lean: student
-// gradient only, no cross-entropy), two generic; the eight objects build in
-// parallel.
+// gradient only, no cross-entropy), two generic, and the vocabulary-parallel
+// phase kernels for the same six; the eight objects build in parallel.
 #include <c10/cuda/CUDAException.h>
 
 #include "launch_config.cuh"
@@ -47,44 +47,59 @@ bool launch_register_rows(const ForwardParams& args, int device, cudaStream_t st
   return true;
 }
 
+// The register-row kernel where it serves the arguments, else the streamed
+// kernel: its lean instantiation where that serves them, the full one
+// otherwise (and for mixed dtypes, which have one generic instantiation).
 template <class A, class T, math::Divergence D>
-void launch_typed(const ForwardParams& args, int device, cudaStream_t stream) {
-  if constexpr (sizeof(T) < 8) {
-    if (launch_register_rows<T, D>(args, device, stream)) return;
+void launch_fused(const ForwardParams& args, int device, cudaStream_t stream) {
+  const unsigned grid = grid_for(args.rows), threads = threads_for(args.vocab);
+  if constexpr (!std::is_same_v<T, AnyDtype>) {
+    if constexpr (sizeof(T) < 8) {
+      if (launch_register_rows<T, D>(args, device, stream)) return;
+    }
+    if (streamed_is_lean(args)) {
+      distill_forward_kernel<A, T, D, true><<<grid, threads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
   }
-  if (streamed_is_lean(args)) {
-    distill_forward_kernel<A, T, D, true><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
-  } else {
-    distill_forward_kernel<A, T, D><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
-  }
+  distill_forward_kernel<A, T, D><<<grid, threads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <class A, math::Divergence D>
-void launch_any(const ForwardParams& args, cudaStream_t stream) {
-  distill_forward_kernel<A, AnyDtype, D><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// One phase's kernel; AKL's search phases exist for AKL only (the ops that
+// run them pass divergence "akl").
+template <class A, class T, math::Divergence D>
+void launch_phase(const ForwardParams& args, const VocabParallelParams& phase, cudaStream_t stream) {
+  dispatch_phase(phase.phase, [&](auto p) {
+    constexpr Phase P = decltype(p)::value;
+    if constexpr (kPhaseKernelExists<D, P>) {
+      vocab_parallel_kernel<A, T, D, P><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args, phase);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      TORCH_CHECK(false, "AKL's search phases need divergence 'akl'");
+    }
+  });
 }
 
 }  // namespace
 
 template <math::Divergence D>
-void launch_distill_forward(const ForwardParams& args, c10::ScalarType student_dtype, c10::ScalarType teacher_dtype,
-                            int device, cudaStream_t stream) {
-  if (student_dtype != teacher_dtype) {
-    args.double_math ? launch_any<double, D>(args, stream) : launch_any<float, D>(args, stream);
-  } else if (student_dtype == c10::kFloat) {
-    launch_typed<float, float, D>(args, device, stream);
-  } else if (student_dtype == c10::kBFloat16) {
-    launch_typed<float, __nv_bfloat16, D>(args, device, stream);
-  } else if (student_dtype == c10::kHalf) {
-    launch_typed<float, __half, D>(args, device, stream);
-  } else {  // float64
-    launch_typed<double, double, D>(args, device, stream);
-  }
+void launch_distill_forward(const ForwardParams& args, int device, cudaStream_t stream) {
+  dispatch_dtypes(args, [&](auto a, auto t) {
+    launch_fused<typename decltype(a)::type, typename decltype(t)::type, D>(args, device, stream);
+  });
 }
 
-template void launch_distill_forward<math::Divergence::TODI_EXT_DIVERGENCE>(const ForwardParams&, c10::ScalarType,
-                                                                           c10::ScalarType, int, cudaStream_t);
+template <math::Divergence D>
+void launch_vocab_parallel(const ForwardParams& args, const VocabParallelParams& phase, cudaStream_t stream) {
+  dispatch_dtypes(args, [&](auto a, auto t) {
+    launch_phase<typename decltype(a)::type, typename decltype(t)::type, D>(args, phase, stream);
+  });
+}
+
+template void launch_distill_forward<math::Divergence::TODI_EXT_DIVERGENCE>(const ForwardParams&, int, cudaStream_t);
+template void launch_vocab_parallel<math::Divergence::TODI_EXT_DIVERGENCE>(const ForwardParams&,
+                                                                          const VocabParallelParams&, cudaStream_t);
 
 }  // namespace todi_ext::cuda

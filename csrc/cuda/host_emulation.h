@@ -100,10 +100,11 @@ T* static_shared(size_t count) {
 
 inline unsigned char* dynamic_shared() { return block().arena.data(); }
 
-// Runs kernel(args) over grid x block threads, `parts` blocks to a cluster
+// Runs kernel(args...) over grid x block threads, `parts` blocks to a cluster
 // (1: no clusters), one cluster at a time.
-template <class Kernel, class Args>
-void launch(Kernel kernel, unsigned grid, unsigned threads, size_t dynamic_bytes, unsigned parts, const Args& args) {
+template <class Kernel, class... Args>
+void launch(Kernel kernel, unsigned grid, unsigned threads, size_t dynamic_bytes, unsigned parts,
+            const Args&... args) {
   if (threads % kWarpSize != 0 || threads == 0 || parts == 0 || grid % parts != 0) {
     throw std::invalid_argument("todi_host::launch: bad configuration");
   }
@@ -128,7 +129,7 @@ void launch(Kernel kernel, unsigned grid, unsigned threads, size_t dynamic_bytes
           blockIdx = uint3{first + r, 0, 0};
           blockDim = dim3(threads);
           gridDim = dim3(grid);
-          kernel(args);
+          kernel(args...);
         });
       }
     }

@@ -73,11 +73,15 @@ bool cluster_launchable(int device, const cudaLaunchConfig_t& config, int parts)
   return entry.load() == 1;
 }
 
-// Launches the forward kernel of divergence D for inputs of these dtypes.
+// Launches the forward kernel of divergence D for the params' input dtypes.
 // Defined in distill_forward_launch.cu, which CMake compiles once per
 // divergence (TODI_EXT_DIVERGENCE) so the 80 kernels build in parallel.
 template <math::Divergence D>
-void launch_distill_forward(const ForwardParams& args, c10::ScalarType student_dtype, c10::ScalarType teacher_dtype,
-                            int device, cudaStream_t stream);
+void launch_distill_forward(const ForwardParams& args, int device, cudaStream_t stream);
+
+// Launches one vocabulary-parallel phase's kernel (vocab_parallel_kernel) of
+// divergence D on this rank's slice; same file.
+template <math::Divergence D>
+void launch_vocab_parallel(const ForwardParams& args, const VocabParallelParams& phase, cudaStream_t stream);
 
 }  // namespace todi_ext::cuda

@@ -62,8 +62,7 @@ inline RegisterRowShape register_row_shape(int64_t vocab, int64_t elem_bytes, in
 }
 
 // Whether the kernel serves these arguments: one dtype of 4 or 2 bytes for
-// both inputs, every row starting on a 16-byte boundary, the fused op (not a
-// vocabulary-parallel phase), no teacher gradient (its two more terms per
+// both inputs, every row starting on a 16-byte boundary, no teacher gradient (its two more terms per
 // entry would not fit the registers).
 inline bool register_rows_eligible(const ForwardParams& args, int64_t elem_bytes) {
   const auto aligned = [&](const RowMatrix& m) {
@@ -74,8 +73,7 @@ inline bool register_rows_eligible(const ForwardParams& args, int64_t elem_bytes
     return true;
   };
   return !args.double_math && elem_bytes != 8 && args.student.dtype == args.teacher.dtype &&
-         args.vocab_parallel.phase == Phase::kFused && args.grad_teacher.data == nullptr && aligned(args.student) &&
-         aligned(args.teacher);
+         args.grad_teacher.data == nullptr && aligned(args.student) && aligned(args.teacher);
 }
 
 // Keeps the compiler from carrying values across it in registers: the raw

@@ -18,14 +18,22 @@ namespace todi_ext::cuda {
 namespace {
 
 // Launches the forward kernel of the params' divergence on the logits' device
-// and current stream (the distill_forward op, and the vocabulary-parallel
-// phase ops of vocab_parallel_ops.h).
+// and current stream.
 void run_forward_kernel(const ForwardParams& args, const at::Tensor& logits) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const int device = logits.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   dispatch_divergence(args.divergence, [&](auto divergence) {
-    launch_distill_forward<decltype(divergence)::value>(args, args.student.dtype, args.teacher.dtype, device, stream);
+    launch_distill_forward<decltype(divergence)::value>(args, device, stream);
+  });
+}
+
+// The vocabulary-parallel phase ops of vocab_parallel_ops.h: one phase's kernel, likewise.
+void run_phase_kernel(const ForwardParams& args, const VocabParallelParams& phase, const at::Tensor& logits) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.get_device()).stream();
+  dispatch_divergence(args.divergence, [&](auto divergence) {
+    launch_vocab_parallel<decltype(divergence)::value>(args, phase, stream);
   });
 }
 
@@ -72,11 +80,11 @@ TORCH_LIBRARY_IMPL(todi_ext, CUDA, m) {
   m.impl("distill_forward", &distill_forward_cuda);
   m.impl("scale_grad_", &scale_grad_cuda_);
   m.impl("scale_grad", &scale_grad_cuda);
-  m.impl("vocab_parallel_row_stats", &vocab_parallel::row_stats<run_forward_kernel>);
-  m.impl("vocab_parallel_partial_sums", &vocab_parallel::partial_sums<run_forward_kernel>);
-  m.impl("vocab_parallel_gradients", &vocab_parallel::gradients<run_forward_kernel>);
-  m.impl("vocab_parallel_akl_walk", &vocab_parallel::akl_walk<run_forward_kernel>);
-  m.impl("vocab_parallel_akl_gaps", &vocab_parallel::akl_gaps<run_forward_kernel>);
+  m.impl("vocab_parallel_row_stats", &vocab_parallel::row_stats<run_phase_kernel>);
+  m.impl("vocab_parallel_partial_sums", &vocab_parallel::partial_sums<run_phase_kernel>);
+  m.impl("vocab_parallel_gradients", &vocab_parallel::gradients<run_phase_kernel>);
+  m.impl("vocab_parallel_akl_walk", &vocab_parallel::akl_walk<run_phase_kernel>);
+  m.impl("vocab_parallel_akl_gaps", &vocab_parallel::akl_gaps<run_phase_kernel>);
 }
 
 }  // namespace todi_ext::cuda

@@ -94,6 +94,27 @@ __device__ __forceinline__ void store_any(void* p, Dtype t, int64_t i, A x) {
 // Marker for the generic, per-element-switch instantiation.
 struct AnyDtype {};
 
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<A>{}, TypeTag<T>{}) with the kernels' accumulation type A
+// and element type T for these inputs (AnyDtype where their dtypes differ).
+template <class Fn>
+void dispatch_dtypes(const ForwardParams& args, Fn&& fn) {
+  const Dtype t = args.student.dtype;
+  if (t != args.teacher.dtype) {
+    return args.double_math ? fn(TypeTag<double>{}, TypeTag<AnyDtype>{}) : fn(TypeTag<float>{}, TypeTag<AnyDtype>{});
+  }
+  switch (t) {
+    case Dtype::Float: return fn(TypeTag<float>{}, TypeTag<float>{});
+    case Dtype::BFloat16: return fn(TypeTag<float>{}, TypeTag<__nv_bfloat16>{});
+    case Dtype::Half: return fn(TypeTag<float>{}, TypeTag<__half>{});
+    default: return fn(TypeTag<double>{}, TypeTag<double>{});
+  }
+}
+
 // ------------------------------------------------------------- reductions
 template <class A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -180,6 +201,32 @@ __device__ __forceinline__ void store_streaming(uint4* p, const uint4& v) {
 #endif
 }
 
+// The 16-byte loads of a row walk: plain, or (pass 1 of the streamed kernel,
+// whose row passes 2 and 3 read again) marked evict-last in L2, so that the
+// rows in flight, more than L2 holds at long vocabularies, keep their lines
+// ahead of the gradient's and other traffic.
+struct PlainLoad {
+  __device__ __forceinline__ uint4 operator()(const uint4* p) const { return *p; }
+};
+
+struct EvictLastLoad {
+#if defined(__CUDA_ARCH__)
+  uint64_t policy;
+  __device__ __forceinline__ EvictLastLoad() {
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  }
+  __device__ __forceinline__ uint4 operator()(const uint4* p) const {
+    uint4 v;
+    asm("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "l"(policy));
+    return v;
+  }
+#else
+  __device__ uint4 operator()(const uint4* p) const { return *p; }
+#endif
+};
+
 // Where a row's 16-byte vectors start: rows of one dtype whose starts share
 // their 16-byte misalignment are read as a scalar head, 16-byte vectors and a
 // scalar tail; other rows entry by entry (head = vocab).
@@ -195,8 +242,9 @@ __device__ __forceinline__ int64_t vector_head(const T* z, const T* s, int64_t v
 // The entries of one row this thread owns: vec(i0, zw, sw) for each 16-byte
 // word pair (entries i0 .. i0 + 16 / sizeof(T) - 1, raw), elem(i, z, s) for
 // the scalar head and tail (raw T values).
-template <class T, class FV, class FE>
-__device__ __forceinline__ void for_each_vector(const T* z, const T* s, int64_t vocab, FV&& vec, FE&& elem) {
+template <class T, class FV, class FE, class Load = PlainLoad>
+__device__ __forceinline__ void for_each_vector(const T* z, const T* s, int64_t vocab, FV&& vec, FE&& elem,
+                                                const Load& load = {}) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t head = vector_head(z, s, vocab);
   for (int64_t i = threadIdx.x; i < head; i += blockDim.x) elem(i, z[i], s[i]);
@@ -204,8 +252,8 @@ __device__ __forceinline__ void for_each_vector(const T* z, const T* s, int64_t 
   const uint4* zv = reinterpret_cast<const uint4*>(z + head);
   const uint4* sv = reinterpret_cast<const uint4*>(s + head);
   for (int64_t j = threadIdx.x; j < vectors; j += blockDim.x) {
-    const uint4 zw = zv[j];  // by value: one 16-byte load each (a reference would become scalar loads)
-    const uint4 sw = sv[j];
+    const uint4 zw = load(zv + j);  // by value: one 16-byte load each (a reference would become scalar loads)
+    const uint4 sw = load(sv + j);
     vec(head + j * kVec, zw, sw);
   }
   for (int64_t i = head + vectors * kVec + threadIdx.x; i < vocab; i += blockDim.x) elem(i, z[i], s[i]);
@@ -357,7 +405,6 @@ __device__ void akl_row_weights(Walk&& walk, RowSum&& row_sum, A inv_t, const R&
   math::set_akl_weights(g[0], g[1], prm);
 }
 
-// ------------------------------------------------------------------ kernels
 // ------------------------------------------------------------------ clusters
 // Row reductions over a thread-block cluster, through distributed shared
 // memory (sm_90; the register-row kernel). Each block publishes its
@@ -428,198 +475,289 @@ __device__ __forceinline__ void cluster_merge(L& a, L& b, ClusterSlots<A>& slots
 #endif
 
 
-// T: the element type of both inputs, or AnyDtype. D: the divergence.
-// Whether the streamed kernel's lean instantiation serves these arguments.
-inline bool streamed_is_lean(const ForwardParams& args) {
-  return args.vocab_parallel.phase == Phase::kFused && args.grad_teacher.data == nullptr && args.hard_weight == 0;
+// ------------------------------------------------------------- row stages
+// The streamed kernel's work on one row, in stages: the log-sum-exps (pass
+// 1), AKL's weights, the sums (pass 2) and the gradients (pass 3). The fused
+// kernel runs them in turn; each vocabulary-parallel phase kernel runs one,
+// with the other slices' results read from its float64 tables.
+
+// Pass 1 over this thread's entries and one block merge: the row's
+// log-sum-exps of z / T and s / T, and of z (z1) when need_z1. load: how the
+// 16-byte words are read (EvictLastLoad where passes 2-3 follow).
+template <class A, class T, class Load>
+__device__ __forceinline__ void row_log_sum_exps(const RowSource<A, T>& src, int64_t vocab, A inv_t, bool need_z1,
+                                                 A* scratch, const Load& load, math::LogSumExp<A>& lse_z,
+                                                 math::LogSumExp<A>& lse_s, math::LogSumExp<A>& lse_z1) {
+  if constexpr (!std::is_same_v<T, AnyDtype>) {
+    constexpr int kVec = 16 / sizeof(T);
+    for_each_vector(
+        src.z, src.s, vocab,
+        [&](int64_t, const uint4& zw, const uint4& sw) {
+          const T* ze = reinterpret_cast<const T*>(&zw);
+          const T* se = reinterpret_cast<const T*>(&sw);
+          A zs[kVec], ss[kVec];
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            zs[k] = Elem<T>::template load<A>(ze[k]);
+            ss[k] = Elem<T>::template load<A>(se[k]);
+          }
+          lse_fold(lse_z, zs, inv_t);
+          lse_fold(lse_s, ss, inv_t);
+          if (need_z1) lse_fold(lse_z1, zs, A(1));
+        },
+        [&](int64_t, T z, T s) {
+          const A zs[1] = {Elem<T>::template load<A>(z)}, ss[1] = {Elem<T>::template load<A>(s)};
+          lse_fold(lse_z, zs, inv_t);
+          lse_fold(lse_s, ss, inv_t);
+          if (need_z1) lse_fold(lse_z1, zs, A(1));
+        },
+        load);
+  } else {
+    src.for_each(vocab, [&](int64_t, A z, A s) {
+      const A zs[1] = {z}, ss[1] = {s};
+      lse_fold(lse_z, zs, inv_t);
+      lse_fold(lse_s, ss, inv_t);
+      if (need_z1) lse_fold(lse_z1, zs, A(1));
+    });
+  }
+  block_merge(lse_z, lse_s, scratch);
+  if (need_z1) {
+    math::LogSumExp<A> unused;
+    block_merge(lse_z1, unused, scratch);
+  }
 }
 
-// kLean: the fused op with only the student's gradient and no cross-entropy
-// (streamed_is_lean), so the teacher-gradient, hard-label and phase code is
+template <class A>
+__device__ __forceinline__ RowLse<A> row_lse(const math::LogSumExp<A>& l) {
+  return {l.max, math::Ops<A>::log(l.sum)};
+}
+
+// One entry's terms from the row's log-sum-exps (kUnitBeta: ToDi at beta = 1,
+// a = p / (p + q)). The +-inf entries of left_out(z, s) get zero terms: a
+// +-inf logit makes r = log p - log q infinite or NaN (+inf and NaN logits
+// never get here), one compare instead of four.
+template <class A, math::Divergence D, bool kUnitBeta>
+struct RowTerms {
+  RowLse<A> lz, ls;
+  A inv_t;
+  const math::DivergenceParams& prm;
+  __device__ __forceinline__ math::EntryTerms<A> operator()(A z, A s) const {
+    const A log_p = ls.log_prob(s, inv_t);
+    const A log_q = lz.log_prob(z, inv_t);
+    auto t = math::divergence_entry<D, kUnitBeta>(log_p, log_q, prm);
+    if (!(math::Ops<A>::abs(log_p - log_q) < std::numeric_limits<A>::infinity())) {
+      t.loss = A(0);
+      t.u = A(0);
+      t.v = A(0);
+    }
+    return t;
+  }
+};
+
+// Pass 2: the row's loss, U = sum u and V = sum v, in every thread.
+template <class A, class Walk, class Terms>
+__device__ __forceinline__ void row_sums(Walk&& walk, const Terms& terms, A* scratch, A (&sums)[3]) {
+  sums[0] = sums[1] = sums[2] = A(0);
+  walk([&](int64_t, A z, A s) {
+    const auto t = terms(z, s);
+    sums[0] += t.loss;
+    sums[1] += t.u;
+    sums[2] += t.v;
+  });
+  block_sum(sums, scratch);
+}
+
+// What pass 3 needs beyond the entry's terms: the weight sums and the scales.
+// The student's gradient is the divergence's part plus, with the hard-label
+// cross-entropy, hard_t * softmax(z) (its one-hot part: fix_label_gradient).
+template <class A>
+struct RowGradients {
+  A u_sum, v_sum;
+  A grad_t;  // 1/T times the reduction's factor and the divergence's weight
+  A hard_t;  // the cross-entropy's weight times the reduction's factor
+  bool hard, unit_t;
+  RowLse<A> lz1;  // z's own log-sum-exp (T = 1)
+  __device__ __forceinline__ A student(const math::EntryTerms<A>& t, A z) const {
+    A g = math::log_softmax_grad(t.u, t.q, u_sum, grad_t);
+    if (hard) g += hard_t * (unit_t ? t.q : math::Ops<A>::exp((math::Ops<A>::mul_rn(z, A(1)) - lz1.max) - lz1.log_sum));
+    return g;
+  }
+  __device__ __forceinline__ A teacher(const math::EntryTerms<A>& t) const { return math::log_softmax_grad(t.v, t.p, v_sum, grad_t); }
+};
+
+// The scales of RowGradients, read where used: read once at the kernel's
+// start, the two registers the label weights kept live lengthened pass 3.
+template <class A>
+__device__ __forceinline__ RowGradients<A> row_gradients(const ForwardParams& args, A u_sum, A v_sum, A inv_t,
+                                                         bool hard, bool unit_t, const RowLse<A>& lz1) {
+  const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
+  return {u_sum,
+          v_sum,
+          inv_t * reduction_scale * static_cast<A>(args.soft_label_weight()),
+          static_cast<A>(args.hard_label_weight()) * reduction_scale,
+          hard,
+          unit_t,
+          lz1};
+}
+
+// Pass 3: the row's gradients into grad_z (student) and grad_s (teacher), at
+// out_base; data nullptr: not wanted. 16-byte streaming stores where the output row
+// shares the input row's misalignment (then its vectors line up with the
+// input's), scalar stores otherwise.
+template <class A, class T, class Terms>
+__device__ __forceinline__ void write_row_gradients(const RowSource<A, T>& src, int64_t vocab, const Terms& terms,
+                                                    const RowGradients<A>& grads, const OutMatrix& grad_z,
+                                                    const OutMatrix& grad_s, int64_t out_base) {
+  if constexpr (!std::is_same_v<T, AnyDtype>) {
+    constexpr int kVec = 16 / sizeof(T);
+    T* out_z = grad_z.data ? static_cast<T*>(grad_z.data) + out_base : nullptr;
+    T* out_s = grad_s.data ? static_cast<T*>(grad_s.data) + out_base : nullptr;
+    const auto misalignment = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
+    const bool vec_z = misalignment(out_z) == misalignment(src.z);
+    const bool vec_s = misalignment(out_s) == misalignment(src.s);
+    for_each_vector(
+        src.z, src.s, vocab,
+        [&](int64_t i0, const uint4& zw, const uint4& sw) {
+          const T* ze = reinterpret_cast<const T*>(&zw);
+          const T* se = reinterpret_cast<const T*>(&sw);
+          uint4 gzw, gsw;
+          T* gz = reinterpret_cast<T*>(&gzw);
+          T* gs = reinterpret_cast<T*>(&gsw);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const A z = Elem<T>::template load<A>(ze[k]);
+            const auto t = terms(z, Elem<T>::template load<A>(se[k]));
+            if (out_z) gz[k] = Elem<T>::from(grads.student(t, z));
+            if (out_s) gs[k] = Elem<T>::from(grads.teacher(t));
+          }
+          if (out_z) {
+            if (vec_z) {
+              store_streaming(reinterpret_cast<uint4*>(out_z + i0), gzw);
+            } else {
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) out_z[i0 + k] = gz[k];
+            }
+          }
+          if (out_s) {
+            if (vec_s) {
+              store_streaming(reinterpret_cast<uint4*>(out_s + i0), gsw);
+            } else {
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) out_s[i0 + k] = gs[k];
+            }
+          }
+        },
+        [&](int64_t i, T z, T s) {
+          const A za = Elem<T>::template load<A>(z);
+          const auto t = terms(za, Elem<T>::template load<A>(s));
+          if (out_z) out_z[i] = Elem<T>::from(grads.student(t, za));
+          if (out_s) out_s[i] = Elem<T>::from(grads.teacher(t));
+        });
+  } else {
+    src.for_each(vocab, [&](int64_t i, A z, A s) {
+      const auto t = terms(z, s);
+      if (grad_z.data) store_any(grad_z.data, grad_z.dtype, out_base + i, grads.student(t, z));
+      if (grad_s.data) store_any(grad_s.data, grad_s.dtype, out_base + i, grads.teacher(t));
+    });
+  }
+}
+
+// The one-hot part of the cross-entropy's gradient, -hard_t at the label:
+// its entry is rewritten once the block's pass 3 stores are visible to the
+// thread that does it.
+template <class A, class Terms>
+__device__ __forceinline__ void fix_label_gradient(const ForwardParams& args, int64_t row, int64_t label,
+                                                   bool label_here, A z_label, const Terms& terms,
+                                                   const RowGradients<A>& grads) {
+  __syncthreads();
+  if (threadIdx.x == 0 && label_here) {
+    const A s_label = load_any<A>(args.teacher.data, args.teacher.dtype, args.teacher.layout.row_offset(row) + label);
+    const auto t = terms(z_label, s_label);
+    store_any(args.grad_student.data, args.grad_student.dtype, row * args.vocab + label,
+              grads.student(t, z_label) - grads.hard_t);
+  }
+}
+
+// An output row (gradient dtype) filled with one value: ignored rows' zeros,
+// NaN rows' NaNs.
+template <class A>
+__device__ __forceinline__ void fill_gradient_row(const OutMatrix& out, int64_t row, int64_t vocab, A value) {
+  if (out.data == nullptr) return;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) store_any(out.data, out.dtype, row * vocab + i, value);
+}
+
+template <class A>
+__device__ __forceinline__ A label_logit(const ForwardParams& args, int64_t row, int64_t label) {
+  return load_any<A>(args.student.data, args.student.dtype, args.student.layout.row_offset(row) + label);
+}
+
+// Whether 1/T and beta are valid: invalid ones from a direct op call (not
+// checked on the host: that would sync) make every counted row NaN instead
+// of a wrong number.
+template <class A>
+__device__ __forceinline__ bool scalars_valid(A inv_t, double beta) {
+  return inv_t > A(0) && math::is_finite(inv_t) && math::is_finite(beta);
+}
+
+// ------------------------------------------------------------------ kernels
+// Whether the streamed kernel's lean instantiation serves these arguments.
+inline bool streamed_is_lean(const ForwardParams& args) {
+  return args.grad_teacher.data == nullptr && args.hard_weight == 0;
+}
+
+// The fused op's streamed kernel. T: the element type of both inputs, or
+// AnyDtype; D: the divergence. kLean: only the student's gradient and no
+// cross-entropy (streamed_is_lean), the teacher-gradient and hard-label code
 // compiled out of its loops instead of predicated off.
 template <class A, class T, math::Divergence D, bool kLean = false>
 __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const ForwardParams args) {
-  constexpr bool kTyped = !std::is_same_v<T, AnyDtype>;
   using Lse = math::LogSumExp<A>;
   // Reduction scratch: 4 values per warp (AKL's search sums 15).
   TODI_SHARED_ARRAY(A, scratch, (D == math::Divergence::kAKL ? math::kAklCandidates : 4) * kWarp);
   const A inv_t = static_cast<A>(*args.inv_temperature);  // 0-dim tensors in device memory
   const double beta = *args.beta;
-  // Invalid scalars from a direct op call (not checked on the host: that would
-  // sync) make every counted row NaN instead of a wrong number.
-  const bool scalars_ok = inv_t > A(0) && math::is_finite(inv_t) && math::is_finite(beta);
+  const bool scalars_ok = scalars_valid(inv_t, beta);
   // The hard-label cross-entropy (hard_weight != 0) needs z's own log-sum-exp:
   // lse_z's when T = 1, else a third one in pass 1.
   const bool hard = !kLean && args.hard_weight != 0;
   const bool unit_t = *args.inv_temperature == 1.0;
   const bool need_z1 = hard && !unit_t;
-  // Vocabulary-parallel phases (kernel_params.h): this launch is one step of
-  // the row's work on one rank's slice; the rows' statistics and sums of all
-  // slices come in as global_stats / global_sums (float64 tables).
-  const VocabParallelParams& vp = args.vocab_parallel;
-  const Phase phase = kLean ? Phase::kFused : vp.phase;
   // Read where used rather than held in a register (the full kernel has none to spare).
-  const auto grad_teacher = [&]() -> void* { return kLean ? nullptr : args.grad_teacher.data; };
-  const bool fused = phase == Phase::kFused;
-
+  const auto grad_teacher = [&]() { return kLean ? OutMatrix{} : args.grad_teacher; };
   const int64_t vocab = args.vocab;
-  // The phase's float64 output table (phase_table; none in kFused and
-  // kGradients), written by one thread per row: write_row with an array of
-  // the table's width (a compile-time size, so the values stay in registers),
-  // fill_row with one value.
-  const PhaseTable table = phase_table(vp);
-  auto write_row = [&](int64_t row, const auto& values) {
-    constexpr int n = std::extent_v<std::remove_reference_t<decltype(values)>>;
-    if (table.data != nullptr && threadIdx.x == 0) {
-#pragma unroll
-      for (int k = 0; k < n; ++k) table.data[row * n + k] = values[k];
-    }
-  };
-  auto fill_row = [&](int64_t row, double value) {
-    if (table.data != nullptr && threadIdx.x == 0) {
-      for (int k = 0; k < table.width; ++k) table.data[row * table.width + k] = value;
-    }
-  };
-
-  auto row_sum = [&](auto& v) { block_sum(v, scratch); };
-  auto row_merge = [&](Lse& a, Lse& b) { block_merge(a, b, scratch); };
 
   for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
     A* loss_out = static_cast<A*>(args.loss) + row;
-    const int64_t out_base = row * args.vocab;
-    RowSource<A, T> global_row(args, row);
+    const RowSource<A, T> src(args, row);
 
     if (args.labels != nullptr && args.labels[row] == args.ignore_index) {
-      if (phase == Phase::kRowStats) {
-        const double empty[6] = {0, 1, 0, 1, 0, 1};  // (max 0, sum 1): log-sum-exp 0
-        write_row(row, empty);
-      } else {
-        fill_row(row, 0.0);
-      }
-      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-        if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, A(0));
-        if (grad_teacher()) global_row.store(grad_teacher(), args.grad_teacher.dtype, out_base + i, A(0));
-      }
-      if (threadIdx.x == 0 && fused) *loss_out = A(0);
+      fill_gradient_row(args.grad_student, row, vocab, A(0));
+      fill_gradient_row(grad_teacher(), row, vocab, A(0));
+      if (threadIdx.x == 0) *loss_out = A(0);
       continue;
     }
 
-    // Pass 1: per-thread online log-sum-exps. The later phases take the whole
-    // rows' from global_stats instead.
     Lse lse_z, lse_s, lse_z1;
-    RowLse<A> lz, ls, lz1;
-    if (fused || phase == Phase::kRowStats) {
-      if constexpr (kTyped) {
-        constexpr int kVec = 16 / sizeof(T);
-        for_each_vector(
-            global_row.z, global_row.s, vocab,
-            [&](int64_t, const uint4& zw, const uint4& sw) {
-              const T* ze = reinterpret_cast<const T*>(&zw);
-              const T* se = reinterpret_cast<const T*>(&sw);
-              A zs[kVec], ss[kVec];
-#pragma unroll
-              for (int k = 0; k < kVec; ++k) {
-                zs[k] = Elem<T>::template load<A>(ze[k]);
-                ss[k] = Elem<T>::template load<A>(se[k]);
-              }
-              lse_fold(lse_z, zs, inv_t);
-              lse_fold(lse_s, ss, inv_t);
-              if (need_z1) lse_fold(lse_z1, zs, A(1));
-            },
-            [&](int64_t, T z, T s) {
-              const A zs[1] = {Elem<T>::template load<A>(z)}, ss[1] = {Elem<T>::template load<A>(s)};
-              lse_fold(lse_z, zs, inv_t);
-              lse_fold(lse_s, ss, inv_t);
-              if (need_z1) lse_fold(lse_z1, zs, A(1));
-            });
-      } else {
-        global_row.for_each(vocab, [&](int64_t, A z, A s) {
-          const A zs[1] = {z}, ss[1] = {s};
-          lse_fold(lse_z, zs, inv_t);
-          lse_fold(lse_s, ss, inv_t);
-          if (need_z1) lse_fold(lse_z1, zs, A(1));
-        });
-      }
-      row_merge(lse_z, lse_s);
-      if (need_z1) {
-        Lse unused;
-        row_merge(lse_z1, unused);
-      }
-      if (phase == Phase::kRowStats) {  // this slice's (max, sum) pairs; z's own = z/T's at T = 1
-        const Lse& z1 = need_z1 ? lse_z1 : lse_z;
-        const double stats[6] = {lse_z.max, lse_z.sum, lse_s.max, lse_s.sum, hard ? z1.max : A(0), hard ? z1.sum : A(1)};
-        write_row(row, stats);
-        continue;
-      }
-      lz = {lse_z.max, math::Ops<A>::log(lse_z.sum)};
-      ls = {lse_s.max, math::Ops<A>::log(lse_s.sum)};
-      lz1 = need_z1 ? RowLse<A>{lse_z1.max, math::Ops<A>::log(lse_z1.sum)} : lz;
-    } else {  // the whole rows' (max, log sum) pairs, merged from every slice's
-      const double* g = vp.global_stats + row * 6;
-      lz = {static_cast<A>(g[0]), static_cast<A>(g[1])};
-      ls = {static_cast<A>(g[2]), static_cast<A>(g[3])};
-      lz1 = {static_cast<A>(g[4]), static_cast<A>(g[5])};
-    }
+    row_log_sum_exps(src, vocab, inv_t, need_z1, scratch, EvictLastLoad{}, lse_z, lse_s, lse_z1);
+    const RowLse<A> lz = row_lse(lse_z), ls = row_lse(lse_s), lz1 = need_z1 ? row_lse(lse_z1) : lz;
     const int64_t label = hard ? args.labels[row] : 0;
-    // A label outside [0, vocab) is not checked on the host (a sync) and makes
-    // the row NaN - except in the phases, where it is in another rank's slice.
-    const bool label_here = hard && label >= 0 && label < args.vocab;
-    const bool label_ok = !hard || label_here || !fused;
-
-    if (!scalars_ok || !label_ok || !math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum) ||
-        !math::is_finite(lz1.max + lz1.log_sum)) {  // NaN row
+    // A label outside [0, vocab) is not checked on the host (a sync) and makes the row NaN.
+    const bool label_here = hard && label >= 0 && label < vocab;
+    if (!scalars_ok || (hard && !label_here) || !math::is_finite(lz.max + lz.log_sum) ||
+        !math::is_finite(ls.max + ls.log_sum) || !math::is_finite(lz1.max + lz1.log_sum)) {
       const A nan = std::numeric_limits<A>::quiet_NaN();
-      fill_row(row, nan);
-      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-        if (args.grad_student.data) global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, nan);
-        if (grad_teacher()) global_row.store(grad_teacher(), args.grad_teacher.dtype, out_base + i, nan);
-      }
-      if (threadIdx.x == 0 && fused) *loss_out = nan;
+      fill_gradient_row(args.grad_student, row, vocab, nan);
+      fill_gradient_row(grad_teacher(), row, vocab, nan);
+      if (threadIdx.x == 0) *loss_out = nan;
       continue;
     }
 
     // Passes 2-3 read the row again (L2 as far as it still holds it).
-    auto rz = global_row.z;
-    auto rs = global_row.s;
-    auto walk = [&](auto&& f) {
-      if constexpr (kTyped) {
-        for_each_entry<A>(rz, rs, vocab, f);
-      } else {
-        global_row.for_each(vocab, f);
-      }
-    };
+    auto walk = [&](auto&& f) { src.for_each(vocab, f); };
     math::DivergenceParams prm = args.divergence_params;
     prm.beta = beta;
     if constexpr (D == math::Divergence::kAKL) {
-      if (phase == Phase::kAklWalk) {  // one walk of the search every rank runs in step
-        math::AklTailSearch<A> search;
-        search.low = static_cast<typename math::AklTailSearch<A>::U>(vp.akl_low[row]);
-        search.remaining = vp.akl_remaining;
-        A sums[math::kAklCandidates];
-        akl_walk_sums(walk, inv_t, ls, search, sums);
-        row_sum(sums);
-        double out[math::kAklCandidates];
-        for (int j = 0; j < math::kAklCandidates; ++j) out[j] = sums[j];
-        write_row(row, out);
-        continue;
-      }
-      if (phase == Phase::kAklGaps) {  // the search is done: its low key is the split
-        math::AklTailSearch<A> search;
-        search.low = static_cast<typename math::AklTailSearch<A>::U>(vp.akl_low[row]);
-        search.remaining = 0;
-        A g[2];
-        akl_gap_sums(walk, inv_t, lz, ls, search.tail_threshold(), g);
-        row_sum(g);
-        const double out[2] = {g[0], g[1]};
-        write_row(row, out);
-        continue;
-      }
-      if (fused) {
-        akl_row_weights(walk, row_sum, inv_t, lz, ls, prm);
-      } else {  // the whole rows' gaps, summed over the slices
-        const double* g = vp.akl_global_gaps + row * 2;
-        math::set_akl_weights(static_cast<A>(g[0]), static_cast<A>(g[1]), prm);
-      }
+      akl_row_weights(walk, [&](auto& v) { block_sum(v, scratch); }, inv_t, lz, ls, prm);
     }
     // Passes 2-3, compiled twice for the lean ToDi kernel: at beta = 1 its
     // weight a = sigmoid(r) is p / (p + q), one reciprocal instead of an exp
@@ -627,144 +765,151 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
     // branch). Not in the full kernel: the copy took it from 74 to 100
     // registers, 3 to 2 blocks of 256 per SM.
     auto passes = [&](auto unit_beta) {
-      auto terms = [&](A z, A s) {
-        const A log_p = ls.log_prob(s, inv_t);
-        const A log_q = lz.log_prob(z, inv_t);
-        auto t = math::divergence_entry<D, decltype(unit_beta)::value>(log_p, log_q, prm);
-        // The same entries as left_out(z, s) (a +-inf logit makes r = log p - log q infinite or NaN;
-        // +inf and NaN logits never get here) for one compare instead of four.
-        if (!(math::Ops<A>::abs(log_p - log_q) < std::numeric_limits<A>::infinity())) {
-          t.loss = A(0);
-          t.u = A(0);
-          t.v = A(0);
-        }
-        return t;
-      };
-
-      // Pass 2: loss and weight sums (the gradients phase has all slices' in global_sums).
-      A sums[3] = {A(0), A(0), A(0)};
-      if (phase == Phase::kGradients) {
-        sums[1] = static_cast<A>(vp.global_sums[row * 4 + 1]);
-        sums[2] = static_cast<A>(vp.global_sums[row * 4 + 2]);
-      } else {
-        walk([&](int64_t, A z, A s) {
-          const auto t = terms(z, s);
-          sums[0] += t.loss;
-          sums[1] += t.u;
-          sums[2] += t.v;
-        });
-        row_sum(sums);
-      }
-      // The student's own logit at the label, for the cross-entropy and its gradient's fix-up.
-      const A z_label = label_here ? load_any<A>(args.student.data, args.student.dtype,
-                                                 args.student.layout.row_offset(row) + label)
-                                   : A(0);
-      if (phase == Phase::kPartialSums) {  // this slice's sums, and z[label] where it holds the label
-        const double out[4] = {sums[0], sums[1], sums[2], z_label};
-        write_row(row, out);
-        return;
-      }
-      if (threadIdx.x == 0 && fused) {
+      const RowTerms<A, D, decltype(unit_beta)::value> terms{lz, ls, inv_t, prm};
+      A sums[3];
+      row_sums(walk, terms, scratch, sums);
+      const A z_label = label_here ? label_logit<A>(args, row, label) : A(0);
+      if (threadIdx.x == 0) {
         A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
         // log sum exp(z) - z_label, with max and log(sum) kept apart.
         if (hard) loss += static_cast<A>(args.hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
         *loss_out = loss;
       }
-
-      // Pass 3: gradients.
-      if (args.grad_student.data || grad_teacher()) {
-        const A u_sum = sums[1];
-        const A v_sum = sums[2];
-        // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
-        const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
-        // The label weights are read here, where used: read once at the kernel's start, the two
-        // registers they kept live lengthened pass 3's SASS.
-        const A grad_t = inv_t * reduction_scale * static_cast<A>(args.soft_label_weight());
-        const A hard_t = static_cast<A>(args.hard_label_weight()) * reduction_scale;
-        // d loss / dz: the divergence's part, plus hard_weight * softmax(z) (the
-        // one-hot part is fixed up below, at the label only).
-        auto student_grad = [&](const math::EntryTerms<A>& t, A z) {
-          A g = math::log_softmax_grad(t.u, t.q, u_sum, grad_t);
-          if (hard) g += hard_t * (unit_t ? t.q : math::Ops<A>::exp((math::Ops<A>::mul_rn(z, A(1)) - lz1.max) - lz1.log_sum));
-          return g;
-        };
-        if constexpr (kTyped) {
-          // 16-byte stores where the output row shares the input row's misalignment (then its
-          // vectors line up with the input's), scalar stores otherwise.
-          constexpr int kVec = 16 / sizeof(T);
-          T* out_z = args.grad_student.data ? static_cast<T*>(args.grad_student.data) + out_base : nullptr;
-          T* out_s = grad_teacher() ? static_cast<T*>(grad_teacher()) + out_base : nullptr;
-          const auto misalignment = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
-          const bool vec_z = misalignment(out_z) == misalignment(global_row.z);
-          const bool vec_s = misalignment(out_s) == misalignment(global_row.s);
-          for_each_vector(
-              rz, rs, vocab,
-              [&](int64_t i0, const uint4& zw, const uint4& sw) {
-                const T* ze = reinterpret_cast<const T*>(&zw);
-                const T* se = reinterpret_cast<const T*>(&sw);
-                uint4 gzw, gsw;
-                T* gz = reinterpret_cast<T*>(&gzw);
-                T* gs = reinterpret_cast<T*>(&gsw);
-  #pragma unroll
-                for (int k = 0; k < kVec; ++k) {
-                  const A z = Elem<T>::template load<A>(ze[k]);
-                  const auto t = terms(z, Elem<T>::template load<A>(se[k]));
-                  if (out_z) gz[k] = Elem<T>::from(student_grad(t, z));
-                  if (out_s) gs[k] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
-                }
-                if (out_z) {
-                  if (vec_z) {
-                    store_streaming(reinterpret_cast<uint4*>(out_z + i0), gzw);
-                  } else {
-  #pragma unroll
-                    for (int k = 0; k < kVec; ++k) out_z[i0 + k] = gz[k];
-                  }
-                }
-                if (out_s) {
-                  if (vec_s) {
-                    store_streaming(reinterpret_cast<uint4*>(out_s + i0), gsw);
-                  } else {
-  #pragma unroll
-                    for (int k = 0; k < kVec; ++k) out_s[i0 + k] = gs[k];
-                  }
-                }
-              },
-              [&](int64_t i, T z, T s) {
-                const A za = Elem<T>::template load<A>(z);
-                const auto t = terms(za, Elem<T>::template load<A>(s));
-                if (out_z) out_z[i] = Elem<T>::from(student_grad(t, za));
-                if (out_s) out_s[i] = Elem<T>::from(math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
-              });
-        } else {
-          walk([&](int64_t i, A z, A s) {
-            const auto t = terms(z, s);
-            if (args.grad_student.data) {
-              global_row.store(args.grad_student.data, args.grad_student.dtype, out_base + i, student_grad(t, z));
-            }
-            if (grad_teacher()) {
-              global_row.store(grad_teacher(), args.grad_teacher.dtype, out_base + i,
-                               math::log_softmax_grad(t.v, t.p, v_sum, grad_t));
-            }
-          });
-        }
-        if (hard && args.grad_student.data) {
-          // The one-hot part of the cross-entropy's gradient, -hard_t at the
-          // label: its entry is rewritten once the block's stores above are
-          // visible to this thread.
-          __syncthreads();
-          if (threadIdx.x == 0 && label_here) {
-            const A s_label = load_any<A>(args.teacher.data, args.teacher.dtype, args.teacher.layout.row_offset(row) + label);
-            const auto t = terms(z_label, s_label);
-            global_row.store(args.grad_student.data, args.grad_student.dtype, row * args.vocab + label,
-                             student_grad(t, z_label) - hard_t);
-          }
-        }
-      }
+      if (!args.grad_student.data && !grad_teacher().data) return;
+      const RowGradients<A> grads = row_gradients(args, sums[1], sums[2], inv_t, hard, unit_t, lz1);
+      write_row_gradients(src, vocab, terms, grads, args.grad_student, grad_teacher(), row * vocab);
+      if (hard && args.grad_student.data) fix_label_gradient(args, row, label, label_here, z_label, terms, grads);
     };
     if (kLean && D == math::Divergence::kToDi && beta == 1.0) {
       if constexpr (kLean && D == math::Divergence::kToDi) passes(std::true_type{});
     } else {
       passes(std::false_type{});
+    }
+  }
+}
+
+// One vocabulary-parallel phase (kernel_params.h: Phase, VocabParallelParams)
+// on this rank's slice of the vocabulary: the fused kernel's stages, one per
+// launch, the whole rows' statistics and sums read from vp's tables (the
+// collectives between the launches merged every slice's). Each phase writes
+// one float64 table row per position (phase_table; kGradients the
+// gradients). A local label outside [0, vocab) is another rank's token, not
+// a NaN row. kPhaseKernelExists: AKL's search phases only with AKL.
+// One thread writes a phase's table row (the values in registers: a compile-time size).
+template <int kWidth>
+__device__ __forceinline__ void write_table_row(double* table, int64_t row, const double (&values)[kWidth]) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) table[row * kWidth + k] = values[k];
+  }
+}
+
+template <math::Divergence D, Phase P>
+constexpr bool kPhaseKernelExists = P != Phase::kFused && (D == math::Divergence::kAKL ||
+                                                          (P != Phase::kAklWalk && P != Phase::kAklGaps));
+
+template <class A, class T, math::Divergence D, Phase P>
+__global__ void __launch_bounds__(kMaxThreads)
+    vocab_parallel_kernel(const ForwardParams args, const VocabParallelParams vp) {
+  static_assert(kPhaseKernelExists<D, P>, "no such phase kernel (AKL's search phases run with divergence AKL)");
+  constexpr bool kAklPhase = P == Phase::kAklWalk || P == Phase::kAklGaps;
+  using Lse = math::LogSumExp<A>;
+  TODI_SHARED_ARRAY(A, scratch, (kAklPhase ? math::kAklCandidates : 4) * kWarp);
+  const A inv_t = static_cast<A>(*args.inv_temperature);
+  const double beta = *args.beta;
+  const bool scalars_ok = scalars_valid(inv_t, beta);
+  const bool hard = args.hard_weight != 0;
+  const int64_t vocab = args.vocab;
+  double* const table = phase_table(vp).data;  // none for kGradients, which writes the gradients
+  constexpr int kWidth = P == Phase::kRowStats      ? 6
+                         : P == Phase::kPartialSums ? 4
+                         : P == Phase::kAklWalk     ? math::kAklCandidates
+                         : P == Phase::kAklGaps     ? 2
+                                                    : 0;
+  // An ignored row's zeros, an undefined row's NaNs: in its table row, or its gradients.
+  auto fill_row = [&](int64_t row, A value) {
+    if constexpr (P == Phase::kGradients) {
+      fill_gradient_row(args.grad_student, row, vocab, value);
+      fill_gradient_row(args.grad_teacher, row, vocab, value);
+    } else {
+      if (threadIdx.x == 0) {
+        for (int k = 0; k < kWidth; ++k) table[row * kWidth + k] = value;
+      }
+    }
+  };
+
+  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
+    const RowSource<A, T> src(args, row);
+    const bool ignored = args.labels != nullptr && args.labels[row] == args.ignore_index;
+
+    if constexpr (P == Phase::kRowStats) {  // this slice's (max, sum) pairs of z/T, s/T and z
+      if (ignored) {
+        write_table_row(table, row, {0, 1, 0, 1, 0, 1});  // (max 0, sum 1): log-sum-exp 0
+        continue;
+      }
+      Lse lse_z, lse_s, lse_z1;
+      const bool need_z1 = hard && *args.inv_temperature != 1.0;
+      row_log_sum_exps(src, vocab, inv_t, need_z1, scratch, PlainLoad{}, lse_z, lse_s, lse_z1);
+      const Lse& z1 = need_z1 ? lse_z1 : lse_z;  // z's own = z/T's at T = 1
+      write_table_row(table, row, {lse_z.max, lse_z.sum, lse_s.max, lse_s.sum, hard ? z1.max : A(0), hard ? z1.sum : A(1)});
+      continue;
+    } else {
+      if (ignored) {
+        fill_row(row, A(0));
+        continue;
+      }
+      // The whole rows' (max, log sum) pairs, merged from every slice's.
+      const double* g = vp.global_stats + row * 6;
+      const RowLse<A> lz{static_cast<A>(g[0]), static_cast<A>(g[1])};
+      const RowLse<A> ls{static_cast<A>(g[2]), static_cast<A>(g[3])};
+      const RowLse<A> lz1{static_cast<A>(g[4]), static_cast<A>(g[5])};
+      if (!scalars_ok || !math::is_finite(lz.max + lz.log_sum) || !math::is_finite(ls.max + ls.log_sum) ||
+          !math::is_finite(lz1.max + lz1.log_sum)) {
+        fill_row(row, std::numeric_limits<A>::quiet_NaN());
+        continue;
+      }
+      auto walk = [&](auto&& f) { src.for_each(vocab, f); };
+      if constexpr (P == Phase::kAklWalk) {  // one walk of the search every rank runs in step
+        math::AklTailSearch<A> search;
+        search.low = static_cast<typename math::AklTailSearch<A>::U>(vp.akl_low[row]);
+        search.remaining = vp.akl_remaining;
+        A sums[math::kAklCandidates];
+        akl_walk_sums(walk, inv_t, ls, search, sums);
+        block_sum(sums, scratch);
+        double out[math::kAklCandidates];
+        for (int j = 0; j < math::kAklCandidates; ++j) out[j] = sums[j];
+        write_table_row(table, row, out);
+      } else if constexpr (P == Phase::kAklGaps) {  // the search is done: its low key is the split
+        math::AklTailSearch<A> search;
+        search.low = static_cast<typename math::AklTailSearch<A>::U>(vp.akl_low[row]);
+        search.remaining = 0;
+        A g2[2];
+        akl_gap_sums(walk, inv_t, lz, ls, search.tail_threshold(), g2);
+        block_sum(g2, scratch);
+        write_table_row(table, row, {g2[0], g2[1]});
+      } else {
+        math::DivergenceParams prm = args.divergence_params;
+        prm.beta = beta;
+        if constexpr (D == math::Divergence::kAKL) {  // the whole rows' gaps, summed over the slices
+          const double* gaps = vp.akl_global_gaps + row * 2;
+          math::set_akl_weights(static_cast<A>(gaps[0]), static_cast<A>(gaps[1]), prm);
+        }
+        const RowTerms<A, D, false> terms{lz, ls, inv_t, prm};
+        const int64_t label = hard ? args.labels[row] : 0;
+        const bool label_here = hard && label >= 0 && label < vocab;
+        const A z_label = label_here ? label_logit<A>(args, row, label) : A(0);
+        if constexpr (P == Phase::kPartialSums) {  // this slice's sums, and z[label] where it holds the label
+          A sums[3];
+          row_sums(walk, terms, scratch, sums);
+          write_table_row(table, row, {sums[0], sums[1], sums[2], z_label});
+        } else {  // kGradients, from all slices' weight sums
+          const A u_sum = static_cast<A>(vp.global_sums[row * 4 + 1]);
+          const A v_sum = static_cast<A>(vp.global_sums[row * 4 + 2]);
+          const RowGradients<A> grads = row_gradients(args, u_sum, v_sum, inv_t, hard, *args.inv_temperature == 1.0, lz1);
+          write_row_gradients(src, vocab, terms, grads, args.grad_student, args.grad_teacher, row * vocab);
+          if (hard && args.grad_student.data) fix_label_gradient(args, row, label, label_here, z_label, terms, grads);
+        }
+      }
     }
   }
 }

@@ -29,8 +29,9 @@ struct Launch {
 std::string last_kernel;
 
 template <class A, class T, Divergence D>
-void launch_typed(const ForwardParams& args, const Launch& l) {
-  if constexpr (sizeof(T) < 8) {
+void launch_fused(const ForwardParams& args, const Launch& l) {
+  constexpr bool kTyped = !std::is_same_v<T, kernels::AnyDtype>;
+  if constexpr (kTyped && sizeof(T) < 8) {
     if (l.variant == "registers" && kernels::register_rows_eligible(args, sizeof(T)) &&
         kernels::register_row_shape(args.vocab, sizeof(T)).parts > 0) {
       const int64_t per_vector = 16 / sizeof(T);
@@ -47,31 +48,20 @@ void launch_typed(const ForwardParams& args, const Launch& l) {
   }
   TORCH_CHECK(l.variant == "registers" || l.variant == "streamed", "variant must be registers or streamed");
   last_kernel = "streamed";
-  if (kernels::streamed_is_lean(args)) {
-    todi_host::launch(kernels::distill_forward_kernel<A, T, D, true>, l.blocks, l.threads, 0, 1, args);
+  if (kTyped && kernels::streamed_is_lean(args)) {
+    todi_host::launch(kernels::distill_forward_kernel<A, T, D, kTyped>, l.blocks, l.threads, 0, 1, args);
   } else {
     todi_host::launch(kernels::distill_forward_kernel<A, T, D>, l.blocks, l.threads, 0, 1, args);
   }
 }
 
+// The kernel the real launch (distill_forward_launch.cu) picks for these
+// arguments; mixed dtypes: the generic instantiation, streamed only.
 template <Divergence D>
-void launch_divergence(const ForwardParams& args, at::ScalarType zt, at::ScalarType st, const Launch& l) {
-  if (zt != st) {  // the generic kernel, streamed only (as in the real launch)
-    last_kernel = "streamed";
-    if (args.double_math) {
-      todi_host::launch(kernels::distill_forward_kernel<double, kernels::AnyDtype, D>, l.blocks, l.threads, 0, 1, args);
-    } else {
-      todi_host::launch(kernels::distill_forward_kernel<float, kernels::AnyDtype, D>, l.blocks, l.threads, 0, 1, args);
-    }
-  } else if (zt == at::kFloat) {
-    launch_typed<float, float, D>(args, l);
-  } else if (zt == at::kBFloat16) {
-    launch_typed<float, __nv_bfloat16, D>(args, l);
-  } else if (zt == at::kHalf) {
-    launch_typed<float, __half, D>(args, l);
-  } else {
-    launch_typed<double, double, D>(args, l);
-  }
+void launch_divergence(const ForwardParams& args, const Launch& l) {
+  kernels::dispatch_dtypes(args, [&](auto a, auto t) {
+    launch_fused<typename decltype(a)::type, typename decltype(t)::type, D>(args, l);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
@@ -91,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
     args.hard_weight = hard_label_weight;
     const Launch l{variant, static_cast<unsigned>(threads), static_cast<unsigned>(blocks), static_cast<unsigned>(parts)};
     todi_ext::dispatch_divergence(args.divergence, [&](auto d) {
-      launch_divergence<decltype(d)::value>(args, student.scalar_type(), teacher.scalar_type(), l);
+      launch_divergence<decltype(d)::value>(args, l);
     });
   }
   return {todi_ext::reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
@@ -115,9 +105,27 @@ void set_phase_launch(const std::string& variant, int64_t threads, int64_t block
   phase_launch = Launch{variant, static_cast<unsigned>(threads), static_cast<unsigned>(blocks), static_cast<unsigned>(parts)};
 }
 
-void run_emulated(const ForwardParams& args, const at::Tensor&) {
+template <class A, class T, Divergence D>
+void launch_phase(const ForwardParams& args, const todi_ext::VocabParallelParams& vp) {
+  TORCH_CHECK(phase_launch.variant == "streamed", "the phase kernels are streamed");
+  todi_ext::dispatch_phase(vp.phase, [&](auto p) {
+    constexpr todi_ext::Phase P = decltype(p)::value;
+    if constexpr (kernels::kPhaseKernelExists<D, P>) {
+      last_kernel = "phase";
+      todi_host::launch(kernels::vocab_parallel_kernel<A, T, D, P>, phase_launch.blocks, phase_launch.threads, 0, 1,
+                        args, vp);
+    } else {
+      TORCH_CHECK(false, "AKL's search phases need divergence 'akl'");
+    }
+  });
+}
+
+// As the real launch (distill_forward_launch.cu) picks the phase kernel.
+void run_emulated(const ForwardParams& args, const todi_ext::VocabParallelParams& vp, const at::Tensor&) {
   todi_ext::dispatch_divergence(args.divergence, [&](auto d) {
-    launch_divergence<decltype(d)::value>(args, args.student.dtype, args.teacher.dtype, phase_launch);
+    kernels::dispatch_dtypes(args, [&](auto a, auto t) {
+      launch_phase<typename decltype(a)::type, typename decltype(t)::type, decltype(d)::value>(args, vp);
+    });
   });
 }
 

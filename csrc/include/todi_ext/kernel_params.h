@@ -27,8 +27,11 @@ struct OutMatrix {
 };
 
 // Vocabulary-parallel phases (todi_ext.distributed): every rank holds a
-// slice of the vocabulary and runs the kernel on it three times, with the
-// collectives in between; the fused single-process kernel is kFused.
+// slice of the vocabulary and runs one stage of the row's work on it per
+// call, with the collectives in between. The phase and its tables travel
+// beside the ForwardParams of the slice, never inside them: the fused op's
+// kernels know nothing of phases. kFused (the CPU kernel's row function
+// serves both) means "the whole row in one call".
 // AKL adds two phases between the row statistics and the partial sums: the
 // head/tail split is a search over the whole row (math::AklTailSearch), so
 // each of its walks is a kernel call on every slice and an all-reduce.
@@ -102,9 +105,6 @@ struct ForwardParams {
   const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
   OutMatrix grad_student;            // d loss / d student logits
   OutMatrix grad_teacher;            // d loss / d teacher logits
-  // With a phase other than kFused, a label outside [0, vocab) (and not
-  // ignore_index) is in another rank's slice: no one-hot term here.
-  VocabParallelParams vocab_parallel;
 };
 
 // out = grad * scale (rows of out contiguous). In place when out == grad,
@@ -133,6 +133,20 @@ void dispatch_divergence(math::Divergence d, Fn&& fn) {
     case Divergence::kSRKL: return fn(std::integral_constant<Divergence, Divergence::kSRKL>{});
     case Divergence::kGJSD: return fn(std::integral_constant<Divergence, Divergence::kGJSD>{});
     case Divergence::kAKL: return fn(std::integral_constant<Divergence, Divergence::kAKL>{});
+  }
+}
+
+// Calls fn(std::integral_constant<Phase, P>{}) for a phase that has a kernel
+// of its own (not kFused: the fused op's kernels serve it).
+template <class Fn>
+void dispatch_phase(Phase phase, Fn&& fn) {
+  switch (phase) {
+    case Phase::kRowStats: return fn(std::integral_constant<Phase, Phase::kRowStats>{});
+    case Phase::kPartialSums: return fn(std::integral_constant<Phase, Phase::kPartialSums>{});
+    case Phase::kGradients: return fn(std::integral_constant<Phase, Phase::kGradients>{});
+    case Phase::kAklWalk: return fn(std::integral_constant<Phase, Phase::kAklWalk>{});
+    case Phase::kAklGaps: return fn(std::integral_constant<Phase, Phase::kAklGaps>{});
+    case Phase::kFused: return;
   }
 }
 
