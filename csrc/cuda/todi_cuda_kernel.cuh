@@ -210,11 +210,14 @@ struct PlainLoad {
 };
 
 struct EvictLastLoad {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // createpolicy and L2::cache_hint: sm_80 on
   uint64_t policy;
   __device__ __forceinline__ EvictLastLoad() {
     asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
   }
+  // Not volatile and no memory clobber, so the compiler schedules these like
+  // plain loads: right for the kernel's inputs, which it never writes and no
+  // output aliases. Memory the kernel writes would need asm volatile.
   __device__ __forceinline__ uint4 operator()(const uint4* p) const {
     uint4 v;
     asm("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
@@ -223,7 +226,7 @@ struct EvictLastLoad {
     return v;
   }
 #else
-  __device__ uint4 operator()(const uint4* p) const { return *p; }
+  __device__ __forceinline__ uint4 operator()(const uint4* p) const { return *p; }
 #endif
 };
 

@@ -6,6 +6,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "todi_ext/row_layout.h"
@@ -137,7 +138,7 @@ void dispatch_divergence(math::Divergence d, Fn&& fn) {
 }
 
 // Calls fn(std::integral_constant<Phase, P>{}) for a phase that has a kernel
-// of its own (not kFused: the fused op's kernels serve it).
+// of its own; kFused has none (the fused op's kernels serve it): an error.
 template <class Fn>
 void dispatch_phase(Phase phase, Fn&& fn) {
   switch (phase) {
@@ -146,8 +147,9 @@ void dispatch_phase(Phase phase, Fn&& fn) {
     case Phase::kGradients: return fn(std::integral_constant<Phase, Phase::kGradients>{});
     case Phase::kAklWalk: return fn(std::integral_constant<Phase, Phase::kAklWalk>{});
     case Phase::kAklGaps: return fn(std::integral_constant<Phase, Phase::kAklGaps>{});
-    case Phase::kFused: return;
+    case Phase::kFused: break;
   }
+  throw std::invalid_argument("dispatch_phase: not a vocabulary-parallel phase");
 }
 
 }  // namespace todi_ext
