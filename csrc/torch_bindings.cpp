@@ -32,7 +32,8 @@ TORCH_LIBRARY(todi_ext, m) {
       "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
       "str reduction, bool student_grad, bool teacher_grad, float soft_label_weight=1.0, "
       "float hard_label_weight=0.0) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
-  // The same loss from hidden states and lm_head weights (csrc/fused_linear.cpp):
+  // The same loss from hidden states and lm_head weights, implemented in
+  // Python over the op above (python/todi_ext/fused_linear.py, CPU and CUDA):
   // logits are formed a chunk of rows at a time (chunk_size rows) and never
   // held whole. hidden: (N, H); weight: (V, H); labels: (N,). The gradients
   // asked for (of the reduced loss; for "none", of sum(row_weights * loss))

@@ -185,11 +185,16 @@ def test_bad_inputs_name_what_is_wrong():
         f(hidden, weight, th, tw, labels, chunk_size=0)
     with pytest.raises(ValueError, match=r"labels must have shape \(3, 5\) \(student_hidden without its last"):
         f(hidden, weight, th, tw, labels[0])
-    # A direct op call gets C++ checks that name the argument too.
+    # A direct op call gets the op's own checks, which name the argument too.
     args = [hidden.reshape(15, 24), weight, None, th.reshape(15, 40), tw[:699], None, None, "todi", _s(1.0), 0.1,
             0.5, 0.5, _s(1.0), -100, "mean", 1.0, 0.0, 4, None, False, False, False]
-    with pytest.raises(ValueError, match="teacher's vocabulary"):
+    with pytest.raises(ValueError, match=r"student's vocabulary size \(700.*teacher's \(699"):
         OP(*args)
+    args[4] = tw
+    for changes, message in (({17: 0}, "chunk_size must be >= 1"), ({0: hidden, 3: th}, r"must have shape \(N, H\)"),
+                             ({21: True}, "bias_grad=True needs student_bias")):
+        with pytest.raises(ValueError, match=message):
+            OP(*(changes.get(i, a) for i, a in enumerate(args)))
 
 
 _PEAK_MEMORY_SCRIPT = """

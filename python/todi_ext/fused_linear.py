@@ -2,7 +2,7 @@
 formed a chunk of rows at a time inside one op and never held whole, and the
 hard-label cross-entropy joins in the same pass."""
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -147,3 +147,151 @@ class FusedLinearDistillLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+# ------------------------------------------- the op's implementation (CPU, CUDA)
+# torch.ops.todi_ext.fused_linear_distill_forward (schema: csrc/torch_bindings.cpp;
+# fake and autograd: ops.py). Plain torch around the distill_forward kernel op:
+# no C++ of its own, so it needs nothing of libtorch beyond the dispatcher.
+# Per chunk of rows: student and teacher logits in float32 (float64 for float64
+# inputs) from float32-accumulated matmuls, the kernel's loss and logits
+# gradient, then grad_hidden = g W and grad_W += g^T h, grad_b += sum(g), the
+# last two accumulated in float32 across chunks and cast once at the end.
+class _Head(NamedTuple):
+    """One lm_head as the matmuls take it: the weight in the math dtype, or
+    (mixed, CUDA) the low-precision weight with float32-output matmuls."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    mixed: bool
+
+
+def _head(weight: Tensor, bias: Optional[Tensor], math: torch.dtype) -> _Head:
+    bias = bias.to(math) if bias is not None else None
+    if weight.dtype == math:
+        return _Head(weight, bias, False)
+    if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and math == torch.float32:
+        return _Head(weight, bias, True)  # mm's out_dtype takes fp16/bf16 inputs to a float32 result only
+    return _Head(weight.to(math), bias, False)  # CPU: one upcast copy of W per call
+
+
+def _matmul(a: Tensor, b: Tensor, head: _Head, math: torch.dtype) -> Tensor:
+    """a @ b in the math dtype with float32 (float64) accumulation."""
+    if head.mixed:
+        return torch.ops.aten.mm.dtype(a.to(head.weight.dtype), b, math)
+    return torch.mm(a.to(math), b)
+
+
+def _chunk_logits(hidden: Tensor, head: _Head, math: torch.dtype) -> Tensor:
+    out = _matmul(hidden, head.weight.t(), head, math)
+    return out.add_(head.bias) if head.bias is not None else out
+
+
+def _check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                   chunk_size, row_weights, reduction, any_grad, bias_grad):
+    """The op's own checks (a direct torch.ops call skips the Python API's)."""
+    _validation.check_fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                   teacher_bias)
+    _validation.check_reduction(reduction)
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
+        raise ValueError(f"student_hidden and teacher_hidden must have shape (N, H), got "
+                         f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
+                         f"{student_hidden.device}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if bias_grad and student_bias is None:
+        raise ValueError("bias_grad=True needs student_bias")
+    rows = student_hidden.shape[0]
+    if reduction == "none" and any_grad and row_weights is None:
+        raise ValueError("reduction='none' computes gradients of sum(row_weights * loss): pass row_weights")
+    if row_weights is not None and reduction != "none":
+        raise ValueError("row_weights applies to reduction='none' only")
+    if row_weights is not None and tuple(row_weights.shape) != (rows,):
+        raise ValueError(f"row_weights must have shape ({rows},), got {tuple(row_weights.shape)}")
+    if labels is not None:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if tuple(labels.shape) != (rows,):
+            raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
+        if labels.device != student_hidden.device:
+            raise ValueError(f"labels is on {labels.device} but student_hidden is on {student_hidden.device}")
+
+
+@torch.library.impl("todi_ext::fused_linear_distill_forward", ("cpu", "cuda"))
+def _fused_linear_distill_forward(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+    divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature, ignore_index, reduction, soft_label_weight,
+    hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
+):
+    any_grad = hidden_grad or weight_grad or bias_grad
+    _check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                   chunk_size, row_weights, reduction, any_grad, bias_grad)
+    rows, vocab = student_hidden.shape[0], student_weight.shape[0]
+    math = _validation.loss_dtype(student_hidden, teacher_hidden)
+    labels = labels.long() if labels is not None else None
+    # Labels checked once for all rows (CPU only: no sync), not per chunk.
+    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+    if hard_label_weight != 0:
+        _validation.check_label_range(labels, vocab, ignore_index)
+    # "mean" divides by the counted positions of all rows, not of a chunk; an
+    # all-ignored batch divides by 1 (loss 0, zero gradient).
+    count = grad_scale = None
+    if reduction == "mean":
+        count = ((labels != ignore_index).sum().to(math).clamp_min(1) if labels is not None
+                 else torch.full((), float(max(rows, 1)), dtype=math, device=student_hidden.device))
+        grad_scale = count.reciprocal()
+    student = _head(student_weight, student_bias, math)
+    teacher = _head(teacher_weight, teacher_bias, math)
+    row_scale = row_weights.to(math) if reduction == "none" and any_grad else None
+
+    loss_rows = student_hidden.new_empty((rows,), dtype=math)
+    grad_hidden = student_hidden.new_empty(student_hidden.shape if hidden_grad else (0,))
+    grad_weight = torch.zeros(student_weight.shape, dtype=math, device=student_weight.device) if weight_grad else None
+    grad_bias = torch.zeros((vocab,), dtype=math, device=student_weight.device) if bias_grad else None
+    # The op picks its own precision (float32-accumulated matmuls, float32
+    # logits): an enclosing torch.autocast, which stays on for the ops a custom
+    # op calls, must not recast the matmuls.
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        for start in range(0, rows, chunk_size):
+            end = min(rows, start + chunk_size)
+            h = student_hidden[start:end]
+            chunk_loss, grad_logits, _ = torch.ops.todi_ext.distill_forward.default(
+                _chunk_logits(h, student, math), _chunk_logits(teacher_hidden[start:end], teacher, math),
+                labels[start:end] if labels is not None else None, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                inv_temperature, ignore_index, "none", any_grad, False, soft_label_weight, hard_label_weight,
+            )
+            loss_rows[start:end] = chunk_loss
+            if not any_grad:
+                continue
+            # "mean" scales by 1/count after the matmuls (an (N, H) and a (V, H)
+            # pass instead of one over every chunk's (rows, V) gradient);
+            # per-row weights ("none", from backward) scale the logits gradient.
+            if row_scale is not None:
+                grad_logits.mul_(row_scale[start:end].unsqueeze(1))
+            # With a low-precision weight on CUDA the matmuls take the gradient
+            # in that dtype (as autograd of F.linear would), accumulating in float32.
+            g = grad_logits.to(student.weight.dtype) if student.mixed else grad_logits
+            if hidden_grad:
+                gh = _matmul(g, student.weight, student, math)
+                grad_hidden[start:end] = gh.mul_(grad_scale) if grad_scale is not None else gh
+            if weight_grad:
+                if student.mixed:
+                    torch.ops.aten.addmm.dtype_out(grad_weight, g.t(), h.to(g.dtype), math, out=grad_weight)
+                else:
+                    grad_weight.addmm_(g.t(), h.to(math))
+            if bias_grad:
+                grad_bias.add_(grad_logits.sum(0))
+    if grad_scale is not None:
+        if weight_grad:
+            grad_weight.mul_(grad_scale)
+        if bias_grad:
+            grad_bias.mul_(grad_scale)
+    loss = loss_rows if reduction == "none" else loss_rows.sum() if reduction == "sum" else loss_rows.sum() / count
+    return (
+        loss,
+        grad_hidden,
+        grad_weight.to(student_weight.dtype) if weight_grad else student_weight.new_empty((0,)),
+        grad_bias.to(student_bias.dtype) if bias_grad else student_hidden.new_empty((0,)),
+    )
