@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU verification in one call, for a CUDA machine that already has torch,
-# nvcc, CMake, ninja, pybind11, scikit-build-core and pytest (the device
+# nvcc, CMake, ninja, scikit-build-core and pytest (the device
 # tool's machines; nothing is downloaded). In order of importance, each stage
 # under its own time limit so that one slow stage cannot eat the others:
 #   1. build todi_ext from source against the installed torch (CUDA required),

@@ -1,14 +1,10 @@
-// The hub of the extension: every op schema, and the Python module entry.
-// Backends register their kernels for these schemas in their own files
-// (cpu/todi_cpu.cpp, cuda/...); fake and autograd registrations are in
-// python/todi_ext/ops.py.
-#include <ATen/Parallel.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+// The hub of the extension: every op schema. Backends register their kernels
+// for these schemas in their own files (cpu/todi_cpu.cpp, cuda/...); fake and
+// autograd registrations are in python/todi_ext/ops.py; the Python module is
+// python_module.cpp.
 #include <torch/library.h>
 
 #include <string>
-#include <vector>
 
 namespace todi_ext::cpu {
 const char* kernel_capability();
@@ -89,36 +85,7 @@ TORCH_LIBRARY(todi_ext, m) {
   // The out-of-place form, for backward passes that must keep the saved
   // gradient (retain_graph=True) and for traced graphs (torch.compile).
   m.def("scale_grad(Tensor grad, Tensor scale) -> Tensor");
-}
-
-namespace {
-
-pybind11::dict build_info() {
-  namespace py = pybind11;
-  py::dict info;
-  info["version"] = TODI_EXT_VERSION;
-  info["torch_version"] = TODI_EXT_TORCH_VERSION;
-#if defined(TODI_EXT_WITH_CUDA)
-  info["cuda_version"] = TODI_EXT_CUDA_VERSION;
-  info["cuda_archs"] = std::vector<std::string>{TODI_EXT_CUDA_ARCHS};
-#else
-  info["cuda_version"] = py::none();
-  info["cuda_archs"] = std::vector<std::string>{};
-#endif
-#if defined(_OPENMP)
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
-  info["cpu_capabilities_compiled"] = std::vector<std::string>{TODI_EXT_CPU_CAPABILITIES};
-  info["cpu_capability"] = todi_ext::cpu::kernel_capability();
-  info["cpu_threads"] = at::get_num_threads();
-  return info;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "todi_ext compiled kernels; the ops are registered under torch.ops.todi_ext";
-  m.def("build_info", &build_info, "How this extension was built");
+  // Which copy of the CPU kernel runs on this machine (DEFAULT, AVX2 or
+  // AVX512: the widest that ATen itself uses here), for build_info().
+  m.def("cpu_kernel_capability() -> str", [] { return std::string(todi_ext::cpu::kernel_capability()); });
 }

@@ -19,10 +19,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import torch, pytest, numpy, matplotlib, scikit_build_core, pybind11, ninja, cmake" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, pytest, numpy, matplotlib, scikit_build_core, ninja, cmake" 2>/dev/null; then
   echo "[setup] installing $TORCH_SPEC and the build/test tools"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    "$TORCH_SPEC" numpy pytest matplotlib "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26"
+    "$TORCH_SPEC" numpy pytest matplotlib "scikit-build-core>=0.10" ninja "cmake>=3.26"
 fi
 # The Hugging Face integration's tests and the distillation study (optional
 # dependencies of the package, needed here so that the tests run them).

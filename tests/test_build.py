@@ -23,6 +23,14 @@ def test_build_info():
         assert info["cuda_archs"]
 
 
+def test_the_module_is_one_abi3_build_for_every_python():
+    # python_module.cpp keeps to the limited C API, and the build says so (USE_SABI 3.10).
+    from todi_ext import _load
+
+    assert _load._C.__file__.endswith(".abi3.so")
+    assert torch.ops.todi_ext.cpu_kernel_capability() == todi_ext.build_info()["cpu_capability"]
+
+
 def test_ops_are_registered_for_cpu():
     for op in ("distill_forward", "scale_grad_", "scale_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CPU")

@@ -30,7 +30,7 @@ if torch.__version__ != _build_config.TORCH_VERSION:
     )
 
 try:
-    from . import _C
+    from . import _C  # noqa: F401  (loading it registers the ops)
 except ImportError as exc:  # e.g. undefined symbols from a torch with the same version string
     raise ImportError(
         f"todi_ext's compiled module failed to load with torch {torch.__version__} "
@@ -45,4 +45,13 @@ def build_info() -> dict:
     cuda_archs, openmp, cpu_capabilities_compiled, cpu_capability (the kernel
     copy in use on this machine), cpu_threads.
     """
-    return dict(_C.build_info())
+    return {
+        "version": _build_config.VERSION,
+        "torch_version": _build_config.TORCH_VERSION,
+        "cuda_version": _build_config.CUDA_VERSION,
+        "cuda_archs": list(_build_config.CUDA_ARCHS),
+        "openmp": _build_config.OPENMP,
+        "cpu_capabilities_compiled": list(_build_config.CPU_CAPABILITIES),
+        "cpu_capability": torch.ops.todi_ext.cpu_kernel_capability(),
+        "cpu_threads": torch.get_num_threads(),
+    }
