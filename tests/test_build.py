@@ -1,6 +1,9 @@
 """The installed package: build information and the torch-version guard."""
 
+import glob
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -29,6 +32,24 @@ def test_the_module_is_one_abi3_build_for_every_python():
 
     assert _load._C.__file__.endswith(".abi3.so")
     assert torch.ops.todi_ext.cpu_kernel_capability() == todi_ext.build_info()["cpu_capability"]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_cpu_kernel_copies_use_nothing_of_libtorch_but_sleef():
+    # The kernel files stay outside the stable ABI (issue 25): compiled once per
+    # instruction set with at::vec inlined, they may call into libtorch only
+    # for Sleef's vector math; threads come from the op (ParallelFor).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = sorted(glob.glob(os.path.join(root, "build", "*", "CMakeFiles")), key=os.path.getmtime)
+    objects = glob.glob(os.path.join(trees[-1], "todi_cpu_kernel_*.dir", "**", "*.o"), recursive=True) if trees else []
+    if not objects:
+        pytest.skip("no build tree here (the package was built elsewhere)")
+    for path in objects:
+        names = subprocess.run(["nm", "-C", "--undefined-only", path], capture_output=True, text=True,
+                               check=True).stdout.split("\n")
+        torch_side = [n for n in names if re.search(r"\b(c10|at|torch|caffe2)::|GOMP_|omp_", n)]
+        assert not torch_side, f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}: {torch_side[:5]}"
+        assert any("Sleef_" in n for n in names) or "DEFAULT" in path
 
 
 def test_ops_are_registered_for_cpu():

@@ -43,6 +43,11 @@ const Kernels& kernels() {
 
 const char* kernel_capability() { return kernels().capability; }
 
+// The kernels' ParallelFor: torch's intra-op thread pool.
+void intra_op_parallel_for(int64_t begin, int64_t end, int64_t grain, RowsBody body, void* context) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { body(context, b, e); });
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(const at::Tensor& student_logits,
@@ -56,25 +61,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(const at::Ten
   const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
                                              ignore_index, reduction, student_grad, teacher_grad, soft_label_weight,
                                              hard_label_weight);
-  if (setup.view.rows > 0) kernels().forward(forward_params(setup, ignore_index));
+  if (setup.view.rows > 0) kernels().forward(forward_params(setup, ignore_index), intra_op_parallel_for);
   return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
 
 void scale_grad_cpu_(const at::Tensor& grad, const at::Tensor& scale) {
   const ScaleGradCall call = scale_grad_call(grad, scale, grad);
-  if (grad.numel() > 0) kernels().scale_grad(call.params);
+  if (grad.numel() > 0) kernels().scale_grad(call.params, intra_op_parallel_for);
 }
 
 at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   at::Tensor out = at::empty(grad.sizes(), grad.options());
   const ScaleGradCall call = scale_grad_call(grad, scale, out);
-  if (grad.numel() > 0) kernels().scale_grad(call.params);
+  if (grad.numel() > 0) kernels().scale_grad(call.params, intra_op_parallel_for);
   return out;
 }
 
 // The vocabulary-parallel phase ops (vocab_parallel_ops.h) run this kernel.
 void run_phase_kernel(const ForwardParams& params, const VocabParallelParams& phase, const at::Tensor&) {
-  kernels().phase(params, phase);
+  kernels().phase(params, phase, intra_op_parallel_for);
 }
 
 }  // namespace

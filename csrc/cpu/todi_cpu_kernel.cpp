@@ -20,17 +20,16 @@
 // relative at V = 262144 with 8 lanes).
 #include "todi_cpu_kernel.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <stdexcept>
 
 #include "todi_ext/todi_math.h"
 
@@ -169,7 +168,7 @@ int64_t load_chunk(const void* src, c10::ScalarType dtype, int64_t n, acc_t* dst
       at::vec::convert(static_cast<const c10::Half*>(src), dst, n);
       break;
     default:
-      TORCH_CHECK(false, "todi_ext: unsupported dtype ", dtype);
+      throw std::invalid_argument("todi_ext: unsupported dtype");  // the op accepts none
   }
   constexpr int64_t width = Vectorized<acc_t>::size();
   const int64_t padded = (n + width - 1) / width * width;
@@ -193,7 +192,7 @@ void store_chunk(const acc_t* src, int64_t n, void* dst, c10::ScalarType dtype) 
       at::vec::convert(src, static_cast<c10::Half*>(dst), n);
       break;
     default:
-      TORCH_CHECK(false, "todi_ext: unsupported dtype ", dtype);
+      throw std::invalid_argument("todi_ext: unsupported dtype");  // the op accepts none
   }
 }
 
@@ -201,7 +200,7 @@ template <class T>
 void fill_row(void* dst, c10::ScalarType dtype, int64_t offset, int64_t n, T value) {
   alignas(64) T buffer[kChunk];
   std::fill(buffer, buffer + kChunk, value);
-  const int64_t elem = c10::elementSize(dtype);
+  const int64_t elem = element_size(dtype);
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t count = std::min(kChunk, n - start);
     store_chunk(buffer, count, static_cast<char*>(dst) + (offset + start) * elem, dtype);
@@ -210,7 +209,7 @@ void fill_row(void* dst, c10::ScalarType dtype, int64_t offset, int64_t n, T val
 
 const void* row_ptr(const RowMatrix& m, int64_t row, int64_t col) {
   return static_cast<const char*>(m.data) +
-         (m.layout.row_offset(row) + col) * static_cast<int64_t>(c10::elementSize(m.dtype));
+         (m.layout.row_offset(row) + col) * element_size(m.dtype);
 }
 
 template <class acc_t>
@@ -622,7 +621,7 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
   const Vec inv_t(soft_scale);
   const Vec sum_v(weight_sum);
   const Vec hard_w(hard.weight * scale), neg_max(hard.neg_max), log_sum(hard.log_sum);
-  const int64_t elem = c10::elementSize(out.dtype);
+  const int64_t elem = element_size(out.dtype);
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
     if (hard.on && !hard.probs_are_q) load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
@@ -876,9 +875,17 @@ int64_t grain_rows(int64_t vocab) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
 }
 
+// f(begin, end) over the rows [0, rows) on the op's thread pool.
+template <class F>
+void parallel_rows(ParallelFor parallel_for, int64_t rows, int64_t grain, const F& f) {
+  parallel_for(0, rows, grain, [](void* context, int64_t begin, int64_t end) {
+    (*static_cast<const F*>(context))(begin, end);
+  }, const_cast<F*>(&f));
+}
+
 template <math::Divergence D, class acc_t>
-void forward_rows(const ForwardParams& p, const VocabParallelParams& vp) {
-  at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
+void forward_rows(const ForwardParams& p, const VocabParallelParams& vp, ParallelFor parallel_for) {
+  parallel_rows(parallel_for, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
     RowChunk<acc_t> chunk;
     RowScratch<acc_t> scratch(p, D == math::Divergence::kAKL);
     for (int64_t row = begin; row < end; ++row) forward_row<D>(p, vp, row, chunk, scratch);
@@ -886,11 +893,11 @@ void forward_rows(const ForwardParams& p, const VocabParallelParams& vp) {
 }
 
 template <class acc_t>
-void scale_grad(const ScaleGradParams& p) {
+void scale_grad(const ScaleGradParams& p, ParallelFor parallel_for) {
   using Vec = Vectorized<acc_t>;
   const c10::ScalarType dtype = p.grad.dtype;
-  const int64_t elem = c10::elementSize(dtype);
-  at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
+  const int64_t elem = element_size(dtype);
+  parallel_rows(parallel_for, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buffer[kChunk];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t k = p.scale_per_row ? row : 0;
@@ -914,23 +921,25 @@ void scale_grad(const ScaleGradParams& p) {
 
 }  // namespace
 
-void vocab_parallel_kernel(const ForwardParams& params, const VocabParallelParams& phase) {
+void vocab_parallel_kernel(const ForwardParams& params, const VocabParallelParams& phase, ParallelFor parallel_for) {
   dispatch_divergence(params.divergence, [&](auto divergence) {
     if (params.double_math) {
-      forward_rows<decltype(divergence)::value, double>(params, phase);
+      forward_rows<decltype(divergence)::value, double>(params, phase, parallel_for);
     } else {
-      forward_rows<decltype(divergence)::value, float>(params, phase);
+      forward_rows<decltype(divergence)::value, float>(params, phase, parallel_for);
     }
   });
 }
 
-void distill_forward_kernel(const ForwardParams& params) { vocab_parallel_kernel(params, VocabParallelParams{}); }
+void distill_forward_kernel(const ForwardParams& params, ParallelFor parallel_for) {
+  vocab_parallel_kernel(params, VocabParallelParams{}, parallel_for);
+}
 
-void scale_grad_kernel(const ScaleGradParams& params) {
+void scale_grad_kernel(const ScaleGradParams& params, ParallelFor parallel_for) {
   if (params.grad.dtype == c10::ScalarType::Double || params.scale_dtype == c10::ScalarType::Double) {
-    scale_grad<double>(params);
+    scale_grad<double>(params, parallel_for);
   } else {
-    scale_grad<float>(params);
+    scale_grad<float>(params, parallel_for);
   }
 }
 

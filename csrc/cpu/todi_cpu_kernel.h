@@ -8,15 +8,24 @@
 
 namespace todi_ext::cpu {
 
-using ForwardKernel = void (*)(const ForwardParams&);
-using PhaseKernel = void (*)(const ForwardParams&, const VocabParallelParams&);
-using ScaleGradKernel = void (*)(const ScaleGradParams&);
+// The thread pool the kernels spread their rows over, handed in by the op
+// (todi_cpu.cpp: torch's intra-op pool): run(begin, end, grain, body, context)
+// calls body(context, b, e) over [begin, end) in chunks of >= grain. With it
+// the kernel files use nothing of libtorch at run time but the Sleef vector
+// math that at::vec inlines calls to (issue 25: they stay outside the stable
+// ABI, compiled once per instruction set).
+using RowsBody = void (*)(void* context, int64_t begin, int64_t end);
+using ParallelFor = void (*)(int64_t begin, int64_t end, int64_t grain, RowsBody body, void* context);
 
-#define TODI_DECLARE_CPU_KERNELS(capability)                                            \
-  namespace capability {                                                                \
-  void distill_forward_kernel(const ForwardParams& params);                             \
-  void vocab_parallel_kernel(const ForwardParams& params, const VocabParallelParams& phase); \
-  void scale_grad_kernel(const ScaleGradParams& params);                                \
+using ForwardKernel = void (*)(const ForwardParams&, ParallelFor);
+using PhaseKernel = void (*)(const ForwardParams&, const VocabParallelParams&, ParallelFor);
+using ScaleGradKernel = void (*)(const ScaleGradParams&, ParallelFor);
+
+#define TODI_DECLARE_CPU_KERNELS(capability)                                                                      \
+  namespace capability {                                                                                          \
+  void distill_forward_kernel(const ForwardParams& params, ParallelFor parallel_for);                             \
+  void vocab_parallel_kernel(const ForwardParams& params, const VocabParallelParams& phase, ParallelFor parallel_for); \
+  void scale_grad_kernel(const ScaleGradParams& params, ParallelFor parallel_for);                                \
   }
 
 TODI_DECLARE_CPU_KERNELS(DEFAULT)

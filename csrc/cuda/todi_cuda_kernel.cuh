@@ -67,10 +67,6 @@ struct Elem<__half> {
 // instead of compiling every dtype pair. Slower, rarely used.
 using Dtype = c10::ScalarType;
 
-__device__ __forceinline__ int64_t elem_size(Dtype t) {
-  return t == Dtype::Double ? 8 : t == Dtype::Float ? 4 : 2;
-}
-
 template <class A>
 __device__ __forceinline__ A load_any(const void* p, Dtype t, int64_t i) {
   switch (t) {
@@ -328,8 +324,8 @@ struct RowSource<A, AnyDtype> {
   const void* s;
   Dtype zt, st;
   __device__ RowSource(const ForwardParams& args, int64_t row) : zt(args.student.dtype), st(args.teacher.dtype) {
-    z = static_cast<const char*>(args.student.data) + args.student.layout.row_offset(row) * elem_size(zt);
-    s = static_cast<const char*>(args.teacher.data) + args.teacher.layout.row_offset(row) * elem_size(st);
+    z = static_cast<const char*>(args.student.data) + args.student.layout.row_offset(row) * element_size(zt);
+    s = static_cast<const char*>(args.teacher.data) + args.teacher.layout.row_offset(row) * element_size(st);
   }
   template <class F>
   __device__ void for_each(int64_t vocab, F&& f) const {

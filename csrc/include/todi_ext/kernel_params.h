@@ -14,6 +14,12 @@
 
 namespace todi_ext {
 
+// Bytes per element of the kernels' dtypes (float64, float32, bfloat16,
+// float16): the only ones the ops accept.
+TODI_HOST_DEVICE int64_t element_size(c10::ScalarType t) {
+  return t == c10::ScalarType::Double ? 8 : t == c10::ScalarType::Float ? 4 : 2;
+}
+
 // A (..., vocab) input whose rows are contiguous but may sit anywhere.
 struct RowMatrix {
   const void* data = nullptr;
