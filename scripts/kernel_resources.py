@@ -2,7 +2,7 @@
 and SASS instructions per entry, read from the build itself (cuobjdump), so no
 figure in the docs is typed by hand.
 
-    .venv/bin/python scripts/kernel_resources.py [path/to/_C.so] [--sass]
+    .venv/bin/python scripts/kernel_resources.py [path/to/_C_cuda.so] [--sass]
 
 --sass adds, for the streamed kernel, the instructions (and MUFU) of each
 unrolled 16-byte vector loop, and for the register-row kernel the
@@ -158,14 +158,14 @@ def register_row_costs(tool, cases):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("module", nargs="?", help="default: the installed todi_ext._C")
+    parser.add_argument("module", nargs="?", help="default: the installed todi_ext._C_cuda")
     parser.add_argument("--sass", action="store_true", help="also instructions per vector / per entry")
     args = parser.parse_args()
     path = args.module
     if path is None:
         import todi_ext._load as load
 
-        path = load._C.__file__
+        path = load._C_cuda.__file__
     tool = cuobjdump()
     if tool is None:
         sys.exit("cuobjdump not found (set CUOBJDUMP, or pip install triton)")

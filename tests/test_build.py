@@ -52,6 +52,20 @@ def test_cpu_kernel_copies_use_nothing_of_libtorch_but_sleef():
         assert any("Sleef_" in n for n in names) or "DEFAULT" in path
 
 
+def test_the_cpu_part_loads_without_the_cuda_module():
+    # Under a CPU-only torch (torch.version.cuda None) _C_cuda, which links
+    # torch's CUDA libraries, is not loaded; the CPU ops serve on their own.
+    code = (
+        "import torch; torch.version.cuda = None; import todi_ext, sys;"
+        "assert 'todi_ext._C_cuda' not in sys.modules;"
+        "assert not torch._C._dispatch_has_kernel_for_dispatch_key('todi_ext::distill_forward', 'CUDA');"
+        "z = torch.randn(4, 50); print(float(todi_ext.todi_loss(z, z.flip(0))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) > 0
+
+
 def test_ops_are_registered_for_cpu():
     for op in ("distill_forward", "scale_grad_", "scale_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CPU")
@@ -121,7 +135,7 @@ def _fatbin_archs(path):
 def test_cuda_build_registers_every_op_and_carries_its_architectures():
     for op in ("distill_forward", "scale_grad_", "scale_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CUDA")
-    archs = _fatbin_archs(todi_ext._load._C.__file__)
+    archs = _fatbin_archs(todi_ext._load._C_cuda.__file__)
     for arch in todi_ext.build_info()["cuda_archs"]:
         # The fatbin's entry header holds the number only: sm_90a code is listed as sm_90.
         base = arch.rstrip("af")

@@ -30,7 +30,12 @@ if torch.__version__ != _build_config.TORCH_VERSION:
     )
 
 try:
-    from . import _C  # noqa: F401  (loading it registers the ops)
+    from . import _C  # noqa: F401  (loading it registers the ops and their CPU kernels)
+
+    # The CUDA kernels are a module of their own: a CPU-only torch lacks the
+    # CUDA libraries it links, and the CPU part serves there on its own.
+    if _build_config.CUDA_VERSION is not None and torch.version.cuda is not None:
+        from . import _C_cuda  # noqa: F401
 except ImportError as exc:  # e.g. undefined symbols from a torch with the same version string
     raise ImportError(
         f"todi_ext's compiled module failed to load with torch {torch.__version__} "
