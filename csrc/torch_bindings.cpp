@@ -5,9 +5,11 @@
 #include <torch/library.h>
 
 #include <string>
+#include <string_view>
 
 namespace todi_ext::cpu {
 const char* kernel_capability();
+const char* use_cpu_capability(std::string_view capability);
 }
 
 TORCH_LIBRARY(todi_ext, m) {
@@ -85,7 +87,12 @@ TORCH_LIBRARY(todi_ext, m) {
   // The out-of-place form, for backward passes that must keep the saved
   // gradient (retain_graph=True) and for traced graphs (torch.compile).
   m.def("scale_grad(Tensor grad, Tensor scale) -> Tensor");
-  // Which copy of the CPU kernel runs on this machine (DEFAULT, AVX2 or
-  // AVX512: the widest that ATen itself uses here), for build_info().
+  // The copy of the CPU kernel that runs (DEFAULT, AVX2 or AVX512), for
+  // build_info(); and its choice, made at import from the capability torch
+  // reports (torch.backends.cpu.get_cpu_capability(), which honours
+  // ATEN_CPU_CAPABILITY): the widest compiled copy it allows. Returns the copy.
   m.def("cpu_kernel_capability() -> str", [] { return std::string(todi_ext::cpu::kernel_capability()); });
+  m.def("use_cpu_capability(str capability) -> str", [](c10::string_view capability) {
+    return std::string(todi_ext::cpu::use_cpu_capability(std::string_view(capability.data(), capability.size())));
+  });
 }

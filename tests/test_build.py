@@ -66,6 +66,18 @@ def test_the_cpu_part_loads_without_the_cuda_module():
     assert float(out.stdout) > 0
 
 
+def test_the_cpu_kernel_copy_follows_the_capability_it_is_given():
+    # _load.py passes torch.backends.cpu.get_cpu_capability() at import; the op
+    # picks the widest compiled copy that capability allows.
+    best = todi_ext.build_info()["cpu_capability"]
+    try:
+        assert torch.ops.todi_ext.use_cpu_capability("DEFAULT") == "DEFAULT"
+        assert todi_ext.build_info()["cpu_capability"] == "DEFAULT"
+        assert torch.ops.todi_ext.use_cpu_capability("SVE256") == "DEFAULT"  # not an x86 copy
+    finally:
+        assert torch.ops.todi_ext.use_cpu_capability(torch.backends.cpu.get_cpu_capability()) == best
+
+
 def test_ops_are_registered_for_cpu():
     for op in ("distill_forward", "scale_grad_", "scale_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CPU")

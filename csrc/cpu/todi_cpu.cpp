@@ -2,13 +2,14 @@
 // allocation, and the choice of the kernel copy for this machine's widest
 // instruction set.
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
+#include <string_view>
 #include <tuple>
 
 #include "todi_cpu_kernel.h"
@@ -24,21 +25,38 @@ struct Kernels {
   const char* capability;
 };
 
-// Picked once, from what ATen itself uses (it honours ATEN_CPU_CAPABILITY).
-const Kernels& kernels() {
-  static const Kernels chosen = [] {
-    const std::string best = at::get_cpu_capability();
-#if defined(TODI_EXT_HAVE_AVX512)
-    if (best == "AVX512") return Kernels{AVX512::distill_forward_kernel, AVX512::vocab_parallel_kernel, AVX512::scale_grad_kernel, "AVX512"};
-#endif
+// The copy in use, chosen by use_cpu_capability at import from what torch
+// reports for this machine (at::get_cpu_capability is not in the stable ABI).
+namespace {
+
+const Kernels kDefaultKernels{DEFAULT::distill_forward_kernel, DEFAULT::vocab_parallel_kernel,
+                              DEFAULT::scale_grad_kernel, "DEFAULT"};
 #if defined(TODI_EXT_HAVE_AVX2)
-    if (best == "AVX512" || best == "AVX2") {
-      return Kernels{AVX2::distill_forward_kernel, AVX2::vocab_parallel_kernel, AVX2::scale_grad_kernel, "AVX2"};
-    }
+const Kernels kAvx2Kernels{AVX2::distill_forward_kernel, AVX2::vocab_parallel_kernel, AVX2::scale_grad_kernel,
+                           "AVX2"};
 #endif
-    return Kernels{DEFAULT::distill_forward_kernel, DEFAULT::vocab_parallel_kernel, DEFAULT::scale_grad_kernel, "DEFAULT"};
-  }();
-  return chosen;
+#if defined(TODI_EXT_HAVE_AVX512)
+const Kernels kAvx512Kernels{AVX512::distill_forward_kernel, AVX512::vocab_parallel_kernel,
+                             AVX512::scale_grad_kernel, "AVX512"};
+#endif
+
+// The portable copy until use_cpu_capability says more (at import).
+std::atomic<const Kernels*> chosen_kernels{&kDefaultKernels};
+
+}  // namespace
+
+const Kernels& kernels() { return *chosen_kernels.load(std::memory_order_acquire); }
+
+const char* use_cpu_capability(std::string_view capability) {
+  const Kernels* k = &kDefaultKernels;
+#if defined(TODI_EXT_HAVE_AVX2)
+  if (capability == "AVX512" || capability == "AVX2") k = &kAvx2Kernels;
+#endif
+#if defined(TODI_EXT_HAVE_AVX512)
+  if (capability == "AVX512") k = &kAvx512Kernels;
+#endif
+  chosen_kernels.store(k, std::memory_order_release);
+  return k->capability;
 }
 
 const char* kernel_capability() { return kernels().capability; }

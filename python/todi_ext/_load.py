@@ -32,6 +32,9 @@ if torch.__version__ != _build_config.TORCH_VERSION:
 try:
     from . import _C  # noqa: F401  (loading it registers the ops and their CPU kernels)
 
+    # The CPU kernel copy for what torch uses here (it honours ATEN_CPU_CAPABILITY).
+    torch.ops.todi_ext.use_cpu_capability(torch.backends.cpu.get_cpu_capability())
+
     # The CUDA kernels are a module of their own: a CPU-only torch lacks the
     # CUDA libraries it links, and the CPU part serves there on its own.
     if _build_config.CUDA_VERSION is not None and torch.version.cuda is not None:
