@@ -181,13 +181,14 @@ void check_label_weights(const RowsView& view, int64_t ignore_index, double soft
                     " needs labels (the cross-entropy's targets), got labels=None");
   // Where the labels are in CPU memory, check them; on a GPU that would
   // sync, and the kernel makes a row with an out-of-range label NaN instead.
-  if (view.labels.device().is_cpu() && view.labels.numel() > 0) {
-    const at::Tensor& l = view.labels;
-    const at::Tensor bad = l.ne(ignore_index).logical_and_(l.lt(0).logical_or_(l.ge(view.vocab)));
-    if (bad.any().item<bool>()) {
-      const int64_t first = bad.nonzero()[0].item<int64_t>();
-      TORCH_CHECK_VALUE(false, "labels must be in [0, ", view.vocab, ") or equal ignore_index (", ignore_index,
-                        ") for the hard-label cross-entropy, got ", l[first].item<int64_t>(), " at position ", first);
+  // A loop over the (contiguous int64) labels: no ATen op with a Scalar
+  // argument, which the stable ABI cannot call, and no temporaries.
+  if (view.labels.device().is_cpu()) {
+    const int64_t* l = view.labels.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < view.labels.numel(); ++i) {
+      TORCH_CHECK_VALUE(l[i] == ignore_index || (l[i] >= 0 && l[i] < view.vocab), "labels must be in [0, ",
+                        view.vocab, ") or equal ignore_index (", ignore_index,
+                        ") for the hard-label cross-entropy, got ", l[i], " at position ", i);
     }
   }
 }
