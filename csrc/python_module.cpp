@@ -5,7 +5,9 @@
 // _build_config.py and the todi_ext::cpu_kernel_capability op. Written
 // against the limited C API (abi3, Python >= 3.10), so one build serves every
 // Python from 3.10 on.
+#ifndef Py_LIMITED_API  // CMake's USE_SABI 3.10 defines it too
 #define Py_LIMITED_API 0x030A0000
+#endif
 #include <Python.h>
 
 #ifndef TODI_EXT_MODULE

@@ -25,8 +25,9 @@ struct Kernels {
   const char* capability;
 };
 
-// The copy in use, chosen by use_cpu_capability at import from what torch
-// reports for this machine (at::get_cpu_capability is not in the stable ABI).
+// The copy in use: the widest this CPU runs, narrowed at import to what torch
+// reports for this machine (use_cpu_capability; at::get_cpu_capability is not
+// in the stable ABI).
 namespace {
 
 const Kernels kDefaultKernels{DEFAULT::distill_forward_kernel, DEFAULT::vocab_parallel_kernel,
@@ -40,21 +41,36 @@ const Kernels kAvx512Kernels{AVX512::distill_forward_kernel, AVX512::vocab_paral
                              AVX512::scale_grad_kernel, "AVX512"};
 #endif
 
-// The portable copy until use_cpu_capability says more (at import).
-std::atomic<const Kernels*> chosen_kernels{&kDefaultKernels};
+// The widest copy both allowed by `capability` and executable on this CPU
+// (the instructions each copy is compiled with: CMakeLists.txt), so a wrong
+// capability string can slow the op down but never crash it.
+const Kernels* kernels_for(std::string_view capability) {
+#if defined(TODI_EXT_HAVE_AVX2)
+  __builtin_cpu_init();  // this may run during the module's static initialisation
+#endif
+#if defined(TODI_EXT_HAVE_AVX512)
+  if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
+    return &kAvx512Kernels;
+  }
+#endif
+#if defined(TODI_EXT_HAVE_AVX2)
+  if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2")) {
+    return &kAvx2Kernels;
+  }
+#endif
+  return &kDefaultKernels;
+}
+
+std::atomic<const Kernels*> chosen_kernels{kernels_for("AVX512")};
 
 }  // namespace
 
 const Kernels& kernels() { return *chosen_kernels.load(std::memory_order_acquire); }
 
 const char* use_cpu_capability(std::string_view capability) {
-  const Kernels* k = &kDefaultKernels;
-#if defined(TODI_EXT_HAVE_AVX2)
-  if (capability == "AVX512" || capability == "AVX2") k = &kAvx2Kernels;
-#endif
-#if defined(TODI_EXT_HAVE_AVX512)
-  if (capability == "AVX512") k = &kAvx512Kernels;
-#endif
+  const Kernels* k = kernels_for(capability);
   chosen_kernels.store(k, std::memory_order_release);
   return k->capability;
 }

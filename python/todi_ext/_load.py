@@ -39,7 +39,7 @@ try:
     # CUDA libraries it links, and the CPU part serves there on its own.
     if _build_config.CUDA_VERSION is not None and torch.version.cuda is not None:
         from . import _C_cuda  # noqa: F401
-except ImportError as exc:  # e.g. undefined symbols from a torch with the same version string
+except (ImportError, AttributeError, RuntimeError) as exc:  # e.g. undefined symbols, or a stale module
     raise ImportError(
         f"todi_ext's compiled module failed to load with torch {torch.__version__} "
         f"(built against {_build_config.TORCH_VERSION}): {exc}. {_REBUILD}"

@@ -162,12 +162,12 @@ def check_label_range(labels, vocab, ignore_index):
     sync (CPU tensors); on a GPU the kernel makes such a row NaN."""
     if labels is None or labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.numel() == 0:
         return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).reshape(-1)
     if bool(bad.any()):
-        value = int(labels[bad][0])
+        position = int(bad.nonzero()[0])
         raise ValueError(
             f"labels must be in [0, {vocab}) or equal ignore_index ({ignore_index}) for the hard-label "
-            f"cross-entropy, got {value}"
+            f"cross-entropy, got {int(labels.reshape(-1)[position])} at position {position}"
         )
 
 

@@ -219,7 +219,6 @@ def _check_op_args(student_hidden, student_weight, student_bias, teacher_hidden,
             raise ValueError(f"labels is on {labels.device} but student_hidden is on {student_hidden.device}")
 
 
-@torch.library.impl("todi_ext::fused_linear_distill_forward", ("cpu", "cuda"))
 def _fused_linear_distill_forward(
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
     divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature, ignore_index, reduction, soft_label_weight,
@@ -295,3 +294,13 @@ def _fused_linear_distill_forward(
         grad_weight.to(student_weight.dtype) if weight_grad else student_weight.new_empty((0,)),
         grad_bias.to(student_bias.dtype) if bias_grad else student_hidden.new_empty((0,)),
     )
+
+
+# For the devices the kernel op has kernels on (CUDA only in a CUDA build
+# loaded under a CUDA torch), so other inputs fail at the op, naming it.
+torch.library.impl(
+    "todi_ext::fused_linear_distill_forward",
+    [d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+     if torch._C._dispatch_has_kernel_for_dispatch_key("todi_ext::distill_forward", key)],
+    _fused_linear_distill_forward,
+)
