@@ -196,9 +196,6 @@ def _check_op_args(student_hidden, student_weight, student_bias, teacher_hidden,
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
         raise ValueError(f"student_hidden and teacher_hidden must have shape (N, H), got "
                          f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
-    if teacher_hidden.device != student_hidden.device:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
-                         f"{student_hidden.device}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if bias_grad and student_bias is None:
@@ -210,13 +207,7 @@ def _check_op_args(student_hidden, student_weight, student_bias, teacher_hidden,
         raise ValueError("row_weights applies to reduction='none' only")
     if row_weights is not None and tuple(row_weights.shape) != (rows,):
         raise ValueError(f"row_weights must have shape ({rows},), got {tuple(row_weights.shape)}")
-    if labels is not None:
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if tuple(labels.shape) != (rows,):
-            raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
-        if labels.device != student_hidden.device:
-            raise ValueError(f"labels is on {labels.device} but student_hidden is on {student_hidden.device}")
+    _validation.check_labels(labels, student_hidden, like="student_hidden")
 
 
 def _fused_linear_distill_forward(
