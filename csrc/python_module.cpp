@@ -1,7 +1,7 @@
 // The Python modules todi_ext._C (schemas, CPU kernels) and todi_ext._C_cuda
 // (CUDA kernels; CMake compiles this file for each, TODI_EXT_MODULE naming
 // it): empty. Loading one runs the op registrations of its other files
-// (TORCH_LIBRARY, TORCH_LIBRARY_IMPL); build facts come from the generated
+// (STABLE_TORCH_LIBRARY, STABLE_TORCH_LIBRARY_IMPL); build facts come from the generated
 // _build_config.py and the todi_ext::cpu_kernel_capability op. Written
 // against the limited C API (abi3, Python >= 3.10), so one build serves every
 // Python from 3.10 on.

@@ -1,11 +1,9 @@
 #include "todi_op_common.h"
 
-#include <c10/util/Exception.h>
-
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <iterator>
@@ -19,8 +17,38 @@
 namespace todi_ext {
 namespace {
 
-bool is_logit_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+bool is_logit_dtype(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::BFloat16 || t == ScalarType::Half || t == ScalarType::Double;
+}
+
+bool is_integer_dtype(ScalarType t) {
+  switch (t) {
+    case ScalarType::Byte: case ScalarType::Char: case ScalarType::Short: case ScalarType::Int:
+    case ScalarType::Long: case ScalarType::UInt16: case ScalarType::UInt32: case ScalarType::UInt64:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Calls an ATen op through the dispatcher (the stable ABI's way to reach an
+// op that torch/csrc/stable/ops.h does not wrap) and returns its one result.
+// Only overloads without Scalar arguments: the stable ABI cannot pass those.
+template <class... Args>
+Tensor call_aten(const char* name, const char* overload, const Args&... args) {
+  std::array<StableIValue, std::max<size_t>(sizeof...(Args), 1)> stack{torch::stable::detail::from(args)...};
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// A 0-dim CPU tensor holding v exactly. As the other operand of a binary op
+// on a CUDA tensor, a 0-dim CPU tensor is read as a scalar when the op is
+// launched: no copy to the device and no synchronisation.
+template <class T>
+Tensor cpu_scalar(T v, ScalarType dtype) {
+  Tensor t = new_empty({}, dtype, torch::stable::Device(torch::headeronly::DeviceType::CPU));
+  *t.mutable_data_ptr<T>() = v;
+  return t;
 }
 
 // A gradient-sized CPU buffer is fresh memory at every call (the allocator
@@ -29,13 +57,14 @@ bool is_logit_dtype(at::ScalarType t) {
 // Asking for huge pages before the first touch makes those faults 512x fewer
 // where the kernel allows it (transparent huge pages "madvise" or "always");
 // elsewhere the hint is ignored and nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
+void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  if (!t.device().is_cpu() || t.nbytes() < 2 * kHugePage) return;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uint64_t nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
+  if (!t.is_cpu() || nbytes < 2 * kHugePage) return;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.mutable_data_ptr());
   const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (start + t.nbytes()) & ~(kHugePage - 1);
+  const uintptr_t end = (start + nbytes) & ~(kHugePage - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
 #else
   (void)t;
@@ -44,14 +73,30 @@ void advise_huge_pages(const at::Tensor& t) {
 
 }  // namespace
 
-at::Tensor with_unit_vocab_stride(const at::Tensor& x) {
-  const bool unit_stride = x.dim() == 0 || x.stride(-1) == 1 || x.size(-1) == 1;
-  if (unit_stride && x.dim() - 1 <= RowLayout::kMaxDims) return x;
-  return x.contiguous().view({-1, x.size(-1)});
+std::string shape_str(torch::headeronly::IntHeaderOnlyArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
 }
 
-RowLayout row_layout(const at::Tensor& x) {
-  TORCH_INTERNAL_ASSERT(x.dim() >= 1 && x.dim() - 1 <= RowLayout::kMaxDims);
+std::string device_str(const torch::stable::Device& device) {
+  std::string s = device.is_cpu() ? "cpu" : device.is_cuda() ? "cuda" : "device type " + std::to_string(static_cast<int>(device.type()));
+  return device.has_index() && !device.is_cpu() ? s + ":" + std::to_string(device.index()) : s;
+}
+
+Tensor new_empty(torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType dtype,
+                 const torch::stable::Device& device) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, device);
+}
+
+Tensor with_unit_vocab_stride(const Tensor& x) {
+  const bool unit_stride = x.dim() == 0 || x.stride(x.dim() - 1) == 1 || last_size(x) == 1;
+  if (unit_stride && x.dim() - 1 <= RowLayout::kMaxDims) return x;
+  return torch::stable::view(torch::stable::contiguous(x), {-1, last_size(x)});
+}
+
+RowLayout row_layout(const Tensor& x) {
+  if (!(x.dim() >= 1 && x.dim() - 1 <= RowLayout::kMaxDims)) throw std::logic_error("todi_ext: row_layout of a bad shape");
   RowLayout layout;
   layout.dims = static_cast<int>(x.dim() - 1);
   for (int d = 0; d < layout.dims; ++d) {
@@ -61,96 +106,101 @@ RowLayout row_layout(const at::Tensor& x) {
   return layout;
 }
 
-at::ScalarType math_dtype(const at::Tensor& student, const at::Tensor& teacher) {
-  return (student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+ScalarType math_dtype(const Tensor& student, const Tensor& teacher) {
+  return (student.scalar_type() == ScalarType::Double || teacher.scalar_type() == ScalarType::Double)
+             ? ScalarType::Double
+             : ScalarType::Float;
 }
 
-RowsView check_forward_args(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                            const std::optional<at::Tensor>& labels) {
-  TORCH_CHECK_TYPE(is_logit_dtype(student_logits.scalar_type()),
-                   "student_logits must be float32, bfloat16, float16 or float64, got ",
-                   student_logits.scalar_type());
-  TORCH_CHECK_TYPE(is_logit_dtype(teacher_logits.scalar_type()),
-                   "teacher_logits must be float32, bfloat16, float16 or float64, got ",
-                   teacher_logits.scalar_type());
-  TORCH_CHECK_VALUE(student_logits.dim() >= 1 && student_logits.size(-1) > 0,
-                    "student_logits must have shape (..., V) with V >= 1, got ", student_logits.sizes());
-  TORCH_CHECK_VALUE(teacher_logits.sizes() == student_logits.sizes(),
-                    "teacher_logits must have the shape of student_logits ", student_logits.sizes(), ", got ",
-                    teacher_logits.sizes());
-  TORCH_CHECK_VALUE(teacher_logits.device() == student_logits.device(), "teacher_logits is on ",
-                    teacher_logits.device(), " but student_logits is on ", student_logits.device());
+RowsView check_forward_args(const Tensor& student_logits, const Tensor& teacher_logits,
+                            const std::optional<Tensor>& labels) {
+  TODI_CHECK(is_logit_dtype(student_logits.scalar_type()),
+             "student_logits must be float32, bfloat16, float16 or float64, got ", student_logits.scalar_type());
+  TODI_CHECK(is_logit_dtype(teacher_logits.scalar_type()),
+             "teacher_logits must be float32, bfloat16, float16 or float64, got ", teacher_logits.scalar_type());
+  TODI_CHECK(student_logits.dim() >= 1 && last_size(student_logits) > 0,
+             "student_logits must have shape (..., V) with V >= 1, got ", shape_str(student_logits.sizes()));
+  TODI_CHECK(teacher_logits.sizes().equals(student_logits.sizes()), "teacher_logits must have the shape of student_logits ",
+             shape_str(student_logits.sizes()), ", got ", shape_str(teacher_logits.sizes()));
+  TODI_CHECK(teacher_logits.device() == student_logits.device(), "teacher_logits is on ",
+             device_str(teacher_logits.device()), " but student_logits is on ", device_str(student_logits.device()));
 
   RowsView view;
-  view.vocab = student_logits.size(-1);
+  view.vocab = last_size(student_logits);
   view.rows = student_logits.numel() / view.vocab;
   view.student = with_unit_vocab_stride(student_logits);
   view.teacher = with_unit_vocab_stride(teacher_logits);
   if (labels.has_value()) {
-    const at::Tensor& l = *labels;
-    TORCH_CHECK_TYPE(!at::isFloatingType(l.scalar_type()) && !at::isComplexType(l.scalar_type()) &&
-                         l.scalar_type() != at::kBool,
-                     "labels must be an integer tensor, got ", l.scalar_type());
-    TORCH_CHECK_VALUE(l.sizes() == student_logits.sizes().slice(0, student_logits.dim() - 1),
-                      "labels must have shape ", student_logits.sizes().slice(0, student_logits.dim() - 1),
-                      " (student_logits without its last dimension), got ", l.sizes());
-    TORCH_CHECK_VALUE(l.device() == student_logits.device(), "labels is on ", l.device(),
-                      " but student_logits is on ", student_logits.device());
-    view.labels = l.reshape({-1}).to(at::kLong).contiguous();
+    const Tensor& l = *labels;
+    const auto rows_shape = student_logits.sizes().slice(0, student_logits.dim() - 1);
+    TODI_CHECK(is_integer_dtype(l.scalar_type()), "labels must be an integer tensor, got ", l.scalar_type());
+    TODI_CHECK(l.sizes().equals(rows_shape), "labels must have shape ", shape_str(rows_shape),
+               " (student_logits without its last dimension), got ", shape_str(l.sizes()));
+    TODI_CHECK(l.device() == student_logits.device(), "labels is on ", device_str(l.device()),
+               " but student_logits is on ", device_str(student_logits.device()));
+    view.labels = torch::stable::contiguous(
+        torch::stable::to(torch::stable::reshape(l, {-1}), std::optional<ScalarType>(ScalarType::Long)));
   }
   return view;
 }
 
-ReductionPlan plan_reduction(c10::string_view reduction, const RowsView& view, int64_t ignore_index,
-                             const at::TensorOptions& math_options) {
+ReductionPlan plan_reduction(std::string_view reduction, const RowsView& view, int64_t ignore_index,
+                             ScalarType math, const torch::stable::Device& device) {
   ReductionPlan plan;
   if (reduction == "none") {
     plan.kind = Reduction::kNone;
   } else if (reduction == "sum") {
     plan.kind = Reduction::kSum;
   } else {
-    TORCH_CHECK_VALUE(reduction == "mean", "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
+    TODI_CHECK(reduction == "mean", "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
     plan.kind = Reduction::kMean;
     // An all-ignored batch divides by 1: the loss is 0 with a zero gradient.
-    plan.count = view.labels.defined()
-                     ? view.labels.ne(ignore_index).sum().to(math_options.dtype()).clamp_min_(1)
-                     : at::full({}, static_cast<double>(std::max<int64_t>(view.rows, 1)), math_options);
-    plan.grad_scale = plan.count.reciprocal();
+    // The counted positions with Tensor-overload ops (the stable ABI cannot
+    // pass a Scalar); the CPU scalars are exact for any int64 ignore_index.
+    if (view.labels.has_value()) {
+      const Tensor counted = call_aten("aten::ne", "Tensor", *view.labels, cpu_scalar<int64_t>(ignore_index, ScalarType::Long));
+      Tensor count = torch::stable::sum(counted, std::nullopt, false, math);
+      plan.count = call_aten("aten::clamp_min_", "Tensor", count, cpu_scalar<int64_t>(1, ScalarType::Long));
+    } else {
+      plan.count = torch::stable::full({}, static_cast<double>(std::max<int64_t>(view.rows, 1)), math, std::nullopt, device);
+    }
+    plan.grad_scale = call_aten("aten::reciprocal", "", *plan.count);
   }
   return plan;
 }
 
-at::Tensor reduce_loss(const at::Tensor& per_position, const ReductionPlan& plan) {
+Tensor reduce_loss(const Tensor& per_position, const ReductionPlan& plan) {
   switch (plan.kind) {
     case Reduction::kNone: return per_position;
-    case Reduction::kSum: return per_position.sum();
-    case Reduction::kMean: return per_position.sum().div_(plan.count);
+    case Reduction::kSum: return torch::stable::sum(per_position);
+    case Reduction::kMean: return call_aten("aten::div", "Tensor", torch::stable::sum(per_position), *plan.count);
   }
-  TORCH_INTERNAL_ASSERT(false);
+  throw std::logic_error("todi_ext: unknown reduction");
 }
 
-void check_scalar_tensor(const char* name, const at::Tensor& t, const c10::Device& device) {
-  TORCH_CHECK_VALUE(t.dim() == 0 && t.scalar_type() == at::kDouble, name, " must be a 0-dim float64 tensor, got ",
-                    t.scalar_type(), " of shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but student_logits is on ", device);
+void check_scalar_tensor(const char* name, const Tensor& t, const torch::stable::Device& device) {
+  TODI_CHECK(t.dim() == 0 && t.scalar_type() == ScalarType::Double, name, " must be a 0-dim float64 tensor, got ",
+             t.scalar_type(), " of shape ", shape_str(t.sizes()));
+  TODI_CHECK(t.device() == device, name, " is on ", device_str(t.device()), " but student_logits is on ",
+             device_str(device));
 }
 
 // The values, where reading them costs nothing (CPU memory). On a GPU that
 // would sync: the Python API validates them before making the tensors, and
 // the CUDA kernel turns invalid values into NaN rows rather than numbers.
-void check_scalar_values(const at::Tensor& beta, const at::Tensor& inv_temperature) {
-  if (!beta.device().is_cpu()) return;
+void check_scalar_values(const Tensor& beta, const Tensor& inv_temperature) {
+  if (!beta.is_cpu()) return;
   const double b = *beta.const_data_ptr<double>();
   const double inv_t = *inv_temperature.const_data_ptr<double>();
-  TORCH_CHECK_VALUE(std::isfinite(b), "beta must be finite, got ", b);
-  TORCH_CHECK_VALUE(std::isfinite(inv_t) && inv_t > 0, "inv_temperature (1 / T) must be finite and > 0, got ", inv_t);
+  TODI_CHECK(std::isfinite(b), "beta must be finite, got ", b);
+  TODI_CHECK(std::isfinite(inv_t) && inv_t > 0, "inv_temperature (1 / T) must be finite and > 0, got ", inv_t);
 }
 
-math::Divergence parse_divergence(c10::string_view name, double skew_lambda, double akl_mu,
-                                  double jsd_beta, math::DivergenceParams& params) {
+math::Divergence parse_divergence(std::string_view name, double skew_lambda, double akl_mu, double jsd_beta,
+                                  math::DivergenceParams& params) {
   using math::Divergence;
   // The op-level names (python/todi_ext/_validation.py maps the API's onto these).
-  static constexpr std::pair<c10::string_view, Divergence> kNames[] = {
+  static constexpr std::pair<std::string_view, Divergence> kNames[] = {
       {"todi", Divergence::kToDi}, {"fkl", Divergence::kFKL},   {"rkl", Divergence::kRKL},
       {"tvd", Divergence::kTVD},   {"skl", Divergence::kSKL},   {"srkl", Divergence::kSRKL},
       {"akl", Divergence::kAKL},   {"gjsd", Divergence::kGJSD},
@@ -159,12 +209,12 @@ math::Divergence parse_divergence(c10::string_view name, double skew_lambda, dou
   if (found == std::end(kNames)) {
     std::string choices;
     for (const auto& n : kNames) choices += (choices.empty() ? "'" : ", '") + std::string(n.first) + "'";
-    TORCH_CHECK_VALUE(false, "divergence must be one of ", choices, ", got '", name, "'");
+    TODI_CHECK(false, "divergence must be one of ", choices, ", got '", name, "'");
   }
   const Divergence kind = found->second;
-  TORCH_CHECK_VALUE(skew_lambda >= 0 && skew_lambda <= 1, "skew_lambda must be in [0, 1], got ", skew_lambda);
-  TORCH_CHECK_VALUE(jsd_beta > 0 && jsd_beta < 1, "jsd_beta must be in (0, 1), got ", jsd_beta);
-  TORCH_CHECK_VALUE(akl_mu >= 0 && akl_mu < 1, "akl_mu must be in [0, 1), got ", akl_mu);
+  TODI_CHECK(skew_lambda >= 0 && skew_lambda <= 1, "skew_lambda must be in [0, 1], got ", skew_lambda);
+  TODI_CHECK(jsd_beta > 0 && jsd_beta < 1, "jsd_beta must be in (0, 1), got ", jsd_beta);
+  TODI_CHECK(akl_mu >= 0 && akl_mu < 1, "akl_mu must be in [0, 1), got ", akl_mu);
   params.skew_lambda = skew_lambda;
   params.jsd_beta = jsd_beta;
   params.akl_mu = akl_mu;
@@ -174,31 +224,30 @@ math::Divergence parse_divergence(c10::string_view name, double skew_lambda, dou
 
 void check_label_weights(const RowsView& view, int64_t ignore_index, double soft_label_weight,
                          double hard_label_weight) {
-  TORCH_CHECK_VALUE(std::isfinite(soft_label_weight), "soft_label_weight must be finite, got ", soft_label_weight);
-  TORCH_CHECK_VALUE(std::isfinite(hard_label_weight), "hard_label_weight must be finite, got ", hard_label_weight);
+  TODI_CHECK(std::isfinite(soft_label_weight), "soft_label_weight must be finite, got ", soft_label_weight);
+  TODI_CHECK(std::isfinite(hard_label_weight), "hard_label_weight must be finite, got ", hard_label_weight);
   if (hard_label_weight == 0) return;
-  TORCH_CHECK_VALUE(view.labels.defined(), "hard_label_weight = ", hard_label_weight,
-                    " needs labels (the cross-entropy's targets), got labels=None");
+  TODI_CHECK(view.labels.has_value(), "hard_label_weight = ", hard_label_weight,
+             " needs labels (the cross-entropy's targets), got labels=None");
   // Where the labels are in CPU memory, check them; on a GPU that would
   // sync, and the kernel makes a row with an out-of-range label NaN instead.
   // A loop over the (contiguous int64) labels: no ATen op with a Scalar
   // argument, which the stable ABI cannot call, and no temporaries.
-  if (view.labels.device().is_cpu()) {
-    const int64_t* l = view.labels.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < view.labels.numel(); ++i) {
-      TORCH_CHECK_VALUE(l[i] == ignore_index || (l[i] >= 0 && l[i] < view.vocab), "labels must be in [0, ",
-                        view.vocab, ") or equal ignore_index (", ignore_index,
-                        ") for the hard-label cross-entropy, got ", l[i], " at position ", i);
+  if (view.labels->is_cpu()) {
+    const int64_t* l = view.labels->const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < view.labels->numel(); ++i) {
+      TODI_CHECK(l[i] == ignore_index || (l[i] >= 0 && l[i] < view.vocab), "labels must be in [0, ", view.vocab,
+                 ") or equal ignore_index (", ignore_index, ") for the hard-label cross-entropy, got ", l[i],
+                 " at position ", i);
     }
   }
 }
 
-ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                             const std::optional<at::Tensor>& labels, c10::string_view divergence,
-                             const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
-                             const at::Tensor& inv_temperature,
-                             int64_t ignore_index, c10::string_view reduction, bool student_grad,
-                             bool teacher_grad, double soft_label_weight, double hard_label_weight) {
+ForwardSetup prepare_forward(const Tensor& student_logits, const Tensor& teacher_logits,
+                             const std::optional<Tensor>& labels, std::string_view divergence, const Tensor& beta,
+                             double skew_lambda, double akl_mu, double jsd_beta, const Tensor& inv_temperature,
+                             int64_t ignore_index, std::string_view reduction, bool student_grad, bool teacher_grad,
+                             double soft_label_weight, double hard_label_weight) {
   ForwardSetup setup;
   setup.view = check_forward_args(student_logits, teacher_logits, labels);
   check_label_weights(setup.view, ignore_index, soft_label_weight, hard_label_weight);
@@ -210,13 +259,13 @@ ForwardSetup prepare_forward(const at::Tensor& student_logits, const at::Tensor&
   setup.beta = beta;
   setup.inv_temperature = inv_temperature;
   setup.divergence = parse_divergence(divergence, skew_lambda, akl_mu, jsd_beta, setup.divergence_params);
-  const auto math_opts = student_logits.options().dtype(math_dtype(student_logits, teacher_logits));
-  setup.plan = plan_reduction(reduction, setup.view, ignore_index, math_opts);
-  setup.per_position = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math_opts);
-  setup.grad_student =
-      at::empty(student_grad ? student_logits.sizes() : at::IntArrayRef{0}, student_logits.options());
-  setup.grad_teacher =
-      at::empty(teacher_grad ? teacher_logits.sizes() : at::IntArrayRef{0}, teacher_logits.options());
+  const torch::stable::Device device = student_logits.device();
+  const ScalarType math = math_dtype(student_logits, teacher_logits);
+  setup.plan = plan_reduction(reduction, setup.view, ignore_index, math, device);
+  setup.per_position = new_empty(student_logits.sizes().slice(0, student_logits.dim() - 1), math, device);
+  const int64_t none[] = {0};
+  setup.grad_student = new_empty(student_grad ? student_logits.sizes() : none, student_logits.scalar_type(), device);
+  setup.grad_teacher = new_empty(teacher_grad ? teacher_logits.sizes() : none, teacher_logits.scalar_type(), device);
   advise_huge_pages(setup.grad_student);
   advise_huge_pages(setup.grad_teacher);
   return setup;
@@ -230,7 +279,7 @@ ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index) {
                         row_layout(setup.view.teacher)};
   p.rows = setup.view.rows;
   p.vocab = setup.view.vocab;
-  p.labels = setup.view.labels.defined() ? setup.view.labels.const_data_ptr<int64_t>() : nullptr;
+  p.labels = setup.view.labels.has_value() ? setup.view.labels->const_data_ptr<int64_t>() : nullptr;
   p.ignore_index = ignore_index;
   p.divergence = setup.divergence;
   p.divergence_params = setup.divergence_params;
@@ -238,9 +287,9 @@ ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index) {
   p.beta = setup.beta.const_data_ptr<double>();
   p.soft_weight = setup.soft_label_weight;
   p.hard_weight = setup.hard_label_weight;
-  p.double_math = setup.per_position.scalar_type() == at::kDouble;
+  p.double_math = setup.per_position.scalar_type() == ScalarType::Double;
   p.loss = setup.per_position.mutable_data_ptr();
-  p.grad_scale = setup.plan.grad_scale.defined() ? setup.plan.grad_scale.const_data_ptr() : nullptr;
+  p.grad_scale = setup.plan.grad_scale.has_value() ? setup.plan.grad_scale->const_data_ptr() : nullptr;
   if (setup.grad_student.numel() > 0) {
     p.grad_student = OutMatrix{setup.grad_student.mutable_data_ptr(), setup.grad_student.scalar_type()};
   }
@@ -252,36 +301,36 @@ ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index) {
 
 namespace {
 
-void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK_TYPE(is_logit_dtype(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
-  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble,
-                   "scale must be float32 or float64, got ", scale.scalar_type());
-  TORCH_CHECK_VALUE(grad.dim() >= 1, "grad must have shape (..., V), got ", grad.sizes());
+void check_scale_grad_args(const Tensor& grad, const Tensor& scale) {
+  TODI_CHECK(is_logit_dtype(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
+  TODI_CHECK(scale.scalar_type() == ScalarType::Float || scale.scalar_type() == ScalarType::Double,
+             "scale must be float32 or float64, got ", scale.scalar_type());
+  TODI_CHECK(grad.dim() >= 1, "grad must have shape (..., V), got ", shape_str(grad.sizes()));
   const auto rows_shape = grad.sizes().slice(0, grad.dim() - 1);
-  TORCH_CHECK_VALUE(scale.dim() == 0 || scale.sizes() == rows_shape, "scale must be a scalar or have shape ",
-                    rows_shape, " (grad without its last dimension), got ", scale.sizes());
-  TORCH_CHECK_VALUE(scale.device() == grad.device(), "scale is on ", scale.device(), " but grad is on ",
-                    grad.device());
-  TORCH_CHECK_VALUE(grad.size(-1) <= 1 || grad.stride(-1) == 1,
-                    "grad must have unit stride along its last dimension (it is scaled in place)");
-  TORCH_CHECK_VALUE(grad.dim() - 1 <= RowLayout::kMaxDims || grad.is_contiguous(), "grad may have at most ",
-                    RowLayout::kMaxDims, " leading dimensions unless it is contiguous, got ", grad.dim() - 1);
+  TODI_CHECK(scale.dim() == 0 || scale.sizes().equals(rows_shape), "scale must be a scalar or have shape ",
+             shape_str(rows_shape), " (grad without its last dimension), got ", shape_str(scale.sizes()));
+  TODI_CHECK(scale.device() == grad.device(), "scale is on ", device_str(scale.device()), " but grad is on ",
+             device_str(grad.device()));
+  TODI_CHECK(last_size(grad) <= 1 || grad.stride(grad.dim() - 1) == 1,
+             "grad must have unit stride along its last dimension (it is scaled in place)");
+  TODI_CHECK(grad.dim() - 1 <= RowLayout::kMaxDims || grad.is_contiguous(), "grad may have at most ",
+             RowLayout::kMaxDims, " leading dimensions unless it is contiguous, got ", grad.dim() - 1);
 }
 
 }  // namespace
 
-ScaleGradCall scale_grad_call(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& out) {
+ScaleGradCall scale_grad_call(const Tensor& grad, const Tensor& scale, const Tensor* out) {
   check_scale_grad_args(grad, scale);
   ScaleGradCall call;
   // A contiguous grad with more leading dimensions than RowLayout indexes is
   // viewed as (rows, V).
-  const at::Tensor rows = grad.dim() - 1 <= RowLayout::kMaxDims ? grad : grad.view({-1, grad.size(-1)});
+  const Tensor rows = grad.dim() - 1 <= RowLayout::kMaxDims ? grad : torch::stable::view(grad, {-1, last_size(grad)});
   call.keep_alive[0] = rows;
-  call.keep_alive[1] = scale.contiguous();
+  call.keep_alive[1] = torch::stable::contiguous(scale);
   ScaleGradParams& p = call.params;
   p.grad = RowMatrix{rows.const_data_ptr(), rows.scalar_type(), row_layout(rows)};
-  p.out = out.is_same(grad) ? const_cast<void*>(p.grad.data) : out.mutable_data_ptr();
-  p.vocab = grad.size(-1);
+  p.out = out == nullptr ? rows.mutable_data_ptr() : out->mutable_data_ptr();
+  p.vocab = last_size(grad);
   p.rows = p.vocab > 0 ? grad.numel() / p.vocab : 0;
   p.scale = call.keep_alive[1].const_data_ptr();
   p.scale_dtype = call.keep_alive[1].scalar_type();

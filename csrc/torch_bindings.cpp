@@ -1,18 +1,11 @@
 // The hub of the extension: every op schema. Backends register their kernels
 // for these schemas in their own files (cpu/todi_cpu.cpp, cuda/...); fake and
 // autograd registrations are in python/todi_ext/ops.py; the Python module is
-// python_module.cpp.
-#include <torch/library.h>
+// python_module.cpp. Registered through the LibTorch stable ABI
+// (STABLE_TORCH_LIBRARY): the schemas are strings, the same for every torch.
+#include <torch/csrc/stable/library.h>
 
-#include <string>
-#include <string_view>
-
-namespace todi_ext::cpu {
-const char* kernel_capability();
-const char* use_cpu_capability(std::string_view capability);
-}
-
-TORCH_LIBRARY(todi_ext, m) {
+STABLE_TORCH_LIBRARY(todi_ext, m) {
   // A distillation divergence (ToDi, or one of its paper's baselines) over
   // the last dimension, reduced ("none", "sum" or "mean" over counted
   // positions), and (when asked) its gradients for an upstream gradient of 1,
@@ -91,8 +84,7 @@ TORCH_LIBRARY(todi_ext, m) {
   // build_info(); and its choice, made at import from the capability torch
   // reports (torch.backends.cpu.get_cpu_capability(), which honours
   // ATEN_CPU_CAPABILITY): the widest compiled copy it allows. Returns the copy.
-  m.def("cpu_kernel_capability() -> str", [] { return std::string(todi_ext::cpu::kernel_capability()); });
-  m.def("use_cpu_capability(str capability) -> str", [](c10::string_view capability) {
-    return std::string(todi_ext::cpu::use_cpu_capability(std::string_view(capability.data(), capability.size())));
-  });
+  // Implemented in cpu/todi_cpu.cpp.
+  m.def("cpu_kernel_capability() -> str");
+  m.def("use_cpu_capability(str capability) -> str");
 }

@@ -10,10 +10,7 @@
 // Header-only: the CUDA host-emulation test harness instantiates it too.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
-#include <c10/util/Exception.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <cmath>
 #include <optional>
@@ -23,24 +20,24 @@
 
 namespace todi_ext::vocab_parallel {
 
-using PhaseRunner = void (*)(const ForwardParams&, const VocabParallelParams&, const at::Tensor& logits);
+using PhaseRunner = void (*)(const ForwardParams&, const VocabParallelParams&, const Tensor& logits);
 
 // A per-row float64 table handed from one phase to the next (through a
 // collective): contiguous, (rows, cols), on the logits' device.
-inline void check_row_table(const char* name, const at::Tensor& t, int64_t rows, int64_t cols,
-                            const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols &&
-                        t.is_contiguous() && t.device() == logits.device(),
-                    name, " must be a contiguous (", rows, ", ", cols, ") float64 tensor on ", logits.device(),
-                    ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+inline void check_row_table(const char* name, const Tensor& t, int64_t rows, int64_t cols,
+                            const Tensor& logits) {
+  TODI_CHECK(t.scalar_type() == ScalarType::Double && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols &&
+                 t.is_contiguous() && t.device() == logits.device(),
+             name, " must be a contiguous (", rows, ", ", cols, ") float64 tensor on ", device_str(logits.device()),
+             ", got ", t.scalar_type(), " of shape ", shape_str(t.sizes()), " on ", device_str(t.device()));
 }
 
 // The forward's checks and set-up; hard_label_weight 0 here: local labels
 // outside the slice are legal (another rank's token).
-inline ForwardSetup prepare_phase(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                                  const std::optional<at::Tensor>& labels, c10::string_view divergence,
-                                  const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
-                                  const at::Tensor& inv_temperature, int64_t ignore_index, bool student_grad,
+inline ForwardSetup prepare_phase(const Tensor& student_logits, const Tensor& teacher_logits,
+                                  const std::optional<Tensor>& labels, std::string_view divergence,
+                                  const Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+                                  const Tensor& inv_temperature, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad) {
   return prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
                          inv_temperature, ignore_index, "sum", student_grad, teacher_grad, 1.0, 0.0);
@@ -48,24 +45,25 @@ inline ForwardSetup prepare_phase(const at::Tensor& student_logits, const at::Te
 
 // AKL's weights come from the whole row's (g_head, g_tail): required with
 // AKL, refused without it (a table that would be silently ignored).
-inline void set_akl_gaps(const ForwardSetup& setup, const std::optional<at::Tensor>& akl_gaps,
-                         const at::Tensor& logits, VocabParallelParams& vp) {
+inline void set_akl_gaps(const ForwardSetup& setup, const std::optional<Tensor>& akl_gaps,
+                         const Tensor& logits, VocabParallelParams& vp) {
   const bool akl = setup.divergence == math::Divergence::kAKL;
-  TORCH_CHECK_VALUE(akl == akl_gaps.has_value(), akl ? "divergence 'akl' needs akl_gaps, the whole rows' "
-                    "(g_head, g_tail)" : "akl_gaps is only for divergence 'akl'");
+  TODI_CHECK(akl == akl_gaps.has_value(),
+             akl ? "divergence 'akl' needs akl_gaps, the whole rows' (g_head, g_tail)"
+                 : "akl_gaps is only for divergence 'akl'");
   if (!akl) return;
   check_row_table("akl_gaps", *akl_gaps, setup.view.rows, 2, logits);
   vp.akl_global_gaps = akl_gaps->const_data_ptr<double>();
 }
 
 template <PhaseRunner Run>
-at::Tensor row_stats(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                     const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
+Tensor row_stats(const Tensor& student_logits, const Tensor& teacher_logits,
+                     const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
                      bool with_cross_entropy) {
-  const at::Tensor one = at::ones({}, inv_temperature.options());
+  const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, inv_temperature.device());
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "fkl", one, 0.1, 0.5, 0.5,
                                            inv_temperature, ignore_index, false, false);
-  at::Tensor stats = at::empty({setup.view.rows, 6}, student_logits.options().dtype(at::kDouble));
+  Tensor stats = new_empty({setup.view.rows, 6}, ScalarType::Double, student_logits.device());
   if (setup.view.rows > 0) {
     ForwardParams p = forward_params(setup, ignore_index);
     p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
@@ -78,16 +76,16 @@ at::Tensor row_stats(const at::Tensor& student_logits, const at::Tensor& teacher
 }
 
 template <PhaseRunner Run>
-at::Tensor partial_sums(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                        const std::optional<at::Tensor>& labels, c10::string_view divergence, const at::Tensor& beta,
-                        double skew_lambda, double akl_mu, double jsd_beta, const at::Tensor& inv_temperature,
-                        int64_t ignore_index, const at::Tensor& global_stats, bool with_cross_entropy,
-                        const std::optional<at::Tensor>& akl_gaps) {
+Tensor partial_sums(const Tensor& student_logits, const Tensor& teacher_logits,
+                        const std::optional<Tensor>& labels, std::string_view divergence, const Tensor& beta,
+                        double skew_lambda, double akl_mu, double jsd_beta, const Tensor& inv_temperature,
+                        int64_t ignore_index, const Tensor& global_stats, bool with_cross_entropy,
+                        const std::optional<Tensor>& akl_gaps) {
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, false, false);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
-  TORCH_CHECK_VALUE(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
-  at::Tensor sums = at::empty({setup.view.rows, 4}, student_logits.options().dtype(at::kDouble));
+  TODI_CHECK(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
+  Tensor sums = new_empty({setup.view.rows, 4}, ScalarType::Double, student_logits.device());
   ForwardParams p = forward_params(setup, ignore_index);
   VocabParallelParams vp;
   set_akl_gaps(setup, akl_gaps, student_logits, vp);
@@ -102,34 +100,34 @@ at::Tensor partial_sums(const at::Tensor& student_logits, const at::Tensor& teac
 }
 
 template <PhaseRunner Run>
-std::tuple<at::Tensor, at::Tensor> gradients(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
-    c10::string_view divergence, const at::Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
-    const at::Tensor& inv_temperature, int64_t ignore_index, const at::Tensor& global_stats,
-    const at::Tensor& global_sums, const at::Tensor& grad_scale, const at::Tensor& label_weights,
-    bool with_cross_entropy, bool student_grad, bool teacher_grad, const std::optional<at::Tensor>& akl_gaps) {
+std::tuple<Tensor, Tensor> gradients(
+    const Tensor& student_logits, const Tensor& teacher_logits, const std::optional<Tensor>& labels,
+    std::string_view divergence, const Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+    const Tensor& inv_temperature, int64_t ignore_index, const Tensor& global_stats,
+    const Tensor& global_sums, const Tensor& grad_scale, const Tensor& label_weights,
+    bool with_cross_entropy, bool student_grad, bool teacher_grad, const std::optional<Tensor>& akl_gaps) {
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, student_grad, teacher_grad);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
   check_row_table("global_sums", global_sums, setup.view.rows, 4, student_logits);
   // The label weights' checks but the range one (a local label may be another slice's): prepare_phase passed 0.
-  TORCH_CHECK_VALUE(label_weights.scalar_type() == at::kDouble && label_weights.dim() == 1 &&
-                        label_weights.size(0) == 2 && label_weights.is_contiguous() &&
-                        label_weights.device() == student_logits.device(),
-                    "label_weights must be a contiguous (2,) float64 tensor (soft, hard) on ", student_logits.device(),
-                    ", got ", label_weights.scalar_type(), " of shape ", label_weights.sizes(), " on ",
-                    label_weights.device());
-  if (label_weights.device().is_cpu()) {  // elsewhere reading them would sync: the Python API checked them
+  TODI_CHECK(label_weights.scalar_type() == ScalarType::Double && label_weights.dim() == 1 &&
+                 label_weights.size(0) == 2 && label_weights.is_contiguous() &&
+                 label_weights.device() == student_logits.device(),
+             "label_weights must be a contiguous (2,) float64 tensor (soft, hard) on ",
+             device_str(student_logits.device()), ", got ", label_weights.scalar_type(), " of shape ",
+             shape_str(label_weights.sizes()), " on ", device_str(label_weights.device()));
+  if (label_weights.is_cpu()) {  // elsewhere reading them would sync: the Python API checked them
     const double* w = label_weights.const_data_ptr<double>();
-    TORCH_CHECK_VALUE(std::isfinite(w[0]) && std::isfinite(w[1]),
+    TODI_CHECK(std::isfinite(w[0]) && std::isfinite(w[1]),
                       "label_weights (soft, hard) must be finite, got ", w[0], " and ", w[1]);
   }
-  TORCH_CHECK_VALUE(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
-  TORCH_CHECK_VALUE(grad_scale.dim() == 0 && grad_scale.scalar_type() == setup.per_position.scalar_type() &&
-                        grad_scale.device() == student_logits.device(),
-                    "grad_scale must be a 0-dim ", setup.per_position.scalar_type(), " tensor on ",
-                    student_logits.device(), ", got ", grad_scale.scalar_type(), " of shape ", grad_scale.sizes(),
-                    " on ", grad_scale.device());
+  TODI_CHECK(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
+  TODI_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == setup.per_position.scalar_type() &&
+                 grad_scale.device() == student_logits.device(),
+             "grad_scale must be a 0-dim ", setup.per_position.scalar_type(), " tensor on ",
+             device_str(student_logits.device()), ", got ", grad_scale.scalar_type(), " of shape ",
+             shape_str(grad_scale.sizes()), " on ", device_str(grad_scale.device()));
   ForwardParams p = forward_params(setup, ignore_index);
   VocabParallelParams vp;
   set_akl_gaps(setup, akl_gaps, student_logits, vp);
@@ -149,26 +147,26 @@ std::tuple<at::Tensor, at::Tensor> gradients(
 // the gap sums at the split (remaining_bits 0). tail_key: (rows,) int64, the
 // search's low key.
 template <PhaseRunner Run>
-at::Tensor akl_phase(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                     const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
-                     const at::Tensor& global_stats, const at::Tensor& tail_key, int64_t remaining_bits) {
-  const at::Tensor one = at::ones({}, inv_temperature.options());
+Tensor akl_phase(const Tensor& student_logits, const Tensor& teacher_logits,
+                     const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
+                     const Tensor& global_stats, const Tensor& tail_key, int64_t remaining_bits) {
+  const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, inv_temperature.device());
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "akl", one, 0.1, 0.5, 0.5,
                                            inv_temperature, ignore_index, false, false);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
-  TORCH_CHECK_VALUE(tail_key.scalar_type() == at::kLong && tail_key.dim() == 1 &&
-                        tail_key.size(0) == setup.view.rows && tail_key.is_contiguous() &&
-                        tail_key.device() == student_logits.device(),
-                    "tail_key must be a contiguous (", setup.view.rows, ",) int64 tensor on ",
-                    student_logits.device(), ", got ", tail_key.scalar_type(), " of shape ", tail_key.sizes(), " on ",
-                    tail_key.device());
-  const bool double_math = setup.per_position.scalar_type() == at::kDouble;
+  TODI_CHECK(tail_key.scalar_type() == ScalarType::Long && tail_key.dim() == 1 &&
+                 tail_key.size(0) == setup.view.rows && tail_key.is_contiguous() &&
+                 tail_key.device() == student_logits.device(),
+             "tail_key must be a contiguous (", setup.view.rows, ",) int64 tensor on ",
+             device_str(student_logits.device()), ", got ", tail_key.scalar_type(), " of shape ",
+             shape_str(tail_key.sizes()), " on ", device_str(tail_key.device()));
+  const bool double_math = setup.per_position.scalar_type() == ScalarType::Double;
   const int64_t key_bits = double_math ? math::ProbKey<double>::kBits : math::ProbKey<float>::kBits;
-  TORCH_CHECK_VALUE(remaining_bits >= 0 && remaining_bits <= key_bits, "remaining_bits must be in [0, ", key_bits,
+  TODI_CHECK(remaining_bits >= 0 && remaining_bits <= key_bits, "remaining_bits must be in [0, ", key_bits,
                     "] for ", setup.per_position.scalar_type(), " math, got ", remaining_bits);
   const bool walk = remaining_bits > 0;
-  at::Tensor out = at::empty({setup.view.rows, walk ? math::kAklCandidates : 2},
-                             student_logits.options().dtype(at::kDouble));
+  Tensor out = new_empty({setup.view.rows, walk ? int64_t{math::kAklCandidates} : 2}, ScalarType::Double,
+                         student_logits.device());
   if (setup.view.rows > 0) {
     ForwardParams p = forward_params(setup, ignore_index);
     VocabParallelParams vp;
@@ -183,18 +181,18 @@ at::Tensor akl_phase(const at::Tensor& student_logits, const at::Tensor& teacher
 }
 
 template <PhaseRunner Run>
-at::Tensor akl_walk(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                    const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
-                    const at::Tensor& global_stats, const at::Tensor& tail_key, int64_t remaining_bits) {
-  TORCH_CHECK_VALUE(remaining_bits > 0, "remaining_bits must be positive for a walk, got ", remaining_bits);
+Tensor akl_walk(const Tensor& student_logits, const Tensor& teacher_logits,
+                    const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
+                    const Tensor& global_stats, const Tensor& tail_key, int64_t remaining_bits) {
+  TODI_CHECK(remaining_bits > 0, "remaining_bits must be positive for a walk, got ", remaining_bits);
   return akl_phase<Run>(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats,
                         tail_key, remaining_bits);
 }
 
 template <PhaseRunner Run>
-at::Tensor akl_gaps(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                    const std::optional<at::Tensor>& labels, const at::Tensor& inv_temperature, int64_t ignore_index,
-                    const at::Tensor& global_stats, const at::Tensor& tail_key) {
+Tensor akl_gaps(const Tensor& student_logits, const Tensor& teacher_logits,
+                    const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
+                    const Tensor& global_stats, const Tensor& tail_key) {
   return akl_phase<Run>(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats,
                         tail_key, 0);
 }

@@ -16,8 +16,9 @@ import todi_ext
 def test_build_info():
     info = todi_ext.build_info()
     assert info["version"] == todi_ext.__version__
-    assert info["torch_version"] == torch.__version__
-    assert isinstance(info["openmp"], bool)
+    # Built on the stable ABI: any torch >= 2.10 may run it, whichever built it.
+    assert todi_ext._load.version_tuple(info["torch_version"]) >= (2, 10)
+    assert todi_ext._load.version_tuple(torch.__version__) >= (2, 10)
     assert "DEFAULT" in info["cpu_capabilities_compiled"]
     assert info["cpu_capability"] in info["cpu_capabilities_compiled"]
     if info["cuda_version"] is None:
@@ -106,14 +107,66 @@ def test_default_cpu_kernel_copy_matches_the_vectorized_one():
     assert abs(values[0] - values[-1]) <= 1e-5 * abs(values[0])
 
 
-def test_import_against_another_torch_version_gives_a_clear_error():
-    code = "import torch; torch.__version__ = '1.0.0'; import todi_ext"
+def test_a_torch_older_than_2_10_gives_a_clear_error():
+    code = "import torch; torch.__version__ = '2.9.1'; import todi_ext"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode != 0
     assert "ImportError" in out.stderr
-    assert "built against torch " + torch.__version__ in out.stderr
-    assert "torch 1.0.0 is installed" in out.stderr
-    assert "pip install --no-build-isolation" in out.stderr
+    assert "todi_ext needs torch >= 2.10" in out.stderr
+    assert "torch 2.9.1 is installed: upgrade torch" in out.stderr
+
+
+def test_another_torch_release_from_2_10_on_is_accepted():
+    # The stable ABI: no exact-version check (CI also runs the suite under
+    # torch 2.13.0+cpu with the wheel built under 2.14.1).
+    code = "import torch; torch.__version__ = '2.10.0'; import todi_ext; print(todi_ext.build_info()['torch_version'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(todi_ext.build_info()["cuda_version"] is None or torch.version.cuda is None,
+                    reason="a build with CUDA kernels under a CUDA build of torch")
+def test_a_torch_for_another_cuda_major_gives_a_clear_error():
+    built = todi_ext.build_info()["cuda_version"].split(".")[0]
+    other = "12.8" if built != "12" else "13.0"
+    code = f"import torch; torch.version.cuda = '{other}'; import todi_ext"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert f"CUDA kernels were built with CUDA {built}." in out.stderr
+    assert f"uses CUDA {other}: install the todi_ext build for CUDA {other.split('.')[0]}" in out.stderr
+
+
+def _undefined_symbols(path):
+    out = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-1] for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_the_modules_need_only_what_torch_2_10_exports():
+    # The stable ABI's promise holds only if the modules call torch through
+    # its C shim alone: every symbol they take from torch (unversioned, not
+    # Python's) must be an aoti_torch_* / torch_* / Sleef_* export of torch
+    # 2.10 (tests/data/torch_2_10_exports.txt, scripts/torch_exports.py), and
+    # nothing else of torch (no C++ symbol of c10, at or torch) may be linked.
+    root = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(root, "data", "torch_2_10_exports.txt")) as f:
+        exported = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+    from todi_ext import _load
+
+    modules = [_load._C.__file__]
+    if "todi_ext._C_cuda" in sys.modules:
+        modules.append(sys.modules["todi_ext._C_cuda"].__file__)
+    for path in modules:
+        names = _undefined_symbols(path)
+        from_torch = [n for n in names if "@" not in n and not n.startswith(("Py", "_Py"))
+                      and n not in ("__gmon_start__", "_ITM_registerTMCloneTable", "_ITM_deregisterTMCloneTable")]
+        assert from_torch, path
+        missing = sorted(n for n in from_torch if n not in exported)
+        assert not missing, f"{os.path.basename(path)} needs symbols torch 2.10 does not export: {missing[:10]}"
+        needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+        libs = set(re.findall(r"Shared library: \[([^\]]+)\]", needed))
+        assert not {lib for lib in libs if lib.startswith(("libc10", "libtorch_python", "libtorch.so"))}, libs
+        assert "libtorch_cpu.so" in libs
 
 
 def _fatbin_archs(path):
@@ -143,7 +196,8 @@ def _fatbin_archs(path):
     return archs
 
 
-@pytest.mark.skipif(todi_ext.build_info()["cuda_version"] is None, reason="built without CUDA kernels")
+@pytest.mark.skipif(todi_ext.build_info()["cuda_version"] is None or torch.version.cuda is None,
+                    reason="built without CUDA kernels, or a CPU-only torch (which does not load them)")
 def test_cuda_build_registers_every_op_and_carries_its_architectures():
     for op in ("distill_forward", "scale_grad_", "scale_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CUDA")

@@ -3,8 +3,9 @@
 tests/cuda_host/harness.cpp compiles csrc/cuda/todi_cuda_kernel.cuh as C++
 with the host emulation of csrc/cuda/host_emulation.h (each GPU thread a real
 thread; __syncthreads, shuffles and cluster barriers real barriers; shared
-memory per emulated block) into the module `todi_cuda_host_harness` - a test
-harness, not the extension - and these tests run every kernel variant against
+memory per emulated block) into the library `todi_cuda_host_harness` (ops
+torch.ops.todi_cuda_host) - a test harness, not the extension - and these
+tests run every kernel variant against
 the float64 oracle and the CPU kernel. What this cannot check: the hardware's
 own arithmetic (ex2/rcp approximations; host code uses libm), timing and real
 memory races; tests/test_cuda.py does that on a GPU.
@@ -58,13 +59,15 @@ def harness():
     os.makedirs(build, exist_ok=True)
     san = [f"-fsanitize={sanitize}", "-g"] if sanitize else []
     flags = san + ["-std=c++20", "-O1", "-DTODI_EXT_HOST_EMULATION", "-Wno-attributes", "-ffp-contract=off",
+             "-DTORCH_TARGET_VERSION=0x020a000000000000",  # the stable ABI, as the extension's own build
              # as in the real build (CMakeLists.txt): c10::Half and __half must not both convert implicitly
              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-    return load(name=name, extra_ldflags=san,
-                sources=[os.path.join(ROOT, "tests", "cuda_host", "harness.cpp"), os.path.join(ROOT, "csrc", "todi_op_common.cpp")],
-                extra_include_paths=[os.path.join(ROOT, "csrc", d) for d in ("", "include", "cuda")] + [include],
-                extra_cflags=flags, build_directory=build)
+    load(name=name, extra_ldflags=san, is_python_module=False,
+         sources=[os.path.join(ROOT, "tests", "cuda_host", "harness.cpp"), os.path.join(ROOT, "csrc", "todi_op_common.cpp")],
+         extra_include_paths=[os.path.join(ROOT, "csrc", d) for d in ("", "include", "cuda")] + [include],
+         extra_cflags=flags, build_directory=build)
+    return torch.ops.todi_cuda_host  # the harness's ops (registered by loading the library)
 
 
 ENTRIES_PER_THREAD = 32  # of each row, in the register-row kernel

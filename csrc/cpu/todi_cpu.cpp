@@ -1,11 +1,8 @@
 // CPU implementations of the todi_ext ops: argument checks, output
 // allocation, and the choice of the kernel copy for this machine's widest
-// instruction set.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
-#include <torch/library.h>
+// instruction set. Stable ABI (see todi_op_common.h).
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <atomic>
 #include <string>
@@ -69,64 +66,67 @@ std::atomic<const Kernels*> chosen_kernels{kernels_for("AVX512")};
 
 const Kernels& kernels() { return *chosen_kernels.load(std::memory_order_acquire); }
 
-const char* use_cpu_capability(std::string_view capability) {
+std::string use_cpu_capability(std::string_view capability) {
   const Kernels* k = kernels_for(capability);
   chosen_kernels.store(k, std::memory_order_release);
   return k->capability;
 }
 
-const char* kernel_capability() { return kernels().capability; }
+std::string kernel_capability() { return kernels().capability; }
 
 // The kernels' ParallelFor: torch's intra-op thread pool.
 void intra_op_parallel_for(int64_t begin, int64_t end, int64_t grain, RowsBody body, void* context) {
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { body(context, b, e); });
+  torch::stable::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { body(context, b, e); });
 }
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(const at::Tensor& student_logits,
-                                                                const at::Tensor& teacher_logits,
-                                                                const std::optional<at::Tensor>& labels,
-                                                                c10::string_view divergence, const at::Tensor& beta,
-                                                                double skew_lambda, double akl_mu, double jsd_beta, const at::Tensor& inv_temperature,
-                                                                int64_t ignore_index, c10::string_view reduction,
-                                                                bool student_grad, bool teacher_grad,
-                                                                double soft_label_weight, double hard_label_weight) {
-  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
-                                             ignore_index, reduction, student_grad, teacher_grad, soft_label_weight,
-                                             hard_label_weight);
+std::tuple<Tensor, Tensor, Tensor> distill_forward_cpu(
+    const Tensor& student_logits, const Tensor& teacher_logits, const std::optional<Tensor>& labels,
+    std::string_view divergence, const Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+    const Tensor& inv_temperature, int64_t ignore_index, std::string_view reduction, bool student_grad,
+    bool teacher_grad, double soft_label_weight, double hard_label_weight) {
+  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
+                                             akl_mu, jsd_beta, inv_temperature, ignore_index, reduction,
+                                             student_grad, teacher_grad, soft_label_weight, hard_label_weight);
   if (setup.view.rows > 0) kernels().forward(forward_params(setup, ignore_index), intra_op_parallel_for);
   return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
 
-void scale_grad_cpu_(const at::Tensor& grad, const at::Tensor& scale) {
-  const ScaleGradCall call = scale_grad_call(grad, scale, grad);
+void scale_grad_cpu_(const Tensor& grad, const Tensor& scale) {
+  const ScaleGradCall call = scale_grad_call(grad, scale, nullptr);
   if (grad.numel() > 0) kernels().scale_grad(call.params, intra_op_parallel_for);
 }
 
-at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
-  at::Tensor out = at::empty(grad.sizes(), grad.options());
-  const ScaleGradCall call = scale_grad_call(grad, scale, out);
+Tensor scale_grad_cpu(const Tensor& grad, const Tensor& scale) {
+  const Tensor out = new_empty(grad.sizes(), grad.scalar_type(), grad.device());
+  const ScaleGradCall call = scale_grad_call(grad, scale, &out);
   if (grad.numel() > 0) kernels().scale_grad(call.params, intra_op_parallel_for);
   return out;
 }
 
 // The vocabulary-parallel phase ops (vocab_parallel_ops.h) run this kernel.
-void run_phase_kernel(const ForwardParams& params, const VocabParallelParams& phase, const at::Tensor&) {
+void run_phase_kernel(const ForwardParams& params, const VocabParallelParams& phase, const Tensor&) {
   kernels().phase(params, phase, intra_op_parallel_for);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(todi_ext, CPU, m) {
-  m.impl("vocab_parallel_row_stats", &vocab_parallel::row_stats<run_phase_kernel>);
-  m.impl("vocab_parallel_partial_sums", &vocab_parallel::partial_sums<run_phase_kernel>);
-  m.impl("vocab_parallel_gradients", &vocab_parallel::gradients<run_phase_kernel>);
-  m.impl("vocab_parallel_akl_walk", &vocab_parallel::akl_walk<run_phase_kernel>);
-  m.impl("vocab_parallel_akl_gaps", &vocab_parallel::akl_gaps<run_phase_kernel>);
-  m.impl("distill_forward", &distill_forward_cpu);
-  m.impl("scale_grad_", &scale_grad_cpu_);
-  m.impl("scale_grad", &scale_grad_cpu);
+STABLE_TORCH_LIBRARY_IMPL(todi_ext, CPU, m) {
+  m.impl("vocab_parallel_row_stats", TORCH_BOX(&vocab_parallel::row_stats<run_phase_kernel>));
+  m.impl("vocab_parallel_partial_sums", TORCH_BOX(&vocab_parallel::partial_sums<run_phase_kernel>));
+  m.impl("vocab_parallel_gradients", TORCH_BOX(&vocab_parallel::gradients<run_phase_kernel>));
+  m.impl("vocab_parallel_akl_walk", TORCH_BOX(&vocab_parallel::akl_walk<run_phase_kernel>));
+  m.impl("vocab_parallel_akl_gaps", TORCH_BOX(&vocab_parallel::akl_gaps<run_phase_kernel>));
+  m.impl("distill_forward", TORCH_BOX(&distill_forward_cpu));
+  m.impl("scale_grad_", TORCH_BOX(&scale_grad_cpu_));
+  m.impl("scale_grad", TORCH_BOX(&scale_grad_cpu));
+}
+
+// No tensor arguments: the ops that report and choose the kernel copy.
+STABLE_TORCH_LIBRARY_IMPL(todi_ext, CompositeExplicitAutograd, m) {
+  m.impl("cpu_kernel_capability", TORCH_BOX(&kernel_capability));
+  m.impl("use_cpu_capability", TORCH_BOX(&use_cpu_capability));
 }
 
 }  // namespace todi_ext::cpu

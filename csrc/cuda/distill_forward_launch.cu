@@ -3,8 +3,6 @@
 // register rows for three dtypes, streamed for four (each also lean: student
 // gradient only, no cross-entropy), two generic, and the vocabulary-parallel
 // phase kernels for the same six; the eight objects build in parallel.
-#include <c10/cuda/CUDAException.h>
-
 #include "launch_config.cuh"
 
 #ifndef TODI_EXT_DIVERGENCE
@@ -43,7 +41,7 @@ bool launch_register_rows(const ForwardParams& args, int device, cudaStream_t st
     largest.dynamicSmemBytes = register_row_smem(kRegisterRowThreads, sizeof(T));
     if (!cluster_launchable<kernel>(device, largest, shape.parts)) return false;
   }
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
+  STD_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
   return true;
 }
 
@@ -59,12 +57,12 @@ void launch_fused(const ForwardParams& args, int device, cudaStream_t stream) {
     }
     if (streamed_is_lean(args)) {
       distill_forward_kernel<A, T, D, true><<<grid, threads, 0, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
   distill_forward_kernel<A, T, D><<<grid, threads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // One phase's kernel; AKL's search phases exist for AKL only (the ops that
@@ -75,9 +73,9 @@ void launch_phase(const ForwardParams& args, const VocabParallelParams& phase, c
     constexpr Phase P = decltype(p)::value;
     if constexpr (kPhaseKernelExists<D, P>) {
       vocab_parallel_kernel<A, T, D, P><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args, phase);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      TORCH_CHECK(false, "AKL's search phases need divergence 'akl'");
+      throw std::invalid_argument("AKL's search phases need divergence 'akl'");
     }
   });
 }

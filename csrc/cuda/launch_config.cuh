@@ -2,15 +2,16 @@
 // row, grid size, whether a cluster launch places. Host code only.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
+#include <torch/csrc/stable/macros.h>  // STD_CUDA_CHECK (stable ABI)
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "register_rows_kernel.cuh"
 
@@ -29,7 +30,9 @@ inline unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<i
 constexpr int kMaxDevices = 64;
 
 inline void check_device_index(int device) {
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "todi_ext: device index ", device, " out of range");
+  if (device < 0 || device >= kMaxDevices) {
+    throw std::out_of_range("todi_ext: device index " + std::to_string(device) + " out of range");
+  }
 }
 
 // Lets Kernel have `bytes` of dynamic shared memory (above the default 48
@@ -39,7 +42,7 @@ void allow_register_row_smem(int device, size_t bytes) {
   static std::array<std::atomic<bool>, kMaxDevices> done{};
   check_device_index(device);
   if (done[device].load()) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  STD_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   done[device].store(true);
 }
 
@@ -55,14 +58,14 @@ bool cluster_launchable(int device, const cudaLaunchConfig_t& config, int parts)
   std::atomic<int8_t>& entry = known[device][slot];
   if (entry.load() == 0) {
     int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     // The kernel's own code must have clusters too: a build with PTX for
     // sm_8x only, JIT-compiled on sm_90, has them compiled out.
     cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, Kernel));
+    STD_CUDA_CHECK(cudaFuncGetAttributes(&attributes, Kernel));
     int clusters = 0;
     if (major >= 9 && attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90) {
-      if (parts > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      if (parts > 8) STD_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       if (cudaOccupancyMaxActiveClusters(&clusters, Kernel, &config) != cudaSuccess) {
         (void)cudaGetLastError();  // not launchable this way: clear the error, stream instead
         clusters = 0;

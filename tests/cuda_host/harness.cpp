@@ -1,11 +1,16 @@
 // Runs the CUDA kernels of csrc/cuda/todi_cuda_kernel.cuh on the CPU through
 // the host emulation (csrc/cuda/host_emulation.h). Built by
-// tests/test_cuda_host.py as the module `todi_cuda_host_harness`, never
-// installed: it is not todi_ext and registers no ops. The arguments go
-// through the extension's own checks and parameter set-up (todi_op_common).
-#include <torch/extension.h>
+// tests/test_cuda_host.py as the library `todi_cuda_host_harness`, never
+// installed: it is not todi_ext, and its ops live in their own namespace,
+// torch.ops.todi_cuda_host. Like the extension it is built on the stable ABI,
+// and the arguments go through the extension's own checks and parameter
+// set-up (todi_op_common, vocab_parallel_ops.h).
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
+#include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "register_rows_kernel.cuh"
 #include "todi_op_common.h"
@@ -37,16 +42,16 @@ void launch_fused(const ForwardParams& args, const Launch& l) {
       const int64_t per_vector = 16 / sizeof(T);
       const int64_t vectors = (args.vocab + per_vector - 1) / per_vector;
       const int64_t capacity = int64_t{l.parts} * l.threads * kernels::kRegisterRowEntries / per_vector;
-      TORCH_CHECK(vectors <= capacity, "registers: ", l.parts, " x ", l.threads, " threads hold ", capacity,
+      TODI_CHECK(vectors <= capacity, "registers: ", l.parts, " x ", l.threads, " threads hold ", capacity,
                   " vectors, the row has ", vectors);
-      TORCH_CHECK(l.threads <= kernels::kRegisterRowThreads, "registers: at most 256 threads");
+      TODI_CHECK(l.threads <= kernels::kRegisterRowThreads, "registers: at most 256 threads");
       last_kernel = "registers";
       todi_host::launch(kernels::register_rows_kernel<T, D>, l.blocks * l.parts, l.threads,
                         kernels::register_row_smem(l.threads, sizeof(T)), l.parts, args);
       return;
     }
   }
-  TORCH_CHECK(l.variant == "registers" || l.variant == "streamed", "variant must be registers or streamed");
+  TODI_CHECK(l.variant == "registers" || l.variant == "streamed", "variant must be registers or streamed");
   last_kernel = "streamed";
   if (kTyped && kernels::streamed_is_lean(args)) {
     todi_host::launch(kernels::distill_forward_kernel<A, T, D, kTyped>, l.blocks, l.threads, 0, 1, args);
@@ -64,13 +69,14 @@ void launch_divergence(const ForwardParams& args, const Launch& l) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::string& divergence, double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature,
-    int64_t ignore_index, const std::string& reduction, bool student_grad, bool teacher_grad,
-    const std::string& variant, int64_t threads, int64_t blocks, int64_t parts, double soft_label_weight,
-    double hard_label_weight) {
-  const auto scalar = [](double v) { return at::full({}, v, at::TensorOptions().dtype(at::kDouble)); };
+using todi_ext::Tensor;
+
+std::tuple<Tensor, Tensor, Tensor> distill_forward(
+    const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& labels, std::string_view divergence,
+    double beta, double skew_lambda, double akl_mu, double jsd_beta, double temperature, int64_t ignore_index,
+    std::string_view reduction, bool student_grad, bool teacher_grad, std::string_view variant, int64_t threads,
+    int64_t blocks, int64_t parts, double soft_label_weight, double hard_label_weight) {
+  const auto scalar = [](double v) { return torch::stable::full({}, v, todi_ext::ScalarType::Double); };
   const auto setup = todi_ext::prepare_forward(student, teacher, labels, divergence, scalar(beta), skew_lambda, akl_mu,
                                                jsd_beta, scalar(1.0 / temperature), ignore_index, reduction,
                                                student_grad, teacher_grad, soft_label_weight, 0.0);
@@ -79,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
     // Set after the checks: the CUDA op cannot range-check labels in device
     // memory, so the harness lets out-of-range labels reach the kernel too.
     args.hard_weight = hard_label_weight;
-    const Launch l{variant, static_cast<unsigned>(threads), static_cast<unsigned>(blocks), static_cast<unsigned>(parts)};
+    const Launch l{std::string(variant), static_cast<unsigned>(threads), static_cast<unsigned>(blocks),
+                   static_cast<unsigned>(parts)};
     todi_ext::dispatch_divergence(args.divergence, [&](auto d) {
       launch_divergence<decltype(d)::value>(args, l);
     });
@@ -88,9 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_forward(
 }
 
 // scale_grad (out of place when in_place is false), as the CUDA op launches it.
-at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& scale, bool in_place, int64_t threads, int64_t blocks) {
-  at::Tensor out = in_place ? grad : at::empty(grad.sizes(), grad.options());
-  auto call = todi_ext::scale_grad_call(grad, scale, out);
+Tensor scale_grad(const Tensor& grad, const Tensor& scale, bool in_place, int64_t threads, int64_t blocks) {
+  const Tensor out = in_place ? grad : todi_ext::new_empty(grad.sizes(), grad.scalar_type(), grad.device());
+  auto call = todi_ext::scale_grad_call(grad, scale, in_place ? nullptr : &out);
   if (grad.numel() > 0) {
     todi_host::launch(kernels::scale_grad_kernel_for(call.params), blocks, threads, 0, 1, call.params);
   }
@@ -101,13 +108,14 @@ at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& scale, bool in_p
 // with this emulated launch; set_phase_launch picks its variant and shape.
 Launch phase_launch{"streamed", 64, 2, 1};
 
-void set_phase_launch(const std::string& variant, int64_t threads, int64_t blocks, int64_t parts) {
-  phase_launch = Launch{variant, static_cast<unsigned>(threads), static_cast<unsigned>(blocks), static_cast<unsigned>(parts)};
+void set_phase_launch(std::string_view variant, int64_t threads, int64_t blocks, int64_t parts) {
+  phase_launch = Launch{std::string(variant), static_cast<unsigned>(threads), static_cast<unsigned>(blocks),
+                        static_cast<unsigned>(parts)};
 }
 
 template <class A, class T, Divergence D>
 void launch_phase(const ForwardParams& args, const todi_ext::VocabParallelParams& vp) {
-  TORCH_CHECK(phase_launch.variant == "streamed", "the phase kernels are streamed");
+  TODI_CHECK(phase_launch.variant == "streamed", "the phase kernels are streamed");
   todi_ext::dispatch_phase(vp.phase, [&](auto p) {
     constexpr todi_ext::Phase P = decltype(p)::value;
     if constexpr (kernels::kPhaseKernelExists<D, P>) {
@@ -115,13 +123,13 @@ void launch_phase(const ForwardParams& args, const todi_ext::VocabParallelParams
       todi_host::launch(kernels::vocab_parallel_kernel<A, T, D, P>, phase_launch.blocks, phase_launch.threads, 0, 1,
                         args, vp);
     } else {
-      TORCH_CHECK(false, "AKL's search phases need divergence 'akl'");
+      TODI_CHECK(false, "AKL's search phases need divergence 'akl'");
     }
   });
 }
 
 // As the real launch (distill_forward_launch.cu) picks the phase kernel.
-void run_emulated(const ForwardParams& args, const todi_ext::VocabParallelParams& vp, const at::Tensor&) {
+void run_emulated(const ForwardParams& args, const todi_ext::VocabParallelParams& vp, const Tensor&) {
   todi_ext::dispatch_divergence(args.divergence, [&](auto d) {
     kernels::dispatch_dtypes(args, [&](auto a, auto t) {
       launch_phase<typename decltype(a)::type, typename decltype(t)::type, decltype(d)::value>(args, vp);
@@ -129,22 +137,59 @@ void run_emulated(const ForwardParams& args, const todi_ext::VocabParallelParams
   });
 }
 
+std::string get_last_kernel() { return last_kernel; }
+
+std::tuple<int64_t, int64_t> register_row_shape(int64_t vocab, int64_t elem_bytes) {
+  const auto shape = kernels::register_row_shape(vocab, elem_bytes);
+  return {shape.parts, shape.threads};
+}
+
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "todi_ext's CUDA kernels executed on the CPU (test harness, not the extension)";
-  m.def("distill_forward", &distill_forward);
-  m.def("scale_grad", &scale_grad);
-  m.def("last_kernel", [] { return last_kernel; });
-  m.def("register_row_shape", [](int64_t vocab, int64_t elem_bytes) {
-    const auto shape = kernels::register_row_shape(vocab, elem_bytes);
-    return std::make_tuple(shape.parts, shape.threads);
-  });
+STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
+  m.def(
+      "distill_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, float beta, "
+      "float skew_lambda, float akl_mu, float jsd_beta, float temperature, int ignore_index, str reduction, "
+      "bool student_grad, bool teacher_grad, str variant, int threads, int blocks, int parts, "
+      "float soft_label_weight, float hard_label_weight) -> (Tensor, Tensor, Tensor)");
+  m.def("scale_grad(Tensor grad, Tensor scale, bool in_place, int threads, int blocks) -> Tensor");
+  m.def("last_kernel() -> str");
+  m.def("register_row_shape(int vocab, int elem_bytes) -> (int, int)");
+  m.def("set_phase_launch(str variant, int threads, int blocks, int parts) -> ()");
+  m.def(
+      "vocab_parallel_row_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor inv_temperature, int ignore_index, bool with_cross_entropy) -> Tensor");
+  m.def(
+      "vocab_parallel_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
+      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
+      "Tensor global_stats, bool with_cross_entropy, Tensor? akl_gaps=None) -> Tensor");
+  m.def(
+      "vocab_parallel_gradients(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
+      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
+      "Tensor global_stats, Tensor global_sums, Tensor grad_scale, Tensor label_weights, "
+      "bool with_cross_entropy, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+  m.def(
+      "vocab_parallel_akl_walk(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key, int remaining_bits) -> Tensor");
+  m.def(
+      "vocab_parallel_akl_gaps(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(todi_cuda_host, CPU, m) {
   namespace vp = todi_ext::vocab_parallel;
-  m.def("set_phase_launch", &set_phase_launch);
-  m.def("vocab_parallel_row_stats", &vp::row_stats<run_emulated>);
-  m.def("vocab_parallel_partial_sums", &vp::partial_sums<run_emulated>);
-  m.def("vocab_parallel_gradients", &vp::gradients<run_emulated>);
-  m.def("vocab_parallel_akl_walk", &vp::akl_walk<run_emulated>);
-  m.def("vocab_parallel_akl_gaps", &vp::akl_gaps<run_emulated>);
+  m.impl("distill_forward", TORCH_BOX(&distill_forward));
+  m.impl("scale_grad", TORCH_BOX(&scale_grad));
+  m.impl("vocab_parallel_row_stats", TORCH_BOX(&vp::row_stats<run_emulated>));
+  m.impl("vocab_parallel_partial_sums", TORCH_BOX(&vp::partial_sums<run_emulated>));
+  m.impl("vocab_parallel_gradients", TORCH_BOX(&vp::gradients<run_emulated>));
+  m.impl("vocab_parallel_akl_walk", TORCH_BOX(&vp::akl_walk<run_emulated>));
+  m.impl("vocab_parallel_akl_gaps", TORCH_BOX(&vp::akl_gaps<run_emulated>));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(todi_cuda_host, CompositeExplicitAutograd, m) {
+  m.impl("last_kernel", TORCH_BOX(&get_last_kernel));
+  m.impl("register_row_shape", TORCH_BOX(&register_row_shape));
+  m.impl("set_phase_launch", TORCH_BOX(&set_phase_launch));
 }

@@ -3,7 +3,7 @@
 // to the CPU kernel or a CUDA launch.
 #pragma once
 
-#include <c10/core/ScalarType.h>
+#include <torch/headeronly/core/ScalarType.h>  // c10::ScalarType, header-only (stable ABI)
 
 #include <cstdint>
 #include <stdexcept>
