@@ -144,6 +144,12 @@ RowsView check_forward_args(const Tensor& student_logits, const Tensor& teacher_
   return view;
 }
 
+Tensor count_positions_with_ops(const Tensor& labels, int64_t ignore_index, ScalarType math) {
+  const Tensor counted = call_aten("aten::ne", "Tensor", labels, cpu_scalar<int64_t>(ignore_index, ScalarType::Long));
+  Tensor count = torch::stable::sum(counted, std::nullopt, false, math);
+  return call_aten("aten::clamp_min_", "Tensor", count, cpu_scalar<int64_t>(1, ScalarType::Long));
+}
+
 ReductionPlan plan_reduction(std::string_view reduction, const RowsView& view, int64_t ignore_index,
                              ScalarType math, const torch::stable::Device& device) {
   ReductionPlan plan;
@@ -157,14 +163,24 @@ ReductionPlan plan_reduction(std::string_view reduction, const RowsView& view, i
     // An all-ignored batch divides by 1: the loss is 0 with a zero gradient.
     // The counted positions with Tensor-overload ops (the stable ABI cannot
     // pass a Scalar); the CPU scalars are exact for any int64 ignore_index.
-    if (view.labels.has_value()) {
-      const Tensor counted = call_aten("aten::ne", "Tensor", *view.labels, cpu_scalar<int64_t>(ignore_index, ScalarType::Long));
-      Tensor count = torch::stable::sum(counted, std::nullopt, false, math);
-      plan.count = call_aten("aten::clamp_min_", "Tensor", count, cpu_scalar<int64_t>(1, ScalarType::Long));
+    // Labels in CPU memory are counted here (each op through the stable
+    // dispatcher costs microseconds, which small calls notice).
+    if (view.labels.has_value() && !view.labels->is_cpu()) {
+      plan.count = count_positions_with_ops(*view.labels, ignore_index, math);
+      plan.grad_scale = call_aten("aten::reciprocal", "", *plan.count);
     } else {
-      plan.count = torch::stable::full({}, static_cast<double>(std::max<int64_t>(view.rows, 1)), math, std::nullopt, device);
+      int64_t count = view.rows;
+      if (view.labels.has_value()) {
+        const int64_t* l = view.labels->const_data_ptr<int64_t>();
+        count = std::count_if(l, l + view.rows, [&](int64_t v) { return v != ignore_index; });
+      }
+      count = std::max<int64_t>(count, 1);
+      // 1 / count rounded once, in the math dtype (as reciprocal() would).
+      const double scale = math == ScalarType::Double ? 1.0 / static_cast<double>(count)
+                                                      : static_cast<double>(1.0f / static_cast<float>(count));
+      plan.count = torch::stable::full({}, static_cast<double>(count), math, std::nullopt, device);
+      plan.grad_scale = torch::stable::full({}, scale, math, std::nullopt, device);
     }
-    plan.grad_scale = call_aten("aten::reciprocal", "", *plan.count);
   }
   return plan;
 }

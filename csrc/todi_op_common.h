@@ -98,6 +98,11 @@ struct ReductionPlan {
   std::optional<Tensor> grad_scale;  // mean: 1 / count
 };
 
+// The mean's divisor for labels in device memory: the positions whose label
+// is not ignore_index, at least 1 (0-dim, math dtype, on the labels' device),
+// from ATen ops queued on the device (no host synchronisation).
+Tensor count_positions_with_ops(const Tensor& labels, int64_t ignore_index, ScalarType math);
+
 // Checks `reduction` and plans it; only device ops, no host synchronisation.
 ReductionPlan plan_reduction(std::string_view reduction, const RowsView& view, int64_t ignore_index,
                              ScalarType math, const torch::stable::Device& device);

@@ -295,6 +295,20 @@ def test_rows_split_over_a_cluster_are_bitwise_deterministic(harness):
         assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
 
 
+@pytest.mark.parametrize("double_math", [False, True])
+def test_the_cuda_ops_count_of_the_means_positions(harness, double_math):
+    # The CUDA op counts the labels that are not ignore_index with ATen ops
+    # (no host sync; the CPU op loops): run here on CPU tensors, an ignore_index
+    # beyond float64's integers included (it is passed exactly), at least 1.
+    big = 2**60 + 1
+    for labels, ignore, expected in [(torch.tensor([3, -100, 5, -100, 7]), -100, 3),
+                                     (torch.tensor([big, big - 1, 0]), big, 2),
+                                     (torch.full((4,), -100), -100, 1)]:
+        count = harness.count_positions(labels, ignore, double_math)
+        assert count.dtype == (torch.float64 if double_math else torch.float32) and count.dim() == 0
+        assert count.item() == expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("per_row", [True, False])

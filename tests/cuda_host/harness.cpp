@@ -139,6 +139,12 @@ void run_emulated(const ForwardParams& args, const todi_ext::VocabParallelParams
 
 std::string get_last_kernel() { return last_kernel; }
 
+// The CUDA op's count of the mean's positions (the CPU op counts in a loop).
+Tensor count_positions(const Tensor& labels, int64_t ignore_index, bool double_math) {
+  return todi_ext::count_positions_with_ops(labels, ignore_index,
+                                            double_math ? todi_ext::ScalarType::Double : todi_ext::ScalarType::Float);
+}
+
 std::tuple<int64_t, int64_t> register_row_shape(int64_t vocab, int64_t elem_bytes) {
   const auto shape = kernels::register_row_shape(vocab, elem_bytes);
   return {shape.parts, shape.threads};
@@ -154,6 +160,7 @@ STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
       "float soft_label_weight, float hard_label_weight) -> (Tensor, Tensor, Tensor)");
   m.def("scale_grad(Tensor grad, Tensor scale, bool in_place, int threads, int blocks) -> Tensor");
   m.def("last_kernel() -> str");
+  m.def("count_positions(Tensor labels, int ignore_index, bool double_math) -> Tensor");
   m.def("register_row_shape(int vocab, int elem_bytes) -> (int, int)");
   m.def("set_phase_launch(str variant, int threads, int blocks, int parts) -> ()");
   m.def(
@@ -181,6 +188,7 @@ STABLE_TORCH_LIBRARY_IMPL(todi_cuda_host, CPU, m) {
   namespace vp = todi_ext::vocab_parallel;
   m.impl("distill_forward", TORCH_BOX(&distill_forward));
   m.impl("scale_grad", TORCH_BOX(&scale_grad));
+  m.impl("count_positions", TORCH_BOX(&count_positions));
   m.impl("vocab_parallel_row_stats", TORCH_BOX(&vp::row_stats<run_emulated>));
   m.impl("vocab_parallel_partial_sums", TORCH_BOX(&vp::partial_sums<run_emulated>));
   m.impl("vocab_parallel_gradients", TORCH_BOX(&vp::gradients<run_emulated>));
