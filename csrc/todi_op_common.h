@@ -14,6 +14,7 @@
 
 #include <optional>
 #include <sstream>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -149,5 +150,41 @@ struct ScaleGradCall {
   Tensor keep_alive[2];
 };
 ScaleGradCall scale_grad_call(const Tensor& grad, const Tensor& scale, const Tensor* out);
+
+// The ops every backend implements the same way around its kernel launch,
+// written once: a backend registers e.g. distill_forward<run_forward_kernel>,
+// where Run launches the kernel on the tensor's device (the CPU kernel copy
+// for this machine, or the CUDA launch on the current stream).
+using ForwardRunner = void (*)(const ForwardParams&, const Tensor& logits);
+using ScaleGradRunner = void (*)(const ScaleGradParams&, const Tensor& grad);
+
+template <ForwardRunner Run>
+std::tuple<Tensor, Tensor, Tensor> distill_forward(
+    const Tensor& student_logits, const Tensor& teacher_logits, const std::optional<Tensor>& labels,
+    std::string_view divergence, const Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
+    const Tensor& inv_temperature, int64_t ignore_index, std::string_view reduction, bool student_grad,
+    bool teacher_grad, double soft_label_weight, double hard_label_weight) {
+  // Checks first: with inputs on mixed devices this backend may be the one
+  // dispatched, and the error must name the argument.
+  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
+                                             akl_mu, jsd_beta, inv_temperature, ignore_index, reduction,
+                                             student_grad, teacher_grad, soft_label_weight, hard_label_weight);
+  if (setup.view.rows > 0) Run(forward_params(setup, ignore_index), student_logits);
+  return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
+}
+
+template <ScaleGradRunner Run>
+void scale_grad_(const Tensor& grad, const Tensor& scale) {
+  const ScaleGradCall call = scale_grad_call(grad, scale, nullptr);
+  if (grad.numel() > 0) Run(call.params, grad);
+}
+
+template <ScaleGradRunner Run>
+Tensor scale_grad(const Tensor& grad, const Tensor& scale) {
+  const Tensor out = new_empty(grad.sizes(), grad.scalar_type(), grad.device());
+  const ScaleGradCall call = scale_grad_call(grad, scale, &out);
+  if (grad.numel() > 0) Run(call.params, grad);
+  return out;
+}
 
 }  // namespace todi_ext

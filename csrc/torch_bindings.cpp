@@ -5,6 +5,8 @@
 // (STABLE_TORCH_LIBRARY): the schemas are strings, the same for every torch.
 #include <torch/csrc/stable/library.h>
 
+#include "vocab_parallel_ops.h"
+
 STABLE_TORCH_LIBRARY(todi_ext, m) {
   // A distillation divergence (ToDi, or one of its paper's baselines) over
   // the last dimension, reduced ("none", "sum" or "mean" over counted
@@ -47,31 +49,17 @@ STABLE_TORCH_LIBRARY(todi_ext, m) {
   // by grad_scale (math dtype, 0-dim), with label_weights = (soft, hard),
   // float64 (2,), read by the kernel like beta (a compiled step's schedule of
   // them is a graph input, not a recompile).
-  m.def(
-      "vocab_parallel_row_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
-      "Tensor inv_temperature, int ignore_index, bool with_cross_entropy) -> Tensor");
-  m.def(
-      "vocab_parallel_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
-      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
-      "Tensor global_stats, bool with_cross_entropy, Tensor? akl_gaps=None) -> Tensor");
-  m.def(
-      "vocab_parallel_gradients(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
-      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
-      "Tensor global_stats, Tensor global_sums, Tensor grad_scale, Tensor label_weights, "
-      "bool with_cross_entropy, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
-      "-> (Tensor grad_student, Tensor grad_teacher)");
+  //
   // AKL's head/tail split (math::AklTailSearch) between the statistics and
   // the partial sums: with tail_key the search's per-row low key (int64) and
   // remaining_bits the bits still open, a walk gives this slice's sums of p
   // at the walk's 15 thresholds, (rows, 15) float64; once the search is done,
   // the gaps op gives this slice's (g_head, g_tail), (rows, 2) float64. The
   // all-reduced gaps then go to the partial sums and gradients as akl_gaps.
-  m.def(
-      "vocab_parallel_akl_walk(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
-      "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key, int remaining_bits) -> Tensor");
-  m.def(
-      "vocab_parallel_akl_gaps(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
-      "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key) -> Tensor");
+  //
+  // The schemas: vocab_parallel_ops.h (the CUDA host-emulation harness
+  // registers the same ops under its own namespace).
+  for (const char* schema : todi_ext::vocab_parallel::kSchemas) m.def(schema);
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of distill_forward. scale is a scalar (0-dim) or one value per row; rows
   // whose scale is exactly 1 are not touched, so the usual loss.backward()

@@ -20,6 +20,25 @@
 
 namespace todi_ext::vocab_parallel {
 
+// The phase ops' schemas, defined by torch_bindings.cpp (which says what each
+// computes) and, under its own namespace, by the CUDA host-emulation harness.
+inline constexpr const char* kSchemas[] = {
+    "vocab_parallel_row_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+    "Tensor inv_temperature, int ignore_index, bool with_cross_entropy) -> Tensor",
+    "vocab_parallel_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
+    "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
+    "Tensor global_stats, bool with_cross_entropy, Tensor? akl_gaps=None) -> Tensor",
+    "vocab_parallel_gradients(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
+    "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
+    "Tensor global_stats, Tensor global_sums, Tensor grad_scale, Tensor label_weights, "
+    "bool with_cross_entropy, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
+    "-> (Tensor grad_student, Tensor grad_teacher)",
+    "vocab_parallel_akl_walk(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+    "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key, int remaining_bits) -> Tensor",
+    "vocab_parallel_akl_gaps(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+    "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key) -> Tensor",
+};
+
 using PhaseRunner = void (*)(const ForwardParams&, const VocabParallelParams&, const Tensor& logits);
 
 // A per-row float64 table handed from one phase to the next (through a

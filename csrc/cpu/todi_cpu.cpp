@@ -81,31 +81,15 @@ void intra_op_parallel_for(int64_t begin, int64_t end, int64_t grain, RowsBody b
 
 namespace {
 
-std::tuple<Tensor, Tensor, Tensor> distill_forward_cpu(
-    const Tensor& student_logits, const Tensor& teacher_logits, const std::optional<Tensor>& labels,
-    std::string_view divergence, const Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
-    const Tensor& inv_temperature, int64_t ignore_index, std::string_view reduction, bool student_grad,
-    bool teacher_grad, double soft_label_weight, double hard_label_weight) {
-  const ForwardSetup setup = prepare_forward(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
-                                             akl_mu, jsd_beta, inv_temperature, ignore_index, reduction,
-                                             student_grad, teacher_grad, soft_label_weight, hard_label_weight);
-  if (setup.view.rows > 0) kernels().forward(forward_params(setup, ignore_index), intra_op_parallel_for);
-  return {reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
+// The ops of todi_op_common.h and vocab_parallel_ops.h run these kernels.
+void run_forward_kernel(const ForwardParams& params, const Tensor&) {
+  kernels().forward(params, intra_op_parallel_for);
 }
 
-void scale_grad_cpu_(const Tensor& grad, const Tensor& scale) {
-  const ScaleGradCall call = scale_grad_call(grad, scale, nullptr);
-  if (grad.numel() > 0) kernels().scale_grad(call.params, intra_op_parallel_for);
+void run_scale_grad_kernel(const ScaleGradParams& params, const Tensor&) {
+  kernels().scale_grad(params, intra_op_parallel_for);
 }
 
-Tensor scale_grad_cpu(const Tensor& grad, const Tensor& scale) {
-  const Tensor out = new_empty(grad.sizes(), grad.scalar_type(), grad.device());
-  const ScaleGradCall call = scale_grad_call(grad, scale, &out);
-  if (grad.numel() > 0) kernels().scale_grad(call.params, intra_op_parallel_for);
-  return out;
-}
-
-// The vocabulary-parallel phase ops (vocab_parallel_ops.h) run this kernel.
 void run_phase_kernel(const ForwardParams& params, const VocabParallelParams& phase, const Tensor&) {
   kernels().phase(params, phase, intra_op_parallel_for);
 }
@@ -118,9 +102,9 @@ STABLE_TORCH_LIBRARY_IMPL(todi_ext, CPU, m) {
   m.impl("vocab_parallel_gradients", TORCH_BOX(&vocab_parallel::gradients<run_phase_kernel>));
   m.impl("vocab_parallel_akl_walk", TORCH_BOX(&vocab_parallel::akl_walk<run_phase_kernel>));
   m.impl("vocab_parallel_akl_gaps", TORCH_BOX(&vocab_parallel::akl_gaps<run_phase_kernel>));
-  m.impl("distill_forward", TORCH_BOX(&distill_forward_cpu));
-  m.impl("scale_grad_", TORCH_BOX(&scale_grad_cpu_));
-  m.impl("scale_grad", TORCH_BOX(&scale_grad_cpu));
+  m.impl("distill_forward", TORCH_BOX(&distill_forward<run_forward_kernel>));
+  m.impl("scale_grad_", TORCH_BOX(&scale_grad_<run_scale_grad_kernel>));
+  m.impl("scale_grad", TORCH_BOX(&scale_grad<run_scale_grad_kernel>));
 }
 
 // No tensor arguments: the ops that report and choose the kernel copy.

@@ -163,25 +163,7 @@ STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
   m.def("count_positions(Tensor labels, int ignore_index, bool double_math) -> Tensor");
   m.def("register_row_shape(int vocab, int elem_bytes) -> (int, int)");
   m.def("set_phase_launch(str variant, int threads, int blocks, int parts) -> ()");
-  m.def(
-      "vocab_parallel_row_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
-      "Tensor inv_temperature, int ignore_index, bool with_cross_entropy) -> Tensor");
-  m.def(
-      "vocab_parallel_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
-      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
-      "Tensor global_stats, bool with_cross_entropy, Tensor? akl_gaps=None) -> Tensor");
-  m.def(
-      "vocab_parallel_gradients(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
-      "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
-      "Tensor global_stats, Tensor global_sums, Tensor grad_scale, Tensor label_weights, "
-      "bool with_cross_entropy, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
-      "-> (Tensor grad_student, Tensor grad_teacher)");
-  m.def(
-      "vocab_parallel_akl_walk(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
-      "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key, int remaining_bits) -> Tensor");
-  m.def(
-      "vocab_parallel_akl_gaps(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
-      "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key) -> Tensor");
+  for (const char* schema : todi_ext::vocab_parallel::kSchemas) m.def(schema);  // the extension's own
 }
 
 STABLE_TORCH_LIBRARY_IMPL(todi_cuda_host, CPU, m) {
