@@ -34,10 +34,12 @@ bool is_integer_dtype(ScalarType t) {
 // Calls an ATen op through the dispatcher (the stable ABI's way to reach an
 // op that torch/csrc/stable/ops.h does not wrap) and returns its one result.
 // Only overloads without Scalar arguments: the stable ABI cannot pass those.
+// The stacks are laid out as these ops' schemas are in torch 2.10, and say
+// so: a later torch adapts a stack from the version it is told.
 template <class... Args>
 Tensor call_aten(const char* name, const char* overload, const Args&... args) {
   std::array<StableIValue, std::max<size_t>(sizeof...(Args), 1)> stack{torch::stable::detail::from(args)...};
-  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  TODI_SHIM_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_VERSION_2_10_0));
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
@@ -146,8 +148,10 @@ RowsView check_forward_args(const Tensor& student_logits, const Tensor& teacher_
 
 Tensor count_positions_with_ops(const Tensor& labels, int64_t ignore_index, ScalarType math) {
   const Tensor counted = call_aten("aten::ne", "Tensor", labels, cpu_scalar<int64_t>(ignore_index, ScalarType::Long));
-  Tensor count = torch::stable::sum(counted, std::nullopt, false, math);
-  return call_aten("aten::clamp_min_", "Tensor", count, cpu_scalar<int64_t>(1, ScalarType::Long));
+  // Counted in int64 and rounded once to the math dtype, as the CPU loop does.
+  Tensor count = torch::stable::sum(counted, std::nullopt, false, ScalarType::Long);
+  count = call_aten("aten::clamp_min_", "Tensor", count, cpu_scalar<int64_t>(1, ScalarType::Long));
+  return torch::stable::to(count, std::optional<ScalarType>(math));
 }
 
 ReductionPlan plan_reduction(std::string_view reduction, const RowsView& view, int64_t ignore_index,
@@ -344,8 +348,11 @@ ScaleGradCall scale_grad_call(const Tensor& grad, const Tensor& scale, const Ten
   call.keep_alive[0] = rows;
   call.keep_alive[1] = torch::stable::contiguous(scale);
   ScaleGradParams& p = call.params;
-  p.grad = RowMatrix{rows.const_data_ptr(), rows.scalar_type(), row_layout(rows)};
-  p.out = out == nullptr ? rows.mutable_data_ptr() : out->mutable_data_ptr();
+  // In place, grad and out are one pointer (the kernels compare them), asked
+  // for once: mutable_data_ptr() may materialise a copy-on-write storage.
+  void* const grad_data = out == nullptr ? rows.mutable_data_ptr() : const_cast<void*>(rows.const_data_ptr());
+  p.grad = RowMatrix{grad_data, rows.scalar_type(), row_layout(rows)};
+  p.out = out == nullptr ? grad_data : out->mutable_data_ptr();
   p.vocab = last_size(grad);
   p.rows = p.vocab > 0 ? grad.numel() / p.vocab : 0;
   p.scale = call.keep_alive[1].const_data_ptr();

@@ -9,6 +9,7 @@
 // stable ABI has no TypeError: a wrong dtype is a ValueError here too).
 #pragma once
 
+#include <torch/csrc/stable/macros.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
@@ -42,6 +43,15 @@ template <class... Args>
   do {                                                                \
     if (!(cond)) ::todi_ext::detail::throw_invalid_argument(__VA_ARGS__); \
   } while (0)
+
+// Checks a call into torch's C shim. With headers that have it, the
+// exception carries torch's own message (on torch >= 2.13; e.g. "CUDA out of
+// memory ..."); else only where the call failed.
+#ifdef STABLE_TORCH_ERROR_CODE_CHECK
+#define TODI_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
+#else
+#define TODI_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
 
 // For messages: "[3, 8]", "cuda:0".
 std::string shape_str(torch::headeronly::IntHeaderOnlyArrayRef sizes);

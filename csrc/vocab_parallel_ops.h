@@ -79,7 +79,9 @@ template <PhaseRunner Run>
 Tensor row_stats(const Tensor& student_logits, const Tensor& teacher_logits,
                      const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
                      bool with_cross_entropy) {
-  const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, inv_temperature.device());
+  // beta, which these phases do not read, on the logits' device: a misplaced
+  // inv_temperature is then reported under its own name.
+  const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, student_logits.device());
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "fkl", one, 0.1, 0.5, 0.5,
                                            inv_temperature, ignore_index, false, false);
   Tensor stats = new_empty({setup.view.rows, 6}, ScalarType::Double, student_logits.device());
@@ -169,7 +171,9 @@ template <PhaseRunner Run>
 Tensor akl_phase(const Tensor& student_logits, const Tensor& teacher_logits,
                      const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
                      const Tensor& global_stats, const Tensor& tail_key, int64_t remaining_bits) {
-  const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, inv_temperature.device());
+  // beta, which these phases do not read, on the logits' device: a misplaced
+  // inv_temperature is then reported under its own name.
+  const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, student_logits.device());
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "akl", one, 0.1, 0.5, 0.5,
                                            inv_temperature, ignore_index, false, false);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);

@@ -307,6 +307,28 @@ def test_hard_label_outside_the_vocabulary_is_a_nan_row_not_a_sync():
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2] == 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_training_step_never_syncs_with_the_host(reduction):
+    # Labels, temperature and beta in device memory: the mean's count, the
+    # checks and the launch queue device work only (count_positions_with_ops),
+    # forward and backward.
+    student, teacher = cuda(make_logits((6, 1000)), make_logits((6, 1000), seed=1))
+    student.requires_grad_(True)
+    labels = torch.tensor([3, -100, 999, 0, -100, 7]).cuda()
+    expected = todi_ext.distill_loss(student, teacher, labels, temperature=2.0, hard_label_weight=0.5,
+                                     reduction=reduction)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = todi_ext.distill_loss(student, teacher, labels, temperature=2.0, hard_label_weight=0.5,
+                                     reduction=reduction)
+        loss.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+
+
 # ------------------------------------------- vocabulary-parallel (issue 16)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("divergence", ["todi", "fkl", "tvd", "akl", "js"])

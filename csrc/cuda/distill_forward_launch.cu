@@ -75,7 +75,7 @@ void launch_phase(const ForwardParams& args, const VocabParallelParams& phase, c
       vocab_parallel_kernel<A, T, D, P><<<grid_for(args.rows), threads_for(args.vocab), 0, stream>>>(args, phase);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      throw std::invalid_argument("AKL's search phases need divergence 'akl'");
+      throw std::runtime_error("AKL's search phases need divergence 'akl'");  // the ops pass "akl"
     }
   });
 }

@@ -31,7 +31,7 @@ constexpr int kMaxDevices = 64;
 
 inline void check_device_index(int device) {
   if (device < 0 || device >= kMaxDevices) {
-    throw std::out_of_range("todi_ext: device index " + std::to_string(device) + " out of range");
+    throw std::runtime_error("todi_ext: device index " + std::to_string(device) + " out of range");
   }
 }
 

@@ -27,7 +27,7 @@ struct LaunchContext {
       : guard(t.get_device_index()), device(t.get_device_index()), stream(current_stream(device)) {}
   static cudaStream_t current_stream(int device) {
     void* stream = nullptr;
-    TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+    TODI_SHIM_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
     return static_cast<cudaStream_t>(stream);
   }
 };

@@ -94,13 +94,18 @@ std::tuple<Tensor, Tensor, Tensor> distill_forward(
   return {todi_ext::reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
 
-// scale_grad (out of place when in_place is false), as the CUDA op launches it.
-Tensor scale_grad(const Tensor& grad, const Tensor& scale, bool in_place, int64_t threads, int64_t blocks) {
-  const Tensor out = in_place ? grad : todi_ext::new_empty(grad.sizes(), grad.scalar_type(), grad.device());
-  auto call = todi_ext::scale_grad_call(grad, scale, in_place ? nullptr : &out);
-  if (grad.numel() > 0) {
-    todi_host::launch(kernels::scale_grad_kernel_for(call.params), blocks, threads, 0, 1, call.params);
-  }
+// scale_grad_ and scale_grad as the CUDA ops launch them, on `blocks` blocks of `threads`.
+void launch_scale_grad(const todi_ext::ScaleGradCall& call, int64_t threads, int64_t blocks) {
+  todi_host::launch(kernels::scale_grad_kernel_for(call.params), blocks, threads, 0, 1, call.params);
+}
+
+void scale_grad_(const Tensor& grad, const Tensor& scale, int64_t threads, int64_t blocks) {
+  if (grad.numel() > 0) launch_scale_grad(todi_ext::scale_grad_call(grad, scale, nullptr), threads, blocks);
+}
+
+Tensor scale_grad(const Tensor& grad, const Tensor& scale, int64_t threads, int64_t blocks) {
+  const Tensor out = todi_ext::new_empty(grad.sizes(), grad.scalar_type(), grad.device());
+  if (grad.numel() > 0) launch_scale_grad(todi_ext::scale_grad_call(grad, scale, &out), threads, blocks);
   return out;
 }
 
@@ -158,7 +163,8 @@ STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
       "float skew_lambda, float akl_mu, float jsd_beta, float temperature, int ignore_index, str reduction, "
       "bool student_grad, bool teacher_grad, str variant, int threads, int blocks, int parts, "
       "float soft_label_weight, float hard_label_weight) -> (Tensor, Tensor, Tensor)");
-  m.def("scale_grad(Tensor grad, Tensor scale, bool in_place, int threads, int blocks) -> Tensor");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale, int threads, int blocks) -> ()");
+  m.def("scale_grad(Tensor grad, Tensor scale, int threads, int blocks) -> Tensor");
   m.def("last_kernel() -> str");
   m.def("count_positions(Tensor labels, int ignore_index, bool double_math) -> Tensor");
   m.def("register_row_shape(int vocab, int elem_bytes) -> (int, int)");
@@ -169,6 +175,7 @@ STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
 STABLE_TORCH_LIBRARY_IMPL(todi_cuda_host, CPU, m) {
   namespace vp = todi_ext::vocab_parallel;
   m.impl("distill_forward", TORCH_BOX(&distill_forward));
+  m.impl("scale_grad_", TORCH_BOX(&scale_grad_));
   m.impl("scale_grad", TORCH_BOX(&scale_grad));
   m.impl("count_positions", TORCH_BOX(&count_positions));
   m.impl("vocab_parallel_row_stats", TORCH_BOX(&vp::row_stats<run_emulated>));
