@@ -128,6 +128,17 @@ def test_scale_grad_in_place(per_row):
     assert out_of_place.is_contiguous() and torch.equal(out_of_place, ref.transpose(0, 1))
 
 
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="no copy-on-write tensors in this torch")
+def test_scale_grad_in_place_on_a_copy_on_write_strided_grad():
+    # Writing to a copy-on-write storage materialises a copy first; the op must
+    # still scale in place (its rows strided), not take the out-of-place path.
+    original = make_logits((6, 10))[:, :8]
+    before = original.clone()
+    grad = torch._lazy_clone(original)
+    torch.ops.todi_ext.scale_grad_(grad, torch.tensor(0.5))
+    assert torch.equal(grad, before * 0.5) and torch.equal(original, before)
+
+
 def test_upstream_gradient_scales_the_result():
     for reduction in ("mean", "sum", "none"):
         student, teacher = make_logits((5, 300)), make_logits((5, 300), seed=1)
