@@ -2,7 +2,7 @@
 
     loss = todi_ext.todi_loss(student_logits, teacher_logits, labels)
 
-See README.md for the exact semantics.
+The exact semantics: docs/api.md.
 """
 
 from ._load import build_info  # loads the compiled ops first; raises a clear ImportError on mismatch
