@@ -1,5 +1,5 @@
 // The hub of the extension: every op schema. Backends register their kernels
-// for these schemas in their own files (cpu/todi_cpu.cpp, cuda/...); fake and
+// for these schemas in their own files (cpu/cpu_ops.cpp, cuda/...); fake and
 // autograd registrations are in python/todi_ext/ops.py; the Python module is
 // python_module.cpp. Registered through the LibTorch stable ABI
 // (STABLE_TORCH_LIBRARY): the schemas are strings, the same for every torch.
@@ -72,7 +72,7 @@ STABLE_TORCH_LIBRARY(todi_ext, m) {
   // build_info(); and its choice, made at import from the capability torch
   // reports (torch.backends.cpu.get_cpu_capability(), which honours
   // ATEN_CPU_CAPABILITY): the widest compiled copy it allows. Returns the copy.
-  // Implemented in cpu/todi_cpu.cpp.
+  // Implemented in cpu/cpu_ops.cpp.
   m.def("cpu_kernel_capability() -> str");
   m.def("use_cpu_capability(str capability) -> str");
 }

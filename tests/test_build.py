@@ -42,7 +42,7 @@ def test_cpu_kernel_copies_use_nothing_of_libtorch_but_sleef():
     # for Sleef's vector math; threads come from the op (ParallelFor).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     trees = sorted(glob.glob(os.path.join(root, "build", "*", "CMakeFiles")), key=os.path.getmtime)
-    objects = glob.glob(os.path.join(trees[-1], "todi_cpu_kernel_*.dir", "**", "*.o"), recursive=True) if trees else []
+    objects = glob.glob(os.path.join(trees[-1], "cpu_distill_kernel_*.dir", "**", "*.o"), recursive=True) if trees else []
     if not objects:
         pytest.skip("no build tree here (the package was built elsewhere)")
     for path in objects:

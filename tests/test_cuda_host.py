@@ -1,6 +1,6 @@
 """The CUDA kernels' own source, executed on the CPU.
 
-tests/cuda_host/harness.cpp compiles csrc/cuda/todi_cuda_kernel.cuh as C++
+tests/cuda_host/harness.cpp compiles csrc/cuda/streamed_kernel.cuh as C++
 with the host emulation of csrc/cuda/host_emulation.h (each GPU thread a real
 thread; __syncthreads, shuffles and cluster barriers real barriers; shared
 memory per emulated block) into the library `todi_cuda_host_harness` (ops
@@ -64,8 +64,8 @@ def harness():
              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
     load(name=name, extra_ldflags=san, is_python_module=False,
-         sources=[os.path.join(ROOT, "tests", "cuda_host", "harness.cpp"), os.path.join(ROOT, "csrc", "todi_op_common.cpp")],
-         extra_include_paths=[os.path.join(ROOT, "csrc", d) for d in ("", "include", "cuda")] + [include],
+         sources=[os.path.join(ROOT, "tests", "cuda_host", "harness.cpp"), os.path.join(ROOT, "csrc", "ops", "op_common.cpp")],
+         extra_include_paths=[os.path.join(ROOT, "csrc", d) for d in ("ops", "include", "cuda")] + [include],
          extra_cflags=flags, build_directory=build)
     return torch.ops.todi_cuda_host  # the harness's ops (registered by loading the library)
 

@@ -1,5 +1,5 @@
 // Host emulation of the CUDA execution model, enough to run
-// todi_cuda_kernel.cuh as C++ on the CPU (tests/test_cuda_host.py): every
+// streamed_kernel.cuh as C++ on the CPU (tests/test_cuda_host.py): every
 // GPU thread of a block (or of a thread-block cluster) is a real std::thread;
 // __syncthreads, warp shuffles and cluster barriers are std::barriers; shared
 // memory is one arena per block at the same offsets in every block, so

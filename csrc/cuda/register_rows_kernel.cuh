@@ -15,11 +15,11 @@
 // once and the gradient once. What it does not serve (rows longer than
 // 16 x 256 x 32 entries or not 16-byte aligned, a teacher gradient, float64,
 // mixed dtypes, the vocabulary-parallel phases) takes the streamed kernel of
-// todi_cuda_kernel.cuh. Reductions run in a fixed order: the same inputs
+// streamed_kernel.cuh. Reductions run in a fixed order: the same inputs
 // give bitwise the same outputs.
 #pragma once
 
-#include "todi_cuda_kernel.cuh"
+#include "streamed_kernel.cuh"
 
 namespace todi_ext::cuda {
 

@@ -1,10 +1,10 @@
-// Runs the CUDA kernels of csrc/cuda/todi_cuda_kernel.cuh on the CPU through
+// Runs the CUDA kernels of csrc/cuda/streamed_kernel.cuh on the CPU through
 // the host emulation (csrc/cuda/host_emulation.h). Built by
 // tests/test_cuda_host.py as the library `todi_cuda_host_harness`, never
 // installed: it is not todi_ext, and its ops live in their own namespace,
 // torch.ops.todi_cuda_host. Like the extension it is built on the stable ABI,
 // and the arguments go through the extension's own checks and parameter
-// set-up (todi_op_common, vocab_parallel_ops.h).
+// set-up (op_common, vocab_parallel_ops.h).
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
@@ -13,7 +13,7 @@
 #include <tuple>
 
 #include "register_rows_kernel.cuh"
-#include "todi_op_common.h"
+#include "op_common.h"
 #include "vocab_parallel_ops.h"
 
 namespace {

@@ -1,5 +1,5 @@
 // What every backend's kernels are given: plain structs of pointers, dtypes
-// and sizes, built once on the host by todi_op_common.cpp and passed by value
+// and sizes, built once on the host by op_common.cpp and passed by value
 // to the CPU kernel or a CUDA launch.
 #pragma once
 
@@ -10,7 +10,7 @@
 #include <type_traits>
 
 #include "todi_ext/row_layout.h"
-#include "todi_ext/todi_math.h"
+#include "todi_ext/divergence_math.h"
 
 namespace todi_ext {
 

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "todi_ext/todi_math.h"  // TODI_HOST_DEVICE
+#include "todi_ext/divergence_math.h"  // TODI_HOST_DEVICE
 
 namespace todi_ext {
 

@@ -1,7 +1,7 @@
 // CUDA implementations of the todi_ext ops: checks (shared with the CPU op),
-// output allocation, dispatch. Kernels: todi_cuda_kernel.cuh; their launches:
+// output allocation, dispatch. Kernels: streamed_kernel.cuh; their launches:
 // distill_forward_launch.cu (one object per divergence), launch_config.cuh.
-// Stable ABI (see todi_op_common.h): the device guard and the current stream
+// Stable ABI (see op_common.h): the device guard and the current stream
 // come through torch's C shim.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -11,7 +11,7 @@
 #include <tuple>
 
 #include "launch_config.cuh"
-#include "todi_op_common.h"
+#include "op_common.h"
 #include "vocab_parallel_ops.h"
 
 namespace todi_ext::cuda {
@@ -33,7 +33,7 @@ struct LaunchContext {
 };
 
 // Launches the forward kernel of the params' divergence on the logits' device
-// and current stream (for distill_forward, todi_op_common.h).
+// and current stream (for distill_forward, op_common.h).
 void run_forward_kernel(const ForwardParams& args, const Tensor& logits) {
   const LaunchContext launch(logits);
   dispatch_divergence(args.divergence, [&](auto divergence) {
@@ -49,7 +49,7 @@ void run_phase_kernel(const ForwardParams& args, const VocabParallelParams& phas
   });
 }
 
-// The launch of scale_grad(_) (todi_op_common.h).
+// The launch of scale_grad(_) (op_common.h).
 void run_scale_grad_kernel(const ScaleGradParams& args, const Tensor& grad) {
   const LaunchContext launch(grad);
   scale_grad_kernel_for(args)<<<grid_for(args.rows), threads_for(args.vocab), 0, launch.stream>>>(args);

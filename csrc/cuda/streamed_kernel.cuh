@@ -30,7 +30,7 @@
 
 #include "todi_ext/kernel_params.h"
 #include "todi_ext/row_layout.h"
-#include "todi_ext/todi_math.h"
+#include "todi_ext/divergence_math.h"
 
 namespace todi_ext::cuda {
 

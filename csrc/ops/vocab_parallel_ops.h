@@ -16,7 +16,7 @@
 #include <optional>
 #include <tuple>
 
-#include "todi_op_common.h"
+#include "op_common.h"
 
 namespace todi_ext::vocab_parallel {
 

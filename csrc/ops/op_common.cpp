@@ -1,4 +1,4 @@
-#include "todi_op_common.h"
+#include "op_common.h"
 
 #include <torch/csrc/stable/ops.h>
 

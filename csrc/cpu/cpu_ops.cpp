@@ -1,6 +1,6 @@
 // CPU implementations of the todi_ext ops: argument checks, output
 // allocation, and the choice of the kernel copy for this machine's widest
-// instruction set. Stable ABI (see todi_op_common.h).
+// instruction set. Stable ABI (see op_common.h).
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
@@ -9,8 +9,8 @@
 #include <string_view>
 #include <tuple>
 
-#include "todi_cpu_kernel.h"
-#include "todi_op_common.h"
+#include "distill_kernel.h"
+#include "op_common.h"
 #include "vocab_parallel_ops.h"
 
 namespace todi_ext::cpu {
@@ -81,7 +81,7 @@ void intra_op_parallel_for(int64_t begin, int64_t end, int64_t grain, RowsBody b
 
 namespace {
 
-// The ops of todi_op_common.h and vocab_parallel_ops.h run these kernels.
+// The ops of op_common.h and vocab_parallel_ops.h run these kernels.
 void run_forward_kernel(const ForwardParams& params, const Tensor&) {
   kernels().forward(params, intra_op_parallel_for);
 }

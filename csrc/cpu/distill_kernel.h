@@ -1,4 +1,4 @@
-// Interface between the CPU op (todi_cpu.cpp) and the CPU kernel, which is
+// Interface between the CPU op (cpu_ops.cpp) and the CPU kernel, which is
 // compiled once per instruction set (DEFAULT, AVX2, AVX512; see
 // CMakeLists.txt) the way ATen compiles its own kernels, so one wheel runs
 // everywhere and still uses the widest vectors the machine has.
@@ -9,7 +9,7 @@
 namespace todi_ext::cpu {
 
 // The thread pool the kernels spread their rows over, handed in by the op
-// (todi_cpu.cpp: torch's intra-op pool): run(begin, end, grain, body, context)
+// (cpu_ops.cpp: torch's intra-op pool): run(begin, end, grain, body, context)
 // calls body(context, b, e) over [begin, end) in chunks of >= grain. With it
 // the kernel files use nothing of libtorch at run time but the Sleef vector
 // math that at::vec inlines calls to (issue 25: they stay outside the stable

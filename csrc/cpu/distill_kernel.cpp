@@ -18,7 +18,7 @@
 // lanes additions per lane), then the chunk totals added in double. A
 // lane-wise sum over the whole row lost accuracy linearly in V (3.6e-5
 // relative at V = 262144 with 8 lanes).
-#include "todi_cpu_kernel.h"
+#include "distill_kernel.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -31,7 +31,7 @@
 #include <memory>
 #include <stdexcept>
 
-#include "todi_ext/todi_math.h"
+#include "todi_ext/divergence_math.h"
 
 #ifndef CPU_CAPABILITY
 #error "CPU_CAPABILITY must be defined (DEFAULT, AVX2 or AVX512)"
