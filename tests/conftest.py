@@ -108,13 +108,13 @@ def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, so
                          torch.where((labels >= e) & (labels < e + n), labels - e, torch.full_like(labels, n)))
              for e, n in zip(edges, sizes)]
     with_ce = hard != 0
-    stats = td._merge_row_stats(torch.stack([ops.vocab_parallel_row_stats(zr, sr, lr, inv_t, -1, with_ce)
+    stats = td.merge_row_stats(torch.stack([ops.vocab_parallel_row_stats(zr, sr, lr, inv_t, -1, with_ce)
                                              for (zr, sr), lr in zip(slices, local)]))
     gaps = None
     if kernel == "akl":
         def summed(fn):
             return sum(fn(zr, sr, lr) for (zr, sr), lr in zip(slices, local))
-        gaps = td._akl_search(
+        gaps = td.akl_split_search(
             lambda low, rem: summed(lambda zr, sr, lr: ops.vocab_parallel_akl_walk(zr, sr, lr, inv_t, -1, stats, low, rem)),
             lambda low: summed(lambda zr, sr, lr: ops.vocab_parallel_akl_gaps(zr, sr, lr, inv_t, -1, stats, low)),
             z.shape[0], akl_mu, math, z.device)

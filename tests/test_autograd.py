@@ -39,8 +39,9 @@ class _RecordTodiForward(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.todi_ext.distill_forward.default:
-            k = todi_ext.ops._STUDENT_GRAD_ARG  # student_grad, teacher_grad
-            self.calls.append((args[k], args[k + 1], out[1].numel(), out[2].numel()))
+            names = [a.name for a in func._schema.arguments]
+            flags = dict(zip(names, args))
+            self.calls.append((flags["student_grad"], flags["teacher_grad"], out[1].numel(), out[2].numel()))
             if self.keep_outputs:
                 self.outputs.append(out[1].data_ptr())  # not the tensor: a reference would force a copy
         return out

@@ -265,7 +265,7 @@ def test_phase_ops_pass_opcheck_and_check_their_tables():
     z, s = make_logits((5, 40)), make_logits((5, 40), seed=1)
     labels = torch.tensor([3, -1, 40, 0, 39])  # local ids: -1 ignored, 40 in another slice
     stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels, _s(0.5), -1, True)
-    merged = td._merge_row_stats(stats.unsqueeze(0))
+    merged = td.merge_row_stats(stats.unsqueeze(0))
     sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                           merged, True)
     torch.library.opcheck(torch.ops.todi_ext.vocab_parallel_row_stats.default, (z, s, labels, _s(0.5), -1, True))
@@ -314,8 +314,8 @@ def test_akl_phase_ops_on_one_slice_give_the_fused_split(dtype, akl_mu):
     labels = torch.tensor([3, -1, 40, 0, 39, 1000])
     inv_t = _s(0.5)
     stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels, inv_t, -1, False)
-    merged = td._merge_row_stats(stats.unsqueeze(0))
-    gaps = td._akl_gaps(z, s, labels, inv_t, merged, akl_mu, dtype, lambda t: t)
+    merged = td.merge_row_stats(stats.unsqueeze(0))
+    gaps = td.akl_gaps_across_ranks(z, s, labels, inv_t, merged, akl_mu, dtype, lambda t: t)
     beta = _s(1.0)
     sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "akl", beta, 0.1, akl_mu, 0.5, inv_t, -1,
                                                           merged, False, gaps)

@@ -19,7 +19,7 @@ Per call (forward; the backward needs no collective):
      those (N, 4) float64 values;
   3. the local gradient, (u - q U) / T on this slice, from the global sums.
 Every rank returns the same loss; each gets the gradient of its own slice.
-AKL adds its head/tail split between steps 1 and 2 (see _akl_gaps): the
+AKL adds its head/tail split between steps 1 and 2 (see akl_gaps_across_ranks): the
 split is a search over the whole rows' probabilities (math::AklTailSearch),
 one all-reduce of (N, 15) float64 per walk - 8 walks in float32 math, 16 in
 float64 - and one of (N, 2) for the head's and tail's sums of |p - q|;
@@ -173,7 +173,7 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, ignore_i
     return table[:, 1]
 
 
-def _merge_row_stats(stats: Tensor) -> Tensor:
+def merge_row_stats(stats: Tensor) -> Tensor:
     """(world, N, 6) per-slice (max, sum exp(x - max)) pairs -> (N, 6) whole-row (max, log sum)."""
     maxes, sums = stats[..., 0::2], stats[..., 1::2]
     top = maxes.max(dim=0).values
@@ -193,7 +193,7 @@ _AKL_KEY_BITS = {torch.float32: 30, torch.float64: 62}
 _AKL_DIGIT_BITS = 4
 
 
-def _akl_search(walk_totals, gap_totals, rows, akl_mu, math, device):
+def akl_split_search(walk_totals, gap_totals, rows, akl_mu, math, device):
     """AKL's whole-row (g_head, g_tail), (N, 2) float64, the same on every rank.
 
     Runs math::AklTailSearch across the slices. walk_totals(low, remaining)
@@ -218,10 +218,10 @@ def _akl_search(walk_totals, gap_totals, rows, akl_mu, math, device):
     return gap_totals(low)
 
 
-def _akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math, all_reduce):
-    """_akl_search over this rank's slice, all_reduce summing over the ranks."""
+def akl_gaps_across_ranks(z, s, labels_local, inv_t, global_stats, akl_mu, math, all_reduce):
+    """akl_split_search over this rank's slice, all_reduce summing over the ranks."""
     args = (z, s, labels_local, inv_t, _LOCAL_IGNORE, global_stats)
-    return _akl_search(lambda low, remaining: all_reduce(torch.ops.todi_ext.vocab_parallel_akl_walk(*args, low, remaining)),
+    return akl_split_search(lambda low, remaining: all_reduce(torch.ops.todi_ext.vocab_parallel_akl_walk(*args, low, remaining)),
                        lambda low: all_reduce(torch.ops.todi_ext.vocab_parallel_akl_gaps(*args, low)),
                        global_stats.shape[0], akl_mu, math, z.device)
 
@@ -267,12 +267,12 @@ class _VocabParallelLoss(torch.autograd.Function):
         with_ce = hard != 0
         # 1: local row statistics, merged across ranks (one all-gather).
         local_stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels_local, inv_t, _LOCAL_IGNORE, with_ce)
-        global_stats = _merge_row_stats(_all_gather(local_stats, group))
+        global_stats = merge_row_stats(_all_gather(local_stats, group))
         math = _validation.loss_dtype(student, teacher)
         # AKL: the head/tail split of the whole rows (a collective per search walk).
         akl_gaps = None
         if divergence == "akl":
-            akl_gaps = _akl_gaps(z, s, labels_local, inv_t, global_stats, akl_mu, math,
+            akl_gaps = akl_gaps_across_ranks(z, s, labels_local, inv_t, global_stats, akl_mu, math,
                                  lambda t: fc.all_reduce(t, "sum", group))
         # 2: partial sums, summed across ranks (one all-reduce).
         sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels_local, divergence, beta_t, skew_lambda,
@@ -307,12 +307,12 @@ class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():
-            raise ops._double_backward_error()
+            raise ops.double_backward_error()
         wanted = ctx.needs_input_grad[:2]
         saved = [t if t is not None else torch.empty(0) for t in ctx.saved_tensors]
         if grad_loss.dim() > 0:
             grad_loss = grad_loss.reshape(saved[0].shape[:-1] if wanted[0] else saved[1].shape[:-1])
-        grads = ops._scaled_saved_gradients(saved, grad_loss, wanted)
+        grads = ops.scaled_saved_gradients(saved, grad_loss, wanted)
         return grads[0], grads[1], None, None, None, None
 
 

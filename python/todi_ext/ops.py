@@ -11,6 +11,7 @@ host synchronisation anywhere: the ops run under torch.compile(fullgraph=True)
 and CUDA graphs.
 """
 
+import collections
 from typing import Optional, Tuple
 
 import torch
@@ -19,6 +20,18 @@ from torch import Tensor
 from . import _validation
 
 _EMPTY = (0,)
+
+
+def _schema_args(op_name):
+    """A namedtuple of the op's schema arguments (with the schema's defaults),
+    to read an autograd registration's inputs by name."""
+    arguments = getattr(torch.ops.todi_ext, op_name).default._schema.arguments
+    defaults = [a.default_value for a in arguments if a.has_default_value()]
+    return collections.namedtuple(f"{op_name}_args", [a.name for a in arguments], defaults=defaults)
+
+
+_ForwardArgs = _schema_args("distill_forward")
+_FusedLinearArgs = _schema_args("fused_linear_distill_forward")
 
 
 def distill_forward(
@@ -112,14 +125,11 @@ def _scale_grad_fake(grad, scale):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-_STUDENT_GRAD_ARG = 11  # positions of student_grad / teacher_grad in the schema
-
-
 def _distill_forward_setup_context(ctx, inputs, output):
-    student_grad, teacher_grad = inputs[_STUDENT_GRAD_ARG], inputs[_STUDENT_GRAD_ARG + 1]
+    args = _ForwardArgs(*inputs)
     _, grad_student, grad_teacher = output
-    ctx.student_grad = student_grad
-    ctx.teacher_grad = teacher_grad
+    ctx.student_grad = args.student_grad
+    ctx.teacher_grad = args.teacher_grad
     ctx.save_for_backward(grad_student, grad_teacher)
     # The gradient outputs are never differentiated; without this, autograd
     # would materialise an (N, V) zero tensor for each of them in backward.
@@ -134,7 +144,7 @@ def _missing_grad(name, flag):
     )
 
 
-def _double_backward_error():
+def double_backward_error():
     # The saved gradients are not differentiable functions of the logits
     # here, so refuse rather than return a partial, silently wrong second
     # derivative.
@@ -182,7 +192,7 @@ def _scaled_by_aten_ops(saved, grad_loss):
     return (saved.to(scale.dtype) * scale).to(saved.dtype)
 
 
-def _scaled_saved_gradients(saved, grad_loss, wanted):
+def scaled_saved_gradients(saved, grad_loss, wanted):
     """The saved gradients (None where not wanted) scaled by grad_loss.
 
     Eager, the fast path scales each saved gradient in place and hands it
@@ -209,8 +219,8 @@ def _scaled_saved_gradients(saved, grad_loss, wanted):
 
 def _distill_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
     if torch.is_grad_enabled():  # backward(create_graph=True)
-        raise _double_backward_error()
-    nothing = (None,) * 15  # one per schema argument
+        raise double_backward_error()
+    nothing = (None,) * len(_ForwardArgs._fields)  # one per schema argument
     if grad_loss is None:  # the loss was not used
         return nothing
     wanted = ctx.needs_input_grad[:2]
@@ -218,7 +228,7 @@ def _distill_forward_backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_gr
                                        ("teacher_logits", "teacher_grad", ctx.teacher_grad, wanted[1])):
         if want and not computed:
             raise _missing_grad(name, flag)
-    return tuple(_scaled_saved_gradients(ctx.saved_tensors, grad_loss, wanted)) + nothing[2:]
+    return tuple(scaled_saved_gradients(ctx.saved_tensors, grad_loss, wanted)) + nothing[2:]
 
 
 torch.library.register_autograd(
@@ -228,8 +238,10 @@ torch.library.register_autograd(
 
 
 # ------------------------------------------------------- fused linear + loss
-_FL_SCHEMA_ARGS = 22
-_FL_REDUCTION, _FL_GRAD_FLAGS = 14, 19  # positions in the schema
+# The tensors that reduction="none" saves for its backward (which runs the
+# chunks again with the per-row upstream gradient).
+_FL_SAVED = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias",
+             "labels", "beta", "inv_temperature")
 
 
 def fused_linear_distill_forward(
@@ -267,15 +279,16 @@ def _fused_linear_fake(
 
 
 def _fused_linear_setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[_FL_REDUCTION]
-    ctx.computed = inputs[_FL_GRAD_FLAGS:_FL_GRAD_FLAGS + 3]
+    args = _FusedLinearArgs(*inputs)
+    ctx.reduction = args.reduction
+    ctx.computed = (args.hidden_grad, args.weight_grad, args.bias_grad)
     if ctx.reduction == "none":
         # The upstream gradient differs per row: backward runs the chunks again
         # with it (the forward computed no gradient).
-        tensors = [inputs[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 12)]
+        tensors = [getattr(args, name) for name in _FL_SAVED]
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in tensors))
         ctx.present = [t is not None for t in tensors]
-        ctx.scalars = {i: inputs[i] for i in (7, 9, 10, 11, 13, 15, 16, 17)}
+        ctx.args = args._replace(**{name: None for name in _FL_SAVED})  # the other arguments
     else:
         ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
@@ -291,22 +304,20 @@ def _teacher_requires_grad_error(name):
 
 def _fused_linear_backward(ctx, grad_loss, *_grads_of_grads):
     if torch.is_grad_enabled():
-        raise _double_backward_error()
-    nothing = [None] * _FL_SCHEMA_ARGS
+        raise double_backward_error()
+    nothing = [None] * len(_FusedLinearArgs._fields)
     if grad_loss is None:
         return tuple(nothing)
-    for i, name in ((3, "teacher_hidden"), (4, "teacher_weight"), (5, "teacher_bias")):
-        if ctx.needs_input_grad[i]:
+    needs_grad = _FusedLinearArgs(*ctx.needs_input_grad)
+    for name in ("teacher_hidden", "teacher_weight", "teacher_bias"):
+        if getattr(needs_grad, name):
             raise _teacher_requires_grad_error(name)
-    wanted = ctx.needs_input_grad[:3]
+    wanted = (needs_grad.student_hidden, needs_grad.student_weight, needs_grad.student_bias)
     if ctx.reduction == "none":
-        saved = [t if present else None for t, present in zip(ctx.saved_tensors, ctx.present)]
-        sh, sw, sb, th, tw, tb, labels, beta, inv_t = saved
-        sc = ctx.scalars
-        _, g_hidden, g_weight, g_bias = torch.ops.todi_ext.fused_linear_distill_forward.default(
-            sh, sw, sb, th, tw, tb, labels, sc[7], beta, sc[9], sc[10], sc[11], inv_t, sc[13], "none", sc[15],
-            sc[16], sc[17], grad_loss.reshape(-1), wanted[0], wanted[1], wanted[2] and sb is not None,
-        )
+        saved = {name: t if present else None for name, t, present in zip(_FL_SAVED, ctx.saved_tensors, ctx.present)}
+        args = ctx.args._replace(**saved, row_weights=grad_loss.reshape(-1), hidden_grad=wanted[0],
+                                 weight_grad=wanted[1], bias_grad=wanted[2] and saved["student_bias"] is not None)
+        _, g_hidden, g_weight, g_bias = torch.ops.todi_ext.fused_linear_distill_forward.default(*args)
         grads = [g if w else None for g, w in zip((g_hidden, g_weight, g_bias), wanted)]
     else:
         for name, computed, want in zip(("student_hidden", "student_weight", "student_bias"), ctx.computed, wanted):
@@ -315,7 +326,7 @@ def _fused_linear_backward(ctx, grad_loss, *_grads_of_grads):
                     f"todi_ext: {name} requires grad but fused_linear_distill_forward was called without its "
                     "gradient flag; call it through todi_ext.fused_linear_distill_loss, which sets the flags"
                 )
-        grads = _scaled_saved_gradients(ctx.saved_tensors, grad_loss, wanted)
+        grads = scaled_saved_gradients(ctx.saved_tensors, grad_loss, wanted)
     nothing[:3] = grads
     return tuple(nothing)
 
