@@ -84,6 +84,7 @@ def test_ops_are_registered_for_cpu():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"todi_ext::{op}", "CPU")
 
 
+@pytest.mark.slow
 def test_default_cpu_kernel_copy_matches_the_vectorized_one():
     # ATEN_CPU_CAPABILITY=default makes the extension pick its DEFAULT copy,
     # as ATen does; both copies must compute the same loss.

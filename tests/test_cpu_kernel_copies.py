@@ -12,6 +12,9 @@ import torch
 
 import todi_ext
 
+# The slow tier: a subprocess per CPU kernel copy (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 ORDER = ["default", "avx2", "avx512"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,4 +44,5 @@ def test_parity_under_each_cpu_kernel_copy(capability, tmp_path):
                                                             "test_distributed.py::test_phase_ops_pass_opcheck_and_check_their_tables",
                                                             "test_distributed.py::test_akl_phase_ops_on_one_slice_give_the_fused_split"))],
                          env=env, capture_output=True, text=True)
+
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

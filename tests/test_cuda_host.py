@@ -24,6 +24,9 @@ from todi_ext import reference
 from conftest import (TOLERANCES, assert_grad_close, make_labels, make_logits, phases_on_slices,
                       undefined_rows_across_slices)
 
+# The slow tier (pytest -m "not slow" skips it): the harness build and ~330 emulated launches.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIVERGENCES = ["todi", "fkl", "rkl", "tvd", "skl", "srkl", "gjsd", "akl"]
 # (kernel, CTAs per cluster): the streamed kernel (one block per row), or the
@@ -490,6 +493,7 @@ def test_vocab_parallel_phases_give_the_whole_rows_results(harness, divergence, 
     params = {"akl_mu": 0.4} if divergence == "akl" else {}
     ref = reference.distill_loss(zd, sd, labels, divergence=divergence, reduction="none", temperature=2.0,
                                  hard_label_weight=0.3, soft_label_weight=0.7, **params)
+
     ref.sum().backward()
     assert_matches(got, (ref.detach(), zd.grad, sd.grad), dtype)
     if dtype == torch.float64:

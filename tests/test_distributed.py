@@ -250,11 +250,12 @@ def _spawn(world, tmp_path, what):
         pytest.fail("\n".join(errors) or "a rank failed")
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_loss_and_slice_gradients_equal_the_single_process_ones(world, tmp_path):
     _spawn(world, tmp_path, "cases")
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
     _spawn(2, tmp_path, "bad")
 

@@ -196,6 +196,7 @@ print((rss("VmHWM") - base) / (n * v * 4))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read peak memory")
+@pytest.mark.slow
 def test_compiled_step_holds_the_gradient_once():
     # Eager hands the forward's gradient over as .grad after scaling it in
     # place; the compiled backward must not hold a second (N, V) copy.

@@ -265,6 +265,7 @@ def test_label_smoothing_smooths_the_hard_label_term(tmp_path, fused_linear):
         make_trainer(tmp_path, student, teacher, hard_label_weight=0.0, args=dict(label_smoothing_factor=0.2))
 
 
+@pytest.mark.slow
 def test_the_study_runs_end_to_end(tmp_path):
     # examples/distill_study.py --smoke: corpus, tokenizer, teacher, every
     # divergence's student through DistillationTrainer, metrics, report.
@@ -314,6 +315,7 @@ def _ddp_worker(rank, world, port, out_dir):
     _exit_without_finalizing()
 
 
+@pytest.mark.slow
 def test_ddp_with_two_gloo_processes_gives_the_single_process_update(tmp_path):
     # 2 processes x 2 sequences against 1 process x 4: the same step (the
     # token count is summed across processes and DDP's average undone).
@@ -379,6 +381,7 @@ def fsdp2_batch():
     return inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["root reshards after forward", "own lm_head unit", "tied"])
 def test_fsdp2_with_two_gloo_processes_gives_the_single_process_update(tmp_path, layout):
     # Issue 21: with lm_head.weight a sharded DTensor outside the forward, the fused path failed ("mixed
