@@ -159,7 +159,10 @@ def check_label_weights(soft_label_weight, hard_label_weight, labels=None, *, wi
 
 def check_label_range(labels, vocab, ignore_index):
     """Labels in [0, V) or ignore_index, checked where that costs no host
-    sync (CPU tensors); on a GPU the kernel makes such a row NaN."""
+    sync (CPU tensors); on a GPU the kernel makes such a row NaN. For the
+    entry points whose op cannot check it with the caller's positions: the
+    fused linear op (chunks), the vocabulary-parallel loss (local labels) and
+    the eager reference. distill_loss leaves it to its op (op_common.cpp)."""
     if labels is None or labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.numel() == 0:
         return
     bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).reshape(-1)

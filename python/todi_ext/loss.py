@@ -49,8 +49,8 @@ def distill_loss(
     _validation.check_no_functorch(student_logits, teacher_logits)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
     _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
-    if hard_label_weight != 0:
-        _validation.check_label_range(labels, student_logits.shape[-1], ignore_index)
+    # The labels' range is the op's own check (csrc/ops/op_common.cpp, CPU
+    # tensors; same ValueError): not repeated here.
     kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = ops.distill_forward(
