@@ -46,8 +46,8 @@ struct Ops<at::vec::Vectorized<T>> {
   static V log(const V& x) { return x.log(); }
   // log1p from log: log(u) x / (u - 1), u = 1 + x rounded, is within a few
   // ulp of log1p(x) (Goldberg 1991); x where u rounds to 1. ATen's AVX512
-  // log1p (Sleef's) measured 8.5 ns an entry against 1.3 for its AVX2 copy
-  // and 1.0 for log, and made JS/SKL/SRKL/GJSD 2x slower there than on AVX2.
+  // log1p (Sleef's) is many times slower than log (NOTES: "Measurements
+  // that were in code comments").
   static V log1p(const V& x) {
     const V one(T(1));
     const V u = x + one;
@@ -100,7 +100,7 @@ T hmax(const Vectorized<T>& v) {
 // AVX2/AVX512 copies are built with -mfma, and GCC contracts a product and
 // a sum of vectors into an FMA, which differs from the rounded product by up
 // to half an ulp of x / T. The empty asm makes the product opaque, at no
-// instruction cost (a blanket -ffp-contract=off measured ~3% slower); the
+// instruction cost (a blanket -ffp-contract=off was slower; NOTES); the
 // DEFAULT copy has no FMA on x86 and is built with -ffp-contract=off for
 // other targets (CMakeLists.txt).
 template <class acc_t>
@@ -120,8 +120,8 @@ Vectorized<acc_t> scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& in
 }
 
 // exp(d) for d <= 0 (-inf gives 0, NaN stays NaN), inline: pass 1's exps
-// through ATen's exp are a call to Sleef per vector (~28% of the op's time
-// on the AVX512 copy, and the call spills the loop's registers). float:
+// through ATen's exp are a call to Sleef per vector (a large share of the
+// op's time, NOTES; and the call spills the loop's registers). float:
 // n = round(d log2 e), r = d - n ln 2 in two parts (Cody-Waite; n C1 is
 // exact), exp(r) by Cephes' expf polynomial, times 2^n from the exponent
 // bits; results below 2^-126 (d < -87.3) flush to 0 (they weigh < 1e-38 of
@@ -221,8 +221,8 @@ struct RowChunk {
 
 // Row-sized scratch of one thread: pass 2 keeps the per-entry gradient
 // weights and probabilities there, so pass 3 neither reloads the inputs nor
-// recomputes the exps (that recomputation cost 1.4x the whole forward at
-// N=2048, V=32000, float32, on the 2-core dev machine). AKL's selection
+// recomputes the exps (recomputing them cost more than the whole forward;
+// NOTES). AKL's selection
 // walks its own two arrays. O(V) per thread.
 template <class acc_t>
 struct RowScratch {
@@ -484,9 +484,7 @@ void akl_gap_sums(const RowScratch<acc_t>& scratch, int64_t padded_vocab, acc_t 
 // probabilities still undecided are compacted (branch-free) into
 // akl_window, and later walks visit only those, adding S(low) for the ones
 // below: the window shrinks 16-fold per walk, so the search costs about two
-// walks of the row instead of eight. (N=1024, V=32000, float32, 2-core dev
-// machine: the whole AKL forward went from 2.2x to ~1.5x FKL's time; see
-// benchmarks/results/divergences.)
+// walks of the row instead of eight (measured: NOTES).
 template <class acc_t>
 void akl_row_weights(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, RowScratch<acc_t>& scratch,
                      const RowLse<acc_t>& lse_z, const RowLse<acc_t>& lse_s, math::DivergenceParams& prm) {
@@ -757,7 +755,7 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
       // kExactProbability takes exp(log p), exp(log q) instead: the row's few
       // large entries decide the cancellations of saturated rows (the
       // gradient's u - q U, TVD's p - q), where the product's ~2 ulp against
-      // the exp's ~1 measured up to 3.6x the best float32 error (NOTES).
+      // the exp's ~1 broke the accuracy standard (NOTES).
       const auto factor = [&](acc_t chunk_max, const math::LogSumExp<double>& lse, double log_sum) {
         return Vec(static_cast<acc_t>(std::exp((static_cast<double>(chunk_max) - lse.max) - log_sum)));
       };
