@@ -42,7 +42,7 @@ STABLE_TORCH_LIBRARY(todi_ext, m) {
   // The vocabulary-parallel phases (python/todi_ext/distributed.py): the
   // logits are this rank's slice of the vocabulary; labels are local indices
   // (outside [0, V_local): another rank's token). Row statistics: this
-  // slice's (max, sum exp(x - max)) of z/T, s/T and (with_cross_entropy) z,
+  // slice's (max, sum exp(x - max)) of z/T, s/T and (with_hard_label_term) z,
   // (rows, 6) float64. Partial sums, given the merged (max, log sum) pairs:
   // this slice's sums of the loss, u, v and z[label], (rows, 4) float64.
   // Gradients, given all slices' sums: this slice's logits gradients, scaled

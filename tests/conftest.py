@@ -91,7 +91,7 @@ def _deterministic_seed():
     torch.manual_seed(0)
 
 
-def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, soft, akl_mu=0.5):
+def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard_label_weight, soft_label_weight, akl_mu=0.5):
     """todi_ext.distributed's step with every rank's slice in this process
     (each collective a sum or a gather over the slices), through `ops` (the
     extension's ops, or the CUDA host-emulation harness): per-row losses and
@@ -107,8 +107,8 @@ def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, so
     local = [torch.where(labels == -100, torch.full_like(labels, -1),
                          torch.where((labels >= e) & (labels < e + n), labels - e, torch.full_like(labels, n)))
              for e, n in zip(edges, sizes)]
-    with_ce = hard != 0
-    stats = td.merge_row_stats(torch.stack([ops.vocab_parallel_row_stats(zr, sr, lr, inv_t, -1, with_ce)
+    with_hard_label_term = hard_label_weight != 0
+    stats = td.merge_row_stats(torch.stack([ops.vocab_parallel_row_stats(zr, sr, lr, inv_t, -1, with_hard_label_term)
                                              for (zr, sr), lr in zip(slices, local)]))
     gaps = None
     if kernel == "akl":
@@ -119,12 +119,12 @@ def phases_on_slices(ops, z, s, labels, sizes, divergence, temperature, hard, so
             lambda low: summed(lambda zr, sr, lr: ops.vocab_parallel_akl_gaps(zr, sr, lr, inv_t, -1, stats, low)),
             z.shape[0], akl_mu, math, z.device)
     sums = sum(ops.vocab_parallel_partial_sums(zr, sr, lr, kernel, beta, 0.1, akl_mu, jsd_beta, inv_t, -1, stats,
-                                               with_ce, gaps) for (zr, sr), lr in zip(slices, local))
-    per_row = soft * sums[:, 0] + (hard * (stats[:, 5] - (sums[:, 3] - stats[:, 4])) if with_ce else 0)
+                                               with_hard_label_term, gaps) for (zr, sr), lr in zip(slices, local))
+    per_row = soft_label_weight * sums[:, 0] + (hard_label_weight * (stats[:, 5] - (sums[:, 3] - stats[:, 4])) if with_hard_label_term else 0)
     per_row = torch.where(labels == -100, torch.zeros_like(per_row), per_row)
     grads = [ops.vocab_parallel_gradients(zr, sr, lr, kernel, beta, 0.1, akl_mu, jsd_beta, inv_t, -1, stats, sums,
                                           torch.ones((), dtype=math, device=z.device),
-                                          torch.tensor([soft, hard], dtype=torch.float64, device=z.device), with_ce,
+                                          torch.tensor([soft_label_weight, hard_label_weight], dtype=torch.float64, device=z.device), with_hard_label_term,
                                           True, True, gaps)
              for (zr, sr), lr in zip(slices, local)]
     return per_row, torch.cat([g[0] for g in grads], dim=-1), torch.cat([g[1] for g in grads], dim=-1)

@@ -340,7 +340,7 @@ def test_vocab_parallel_phases_match_the_oracle(divergence, dtype):
     vocab, sizes = 50257, [16753, 16752, 16752]
     z, s = make_logits((6, vocab), dtype, seed=31), make_logits((6, vocab), dtype, seed=32)
     labels = torch.tensor([0, 16752, 16753, -100, 33505, 50256])
-    kw = dict(temperature=2.0, hard=0.3, soft=0.7)
+    kw = dict(temperature=2.0, hard_label_weight=0.3, soft_label_weight=0.7)
     got = phases_on_slices(torch.ops.todi_ext, *cuda(z, s, labels), sizes, divergence, **kw)
     zd, sd = z.double().requires_grad_(), s.double().requires_grad_()
     ref = reference.distill_loss(zd, sd, labels, divergence=divergence, reduction="none", temperature=2.0,

@@ -485,7 +485,7 @@ def test_vocab_parallel_phases_give_the_whole_rows_results(harness, divergence, 
     vocab, sizes = 1003, [401, 301, 301]
     z, s = make_logits((6, vocab), dtype, seed=31), make_logits((6, vocab), dtype, seed=32)
     labels = torch.tensor([0, 400, 401, -100, 702, 1002])
-    kw = dict(temperature=2.0, hard=0.3, soft=0.7, akl_mu=0.4 if divergence == "akl" else 0.5)
+    kw = dict(temperature=2.0, hard_label_weight=0.3, soft_label_weight=0.7, akl_mu=0.4 if divergence == "akl" else 0.5)
     harness.set_phase_launch(variant, 64, 2, parts)
     got = phases_on_slices(harness, z, s, labels, sizes, divergence, **kw)
     assert got[1].dtype == dtype and got[2].dtype == dtype

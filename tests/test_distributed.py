@@ -284,10 +284,10 @@ def test_phase_ops_pass_opcheck_and_check_their_tables():
     with pytest.raises(ValueError, match=r"global_stats must be a contiguous \(5, 6\) float64"):
         torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                        merged[:4], True)
-    with pytest.raises(ValueError, match="with_cross_entropy needs labels"):
+    with pytest.raises(ValueError, match="with_hard_label_term needs labels"):
         torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                        merged, True)
-    for labels_, hard, match in ((None, 0.5, "with_cross_entropy needs labels"), (labels, float("nan"), "must be finite")):
+    for labels_, hard, match in ((None, 0.5, "with_hard_label_term needs labels"), (labels, float("nan"), "must be finite")):
         with pytest.raises(ValueError, match=match):
             torch.ops.todi_ext.vocab_parallel_gradients(z, s, labels_, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(0.5), -1,
                                                         merged, sums, torch.tensor(0.25),

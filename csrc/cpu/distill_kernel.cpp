@@ -538,12 +538,12 @@ void akl_slice_sums(const ForwardParams& p, const VocabParallelParams& vp, int64
   }
 }
 
-// hard_weight * d CE / dz for one student row: hard_weight * (softmax(z) - onehot(label)).
+// hard_label_weight * d CE / dz for one student row: hard_label_weight * (softmax(z) - onehot(label)).
 template <class acc_t>
 struct HardLabelGrad {
   bool on = false;
   int64_t label = 0;
-  acc_t weight = 0;         // hard_weight times the reduction's factor
+  acc_t weight = 0;         // hard_label_weight times the reduction's factor
   bool probs_are_q = true;  // T == 1: softmax(z) is the q already in the scratch
   acc_t neg_max = 0, log_sum = 0;  // else: z's own log-sum-exp
 };
@@ -605,7 +605,7 @@ PeakEntry<acc_t> peak_entry(const PeakTracker<acc_t>& tracker, const acc_t* weig
   return peak;
 }
 
-// grad = soft_weight * (weight - prob * sum(weight)) / T (+ the hard-label
+// grad = soft_label_weight * (weight - prob * sum(weight)) / T (+ the hard-label
 // term) over one row, stored in out's dtype; the peak entry from its own
 // formula.
 template <class acc_t>
@@ -615,7 +615,7 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
   using Vec = Vectorized<acc_t>;
   // 1/T, times the reduction's factor (1/count for "mean") and the divergence's weight.
   const acc_t scale = p.grad_scale ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1);
-  const acc_t soft_scale = static_cast<acc_t>(*p.inv_temperature) * scale * static_cast<acc_t>(p.soft_label_weight());
+  const acc_t soft_scale = static_cast<acc_t>(*p.inv_temperature) * scale * static_cast<acc_t>(p.effective_soft_label_weight());
   const Vec inv_t(soft_scale);
   const Vec sum_v(weight_sum);
   const Vec hard_w(hard.weight * scale), neg_max(hard.neg_max), log_sum(hard.log_sum);
@@ -685,7 +685,7 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
 
   // Chunk results merged in double (the blocked sum), rounded once at the end.
   // The hard-label cross-entropy needs z's own log-sum-exp: lse_z's when T = 1.
-  const bool hard = p.hard_weight != 0;
+  const bool hard = p.hard_label_weight != 0;
   const bool unit_t = *p.inv_temperature == 1.0;
   math::LogSumExp<double> lse_z, lse_s, lse_z1;
   double log_sum_z, log_sum_s, log_sum_z1 = 0;
@@ -842,7 +842,7 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
     }
     // log sum exp(z) - z_label, with max and log(sum) kept apart.
     cross_entropy = log_sum_z1 - (z_label_here - lse_z1.max);
-    hard_grad = {true, here ? label : -1, static_cast<acc_t>(p.hard_label_weight()), unit_t,
+    hard_grad = {true, here ? label : -1, static_cast<acc_t>(p.effective_hard_label_weight()), unit_t,
                  static_cast<acc_t>(-lse_z1.max), static_cast<acc_t>(log_sum_z1)};
   }
   if (phase == Phase::kPartialSums) {
@@ -854,7 +854,7 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
     u_sum = vp.global_sums[row * 4 + 1];
     v_sum = vp.global_sums[row * 4 + 2];
   } else {
-    *loss_out = static_cast<acc_t>(p.soft_label_weight() * loss_sum + p.hard_label_weight() * cross_entropy);
+    *loss_out = static_cast<acc_t>(p.effective_soft_label_weight() * loss_sum + p.effective_hard_label_weight() * cross_entropy);
   }
 
   // Pass 3: gradients from the scratch.

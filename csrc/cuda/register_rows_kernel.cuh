@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
   const A inv_t = static_cast<A>(*args.inv_temperature);
   const double beta = *args.beta;
   const bool scalars_ok = inv_t > A(0) && math::is_finite(inv_t) && math::is_finite(beta);
-  const bool hard = args.hard_weight != 0;
+  const bool hard = args.hard_label_weight != 0;
   const bool unit_t = *args.inv_temperature == 1.0;
   const bool need_z1 = hard && !unit_t;
 
@@ -423,10 +423,10 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
       row_sum(sums);
     }
     if (writes_loss) {
-      A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
+      A loss = static_cast<A>(args.effective_soft_label_weight()) * sums[0];
       if (hard) {
         const A z_label = Elem<T>::template load<A>(z_row[label]);
-        loss += static_cast<A>(args.hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
+        loss += static_cast<A>(args.effective_hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
       }
       static_cast<A*>(args.loss)[row] = loss;
     }
@@ -437,8 +437,8 @@ __global__ void __launch_bounds__(kRegisterRowThreads, 2) register_rows_kernel(c
     // plus the cross-entropy's softmax(z) - one-hot.
     const A u_sum = sums[1] + rest[1];
     const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
-    const A grad_t = inv_t * reduction_scale * static_cast<A>(args.soft_label_weight());
-    const A hard_t = static_cast<A>(args.hard_label_weight()) * reduction_scale;
+    const A grad_t = inv_t * reduction_scale * static_cast<A>(args.effective_soft_label_weight());
+    const A hard_t = static_cast<A>(args.effective_hard_label_weight()) * reduction_scale;
     // The label's slot among this thread's entries (j * kVec + k), or -1.
     int label_slot = -1;
     if (hard) {

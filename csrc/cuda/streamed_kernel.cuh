@@ -592,8 +592,8 @@ __device__ __forceinline__ RowGradients<A> row_gradients(const ForwardParams& ar
   const A reduction_scale = args.grad_scale ? *static_cast<const A*>(args.grad_scale) : A(1);
   return {u_sum,
           v_sum,
-          inv_t * reduction_scale * static_cast<A>(args.soft_label_weight()),
-          static_cast<A>(args.hard_label_weight()) * reduction_scale,
+          inv_t * reduction_scale * static_cast<A>(args.effective_soft_label_weight()),
+          static_cast<A>(args.effective_hard_label_weight()) * reduction_scale,
           hard,
           unit_t,
           lz1};
@@ -701,7 +701,7 @@ __device__ __forceinline__ bool scalars_valid(A inv_t, double beta) {
 // ------------------------------------------------------------------ kernels
 // Whether the streamed kernel's lean instantiation serves these arguments.
 inline bool streamed_is_lean(const ForwardParams& args) {
-  return args.grad_teacher.data == nullptr && args.hard_weight == 0;
+  return args.grad_teacher.data == nullptr && args.hard_label_weight == 0;
 }
 
 // The fused op's streamed kernel. T: the element type of both inputs, or
@@ -716,9 +716,9 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
   const A inv_t = static_cast<A>(*args.inv_temperature);  // 0-dim tensors in device memory
   const double beta = *args.beta;
   const bool scalars_ok = scalars_valid(inv_t, beta);
-  // The hard-label cross-entropy (hard_weight != 0) needs z's own log-sum-exp:
+  // The hard-label cross-entropy (hard_label_weight != 0) needs z's own log-sum-exp:
   // lse_z's when T = 1, else a third one in pass 1.
-  const bool hard = !kLean && args.hard_weight != 0;
+  const bool hard = !kLean && args.hard_label_weight != 0;
   const bool unit_t = *args.inv_temperature == 1.0;
   const bool need_z1 = hard && !unit_t;
   // Read where used rather than held in a register (the full kernel has none to spare).
@@ -769,9 +769,9 @@ __global__ void __launch_bounds__(kMaxThreads) distill_forward_kernel(const Forw
       row_sums(walk, terms, scratch, sums);
       const A z_label = label_here ? label_logit<A>(args, row, label) : A(0);
       if (threadIdx.x == 0) {
-        A loss = static_cast<A>(args.soft_label_weight()) * sums[0];
+        A loss = static_cast<A>(args.effective_soft_label_weight()) * sums[0];
         // log sum exp(z) - z_label, with max and log(sum) kept apart.
-        if (hard) loss += static_cast<A>(args.hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
+        if (hard) loss += static_cast<A>(args.effective_hard_label_weight()) * (lz1.log_sum - (z_label - lz1.max));
         *loss_out = loss;
       }
       if (!args.grad_student.data && !grad_teacher().data) return;
@@ -817,7 +817,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const A inv_t = static_cast<A>(*args.inv_temperature);
   const double beta = *args.beta;
   const bool scalars_ok = scalars_valid(inv_t, beta);
-  const bool hard = args.hard_weight != 0;
+  const bool hard = args.hard_label_weight != 0;
   const int64_t vocab = args.vocab;
   double* const table = phase_table(vp).data;  // none for kGradients, which writes the gradients
   constexpr int kWidth = P == Phase::kRowStats      ? 6

@@ -305,8 +305,8 @@ ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index) {
   p.divergence_params = setup.divergence_params;
   p.inv_temperature = setup.inv_temperature.const_data_ptr<double>();
   p.beta = setup.beta.const_data_ptr<double>();
-  p.soft_weight = setup.soft_label_weight;
-  p.hard_weight = setup.hard_label_weight;
+  p.soft_label_weight = setup.soft_label_weight;
+  p.hard_label_weight = setup.hard_label_weight;
   p.double_math = setup.per_position.scalar_type() == ScalarType::Double;
   p.loss = setup.per_position.mutable_data_ptr();
   p.grad_scale = setup.plan.grad_scale.has_value() ? setup.plan.grad_scale->const_data_ptr() : nullptr;

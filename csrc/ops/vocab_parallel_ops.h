@@ -24,14 +24,14 @@ namespace todi_ext::vocab_parallel {
 // computes) and, under its own namespace, by the CUDA host-emulation harness.
 inline constexpr const char* kSchemas[] = {
     "vocab_parallel_row_stats(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
-    "Tensor inv_temperature, int ignore_index, bool with_cross_entropy) -> Tensor",
+    "Tensor inv_temperature, int ignore_index, bool with_hard_label_term) -> Tensor",
     "vocab_parallel_partial_sums(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
     "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
-    "Tensor global_stats, bool with_cross_entropy, Tensor? akl_gaps=None) -> Tensor",
+    "Tensor global_stats, bool with_hard_label_term, Tensor? akl_gaps=None) -> Tensor",
     "vocab_parallel_gradients(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
     "Tensor beta, float skew_lambda, float akl_mu, float jsd_beta, Tensor inv_temperature, int ignore_index, "
     "Tensor global_stats, Tensor global_sums, Tensor grad_scale, Tensor label_weights, "
-    "bool with_cross_entropy, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
+    "bool with_hard_label_term, bool student_grad, bool teacher_grad, Tensor? akl_gaps=None) "
     "-> (Tensor grad_student, Tensor grad_teacher)",
     "vocab_parallel_akl_walk(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
     "Tensor inv_temperature, int ignore_index, Tensor global_stats, Tensor tail_key, int remaining_bits) -> Tensor",
@@ -78,7 +78,7 @@ inline void set_akl_gaps(const ForwardSetup& setup, const std::optional<Tensor>&
 template <PhaseRunner Run>
 Tensor row_stats(const Tensor& student_logits, const Tensor& teacher_logits,
                      const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
-                     bool with_cross_entropy) {
+                     bool with_hard_label_term) {
   // beta, which these phases do not read, on the logits' device: a misplaced
   // inv_temperature is then reported under its own name.
   const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, student_logits.device());
@@ -87,7 +87,7 @@ Tensor row_stats(const Tensor& student_logits, const Tensor& teacher_logits,
   Tensor stats = new_empty({setup.view.rows, 6}, ScalarType::Double, student_logits.device());
   if (setup.view.rows > 0) {
     ForwardParams p = forward_params(setup, ignore_index);
-    p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
+    p.hard_label_weight = with_hard_label_term ? 1.0 : 0.0;
     VocabParallelParams vp;
     vp.phase = Phase::kRowStats;
     vp.stats = stats.mutable_data_ptr<double>();
@@ -100,18 +100,18 @@ template <PhaseRunner Run>
 Tensor partial_sums(const Tensor& student_logits, const Tensor& teacher_logits,
                         const std::optional<Tensor>& labels, std::string_view divergence, const Tensor& beta,
                         double skew_lambda, double akl_mu, double jsd_beta, const Tensor& inv_temperature,
-                        int64_t ignore_index, const Tensor& global_stats, bool with_cross_entropy,
+                        int64_t ignore_index, const Tensor& global_stats, bool with_hard_label_term,
                         const std::optional<Tensor>& akl_gaps) {
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, false, false);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
-  TODI_CHECK(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
+  TODI_CHECK(!with_hard_label_term || labels.has_value(), "with_hard_label_term needs labels");
   Tensor sums = new_empty({setup.view.rows, 4}, ScalarType::Double, student_logits.device());
   ForwardParams p = forward_params(setup, ignore_index);
   VocabParallelParams vp;
   set_akl_gaps(setup, akl_gaps, student_logits, vp);
   if (setup.view.rows > 0) {
-    p.hard_weight = with_cross_entropy ? 1.0 : 0.0;
+    p.hard_label_weight = with_hard_label_term ? 1.0 : 0.0;
     vp.phase = Phase::kPartialSums;
     vp.global_stats = global_stats.const_data_ptr<double>();
     vp.sums = sums.mutable_data_ptr<double>();
@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor> gradients(
     std::string_view divergence, const Tensor& beta, double skew_lambda, double akl_mu, double jsd_beta,
     const Tensor& inv_temperature, int64_t ignore_index, const Tensor& global_stats,
     const Tensor& global_sums, const Tensor& grad_scale, const Tensor& label_weights,
-    bool with_cross_entropy, bool student_grad, bool teacher_grad, const std::optional<Tensor>& akl_gaps) {
+    bool with_hard_label_term, bool student_grad, bool teacher_grad, const std::optional<Tensor>& akl_gaps) {
   const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, divergence, beta, skew_lambda,
                                            akl_mu, jsd_beta, inv_temperature, ignore_index, student_grad, teacher_grad);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
@@ -143,7 +143,7 @@ std::tuple<Tensor, Tensor> gradients(
     TODI_CHECK(std::isfinite(w[0]) && std::isfinite(w[1]),
                       "label_weights (soft, hard) must be finite, got ", w[0], " and ", w[1]);
   }
-  TODI_CHECK(!with_cross_entropy || labels.has_value(), "with_cross_entropy needs labels");
+  TODI_CHECK(!with_hard_label_term || labels.has_value(), "with_hard_label_term needs labels");
   TODI_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == setup.per_position.scalar_type() &&
                  grad_scale.device() == student_logits.device(),
              "grad_scale must be a 0-dim ", setup.per_position.scalar_type(), " tensor on ",
@@ -153,7 +153,7 @@ std::tuple<Tensor, Tensor> gradients(
   VocabParallelParams vp;
   set_akl_gaps(setup, akl_gaps, student_logits, vp);
   if (setup.view.rows > 0 && (student_grad || teacher_grad)) {
-    p.hard_weight = with_cross_entropy ? 1.0 : 0.0;  // on or off; the values are label_weights'
+    p.hard_label_weight = with_hard_label_term ? 1.0 : 0.0;  // on or off; the values are label_weights'
     p.label_weights = label_weights.const_data_ptr<double>();
     p.grad_scale = grad_scale.const_data_ptr();
     vp.phase = Phase::kGradients;

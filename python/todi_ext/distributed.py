@@ -257,30 +257,32 @@ def _from_dtensors(student, teacher, labels, group):
 class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels_local, ignored, params, group):
-        (divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, reduction, soft, hard) = params
+        (divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, reduction, soft_label_weight,
+         hard_label_weight) = params
         rows = student.numel() // student.shape[-1]
         z, s = student.reshape(rows, student.shape[-1]), teacher.reshape(rows, teacher.shape[-1])
         inv_t = ops.scalar_tensor(1.0 / temperature, z)
         beta_t = ops.scalar_tensor(beta, z)
         # (soft, hard) as the gradients op reads them: tensors, so that a schedule is a graph input.
-        label_weights = torch.stack([ops.scalar_tensor(soft, z), ops.scalar_tensor(hard, z)])
-        with_ce = hard != 0
+        label_weights = torch.stack([ops.scalar_tensor(soft_label_weight, z), ops.scalar_tensor(hard_label_weight, z)])
+        with_hard_label_term = hard_label_weight != 0
         # 1: local row statistics, merged across ranks (one all-gather).
-        local_stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels_local, inv_t, _LOCAL_IGNORE, with_ce)
+        local_stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels_local, inv_t, _LOCAL_IGNORE,
+                                                                  with_hard_label_term)
         global_stats = merge_row_stats(_all_gather(local_stats, group))
         math = _validation.loss_dtype(student, teacher)
         # AKL: the head/tail split of the whole rows (a collective per search walk).
         akl_gaps = None
         if divergence == "akl":
             akl_gaps = akl_gaps_across_ranks(z, s, labels_local, inv_t, global_stats, akl_mu, math,
-                                 lambda t: fc.all_reduce(t, "sum", group))
+                                             lambda t: fc.all_reduce(t, "sum", group))
         # 2: partial sums, summed across ranks (one all-reduce).
         sums = torch.ops.todi_ext.vocab_parallel_partial_sums(z, s, labels_local, divergence, beta_t, skew_lambda,
                                                               akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE, global_stats,
-                                                              with_ce, akl_gaps)
+                                                              with_hard_label_term, akl_gaps)
         sums = fc.all_reduce(sums, "sum", group)
         per_row = label_weights[0] * sums[:, 0]
-        if with_ce:  # log sum exp(z) - z[label], max and log(sum) kept apart
+        if with_hard_label_term:  # log sum exp(z) - z[label], max and log(sum) kept apart
             per_row = per_row + label_weights[1] * (global_stats[:, 5] - (sums[:, 3] - global_stats[:, 4]))
         if ignored is not None:
             per_row = torch.where(ignored, torch.zeros_like(per_row), per_row)
@@ -295,7 +297,7 @@ class _VocabParallelLoss(torch.autograd.Function):
                           else torch.as_tensor(count, dtype=math, device=z.device).reciprocal())
             grad_s, grad_t = torch.ops.todi_ext.vocab_parallel_gradients(
                 z, s, labels_local, divergence, beta_t, skew_lambda, akl_mu, jsd_beta, inv_t, _LOCAL_IGNORE,
-                global_stats, sums, grad_scale, label_weights, with_ce, want_s, want_t, akl_gaps)
+                global_stats, sums, grad_scale, label_weights, with_hard_label_term, want_s, want_t, akl_gaps)
             grad_s, grad_t = grad_s.view(student.shape) if want_s else None, grad_t.view(teacher.shape) if want_t else None
         ctx.save_for_backward(grad_s, grad_t)
         per_row = per_row.to(math)

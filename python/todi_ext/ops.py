@@ -342,14 +342,14 @@ def _rows(logits):
 
 
 @torch.library.register_fake("todi_ext::vocab_parallel_row_stats")
-def _row_stats_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, with_cross_entropy):
+def _row_stats_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, with_hard_label_term):
     _validation.check_logits(student_logits, teacher_logits)
     return student_logits.new_empty((_rows(student_logits), 6), dtype=torch.float64)
 
 
 @torch.library.register_fake("todi_ext::vocab_parallel_partial_sums")
 def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
-                       inv_temperature, ignore_index, global_stats, with_cross_entropy, akl_gaps=None):
+                       inv_temperature, ignore_index, global_stats, with_hard_label_term, akl_gaps=None):
     _validation.check_logits(student_logits, teacher_logits)
     return student_logits.new_empty((_rows(student_logits), 4), dtype=torch.float64)
 
@@ -357,7 +357,7 @@ def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta,
 @torch.library.register_fake("todi_ext::vocab_parallel_gradients")
 def _gradients_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
                     inv_temperature, ignore_index, global_stats, global_sums, grad_scale, label_weights,
-                    with_cross_entropy, student_grad, teacher_grad, akl_gaps=None):
+                    with_hard_label_term, student_grad, teacher_grad, akl_gaps=None):
     _validation.check_logits(student_logits, teacher_logits)
     return (student_logits.new_empty(student_logits.shape if student_grad else _EMPTY),
             teacher_logits.new_empty(teacher_logits.shape if teacher_grad else _EMPTY))

@@ -84,7 +84,7 @@ std::tuple<Tensor, Tensor, Tensor> distill_forward(
     ForwardParams args = todi_ext::forward_params(setup, ignore_index);
     // Set after the checks: the CUDA op cannot range-check labels in device
     // memory, so the harness lets out-of-range labels reach the kernel too.
-    args.hard_weight = hard_label_weight;
+    args.hard_label_weight = hard_label_weight;
     const Launch l{std::string(variant), static_cast<unsigned>(threads), static_cast<unsigned>(blocks),
                    static_cast<unsigned>(parts)};
     todi_ext::dispatch_divergence(args.divergence, [&](auto d) {

@@ -47,7 +47,7 @@ enum class Phase : int { kFused = 0, kRowStats = 1, kPartialSums = 2, kGradients
 struct VocabParallelParams {
   Phase phase = Phase::kFused;
   // kRowStats writes, per row, this slice's (max, sum of exp(x - max)) of
-  // z / T, s / T and z (the last pair with hard_weight != 0): (rows, 6).
+  // z / T, s / T and z (the last pair with hard_label_weight != 0): (rows, 6).
   double* stats = nullptr;
   // The merged pairs of all slices, as (max, log sum): read by the later phases.
   const double* global_stats = nullptr;
@@ -96,17 +96,17 @@ struct ForwardParams {
   math::DivergenceParams divergence_params;
   const double* inv_temperature = nullptr;  // 1 / T, one value in the logits' memory (device for CUDA)
   const double* beta = nullptr;             // ToDi's sharpness, likewise; read into DivergenceParams::beta
-  // loss = soft_weight * divergence + hard_weight * cross_entropy(z at T = 1,
-  // label), in the same pass (hard_weight != 0 needs labels; a label outside
+  // loss = soft_label_weight * divergence + hard_label_weight * cross_entropy(z at T = 1,
+  // label), in the same pass (hard_label_weight != 0 needs labels; a label outside
   // [0, vocab) makes its row NaN on CUDA, where checking would sync).
-  double soft_weight = 1.0;
-  double hard_weight = 0.0;
+  double soft_label_weight = 1.0;
+  double hard_label_weight = 0.0;
   // (soft, hard) in the logits' memory, or nullptr: when set, the kernel
-  // reads the two weights from there (hard_weight != 0 still says whether
+  // reads the two weights from there (hard_label_weight != 0 still says whether
   // the cross-entropy is on).
   const double* label_weights = nullptr;
-  TODI_HOST_DEVICE double soft_label_weight() const { return label_weights ? label_weights[0] : soft_weight; }
-  TODI_HOST_DEVICE double hard_label_weight() const { return label_weights ? label_weights[1] : hard_weight; }
+  TODI_HOST_DEVICE double effective_soft_label_weight() const { return label_weights ? label_weights[0] : soft_label_weight; }
+  TODI_HOST_DEVICE double effective_hard_label_weight() const { return label_weights ? label_weights[1] : hard_label_weight; }
   bool double_math = false;          // accumulate in float64 (float64 inputs)
   void* loss = nullptr;              // (rows,) per-position losses, float32 (float64 with double_math)
   const void* grad_scale = nullptr;  // one value (loss dtype) multiplying the gradients, or nullptr
