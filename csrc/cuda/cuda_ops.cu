@@ -20,11 +20,10 @@ namespace {
 // torch's current stream on the tensor's device (the stream the caller's
 // work is queued on), with that device made current for the launch.
 struct LaunchContext {
-  torch::stable::accelerator::DeviceGuard guard;
   int device;
+  torch::stable::accelerator::DeviceGuard guard;
   cudaStream_t stream;
-  explicit LaunchContext(const Tensor& t)
-      : guard(t.get_device_index()), device(t.get_device_index()), stream(current_stream(device)) {}
+  explicit LaunchContext(const Tensor& t) : device(t.get_device_index()), guard(device), stream(current_stream(device)) {}
   static cudaStream_t current_stream(int device) {
     void* stream = nullptr;
     TODI_SHIM_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));

@@ -62,6 +62,12 @@ inline ForwardSetup prepare_phase(const Tensor& student_logits, const Tensor& te
                          inv_temperature, ignore_index, "sum", student_grad, teacher_grad, 1.0, 0.0);
 }
 
+// beta for the phases that do not read it, on the logits' device: a
+// misplaced inv_temperature is then reported under its own name.
+inline Tensor unread_beta(const Tensor& logits) {
+  return torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, logits.device());
+}
+
 // AKL's weights come from the whole row's (g_head, g_tail): required with
 // AKL, refused without it (a table that would be silently ignored).
 inline void set_akl_gaps(const ForwardSetup& setup, const std::optional<Tensor>& akl_gaps,
@@ -79,11 +85,8 @@ template <PhaseRunner Run>
 Tensor row_stats(const Tensor& student_logits, const Tensor& teacher_logits,
                      const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
                      bool with_hard_label_term) {
-  // beta, which these phases do not read, on the logits' device: a misplaced
-  // inv_temperature is then reported under its own name.
-  const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, student_logits.device());
-  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "fkl", one, 0.1, 0.5, 0.5,
-                                           inv_temperature, ignore_index, false, false);
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "fkl", unread_beta(student_logits),
+                                           0.1, 0.5, 0.5, inv_temperature, ignore_index, false, false);
   Tensor stats = new_empty({setup.view.rows, 6}, ScalarType::Double, student_logits.device());
   if (setup.view.rows > 0) {
     ForwardParams p = forward_params(setup, ignore_index);
@@ -171,11 +174,8 @@ template <PhaseRunner Run>
 Tensor akl_phase(const Tensor& student_logits, const Tensor& teacher_logits,
                      const std::optional<Tensor>& labels, const Tensor& inv_temperature, int64_t ignore_index,
                      const Tensor& global_stats, const Tensor& tail_key, int64_t remaining_bits) {
-  // beta, which these phases do not read, on the logits' device: a misplaced
-  // inv_temperature is then reported under its own name.
-  const Tensor one = torch::stable::full({}, 1.0, ScalarType::Double, std::nullopt, student_logits.device());
-  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "akl", one, 0.1, 0.5, 0.5,
-                                           inv_temperature, ignore_index, false, false);
+  const ForwardSetup setup = prepare_phase(student_logits, teacher_logits, labels, "akl", unread_beta(student_logits),
+                                           0.1, 0.5, 0.5, inv_temperature, ignore_index, false, false);
   check_row_table("global_stats", global_stats, setup.view.rows, 6, student_logits);
   TODI_CHECK(tail_key.scalar_type() == ScalarType::Long && tail_key.dim() == 1 &&
                  tail_key.size(0) == setup.view.rows && tail_key.is_contiguous() &&

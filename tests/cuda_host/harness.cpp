@@ -94,19 +94,22 @@ std::tuple<Tensor, Tensor, Tensor> distill_forward(
   return {todi_ext::reduce_loss(setup.per_position, setup.plan), setup.grad_student, setup.grad_teacher};
 }
 
-// scale_grad_ and scale_grad as the CUDA ops launch them, on `blocks` blocks of `threads`.
-void launch_scale_grad(const todi_ext::ScaleGradCall& call, int64_t threads, int64_t blocks) {
-  todi_host::launch(kernels::scale_grad_kernel_for(call.params), blocks, threads, 0, 1, call.params);
+// scale_grad_ and scale_grad: the extension's own ops (op_common.h) with the
+// kernel launched emulated, on `blocks` blocks of `threads`.
+unsigned scale_grad_threads = 64, scale_grad_blocks = 2;
+
+void run_emulated_scale_grad(const todi_ext::ScaleGradParams& params, const Tensor&) {
+  todi_host::launch(kernels::scale_grad_kernel_for(params), scale_grad_blocks, scale_grad_threads, 0, 1, params);
 }
 
 void scale_grad_(const Tensor& grad, const Tensor& scale, int64_t threads, int64_t blocks) {
-  if (grad.numel() > 0) launch_scale_grad(todi_ext::scale_grad_call(grad, scale, nullptr), threads, blocks);
+  scale_grad_threads = static_cast<unsigned>(threads), scale_grad_blocks = static_cast<unsigned>(blocks);
+  todi_ext::scale_grad_<run_emulated_scale_grad>(grad, scale);
 }
 
 Tensor scale_grad(const Tensor& grad, const Tensor& scale, int64_t threads, int64_t blocks) {
-  const Tensor out = todi_ext::new_empty(grad.sizes(), grad.scalar_type(), grad.device());
-  if (grad.numel() > 0) launch_scale_grad(todi_ext::scale_grad_call(grad, scale, &out), threads, blocks);
-  return out;
+  scale_grad_threads = static_cast<unsigned>(threads), scale_grad_blocks = static_cast<unsigned>(blocks);
+  return todi_ext::scale_grad<run_emulated_scale_grad>(grad, scale);
 }
 
 // The vocabulary-parallel phase ops (the extension's own vocab_parallel_ops.h)
