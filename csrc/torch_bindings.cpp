@@ -68,6 +68,18 @@ STABLE_TORCH_LIBRARY(todi_ext, m) {
   // The out-of-place form, for backward passes that must keep the saved
   // gradient (retain_graph=True) and for traced graphs (torch.compile).
   m.def("scale_grad(Tensor grad, Tensor scale) -> Tensor");
+  // distill_forward's checks alone, for the Python paths that reach no
+  // kernel first: the eager reference, the vocabulary-parallel loss (before
+  // its collectives, so that every rank refuses alike) and the modules'
+  // constructors (on meta tensors). One authority for these rules: the C++
+  // that the op runs (ops/op_common.cpp). check_label_range takes the
+  // vocabulary labels index (a vocabulary-parallel slice's is the whole
+  // one); it reads CPU labels only, as the op does.
+  m.def(
+      "check_distill_args(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, "
+      "float skew_lambda, float akl_mu, float jsd_beta, str reduction, float soft_label_weight, "
+      "float hard_label_weight) -> ()");
+  m.def("check_label_range(Tensor labels, int vocab, int ignore_index) -> ()");
   // The copy of the CPU kernel that runs (DEFAULT, AVX2 or AVX512), for
   // build_info(); and its choice, made at import from the capability torch
   // reports (torch.backends.cpu.get_cpu_capability(), which honours
@@ -75,4 +87,26 @@ STABLE_TORCH_LIBRARY(todi_ext, m) {
   // Implemented in cpu/cpu_ops.cpp.
   m.def("cpu_kernel_capability() -> str");
   m.def("use_cpu_capability(str capability) -> str");
+}
+
+namespace {
+
+void check_distill_args(torch::stable::Tensor student_logits, torch::stable::Tensor teacher_logits,
+                        std::optional<torch::stable::Tensor> labels, std::string_view divergence, double skew_lambda,
+                        double akl_mu, double jsd_beta, std::string_view reduction, double soft_label_weight,
+                        double hard_label_weight) {
+  todi_ext::check_distill_args(student_logits, teacher_logits, labels, divergence, skew_lambda, akl_mu, jsd_beta,
+                               reduction, soft_label_weight, hard_label_weight);
+}
+
+void check_label_range(torch::stable::Tensor labels, int64_t vocab, int64_t ignore_index) {
+  todi_ext::check_label_range(labels, vocab, ignore_index);
+}
+
+}  // namespace
+
+// Metadata and CPU memory only: one kernel for every device, meta included.
+STABLE_TORCH_LIBRARY_IMPL(todi_ext, CompositeExplicitAutograd, m) {
+  m.impl("check_distill_args", TORCH_BOX(&check_distill_args));
+  m.impl("check_label_range", TORCH_BOX(&check_label_range));
 }

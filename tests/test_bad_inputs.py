@@ -2,7 +2,8 @@
 
 The Python API raises TypeError for a wrong type; a direct torch.ops.todi_ext
 call, checked in C++ on the stable ABI, raises ValueError for every bad
-argument (the stable ABI carries no TypeError)."""
+argument (the stable ABI carries no TypeError). Where each rule is checked:
+python/todi_ext/_validation.py."""
 
 import pytest
 import torch
@@ -49,14 +50,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("loss_fn", LOSSES, ids=["todi_loss", "reference", "module"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+SCALARS = ("beta", "temperature", "ignore_index", "reduction")
+
+
+def _is_scalar_case(case):
+    return set(case[1](*_inputs())) <= set(SCALARS)
+
+
+# The module's forward is todi_loss: it adds only the checks its constructor
+# makes (the scalars).
+ENTRY_POINTS_AND_CASES = [
+    pytest.param(loss_fn, case, id=f"{case[0]}-{name}")
+    for case in CASES
+    for loss_fn, name in zip(LOSSES, ["todi_loss", "reference", "module"])
+    if name != "module" or _is_scalar_case(case)
+]
+
+
+@pytest.mark.parametrize("loss_fn,case", ENTRY_POINTS_AND_CASES)
 def test_bad_input_is_rejected_with_a_clear_message(loss_fn, case):
     _, build, exc, fragment = case
     student, teacher = _inputs()
     args = dict(student_logits=student, teacher_logits=teacher, labels=None)
     overrides = build(student, teacher)
-    scalars = {k: overrides.pop(k) for k in list(overrides) if k in ("beta", "temperature", "ignore_index", "reduction")}
+    scalars = {k: overrides.pop(k) for k in list(overrides) if k in SCALARS}
     args.update(overrides)
     with pytest.raises(exc, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         loss_fn(args["student_logits"], args["teacher_logits"], args["labels"], **scalars)
@@ -89,6 +106,59 @@ def test_direct_op_calls_are_checked_in_cpp(args, exc, fragment):
     # ValueError, wrong dtypes too: the stable ABI carries no TypeError.
     with pytest.raises(exc, match=fragment):
         torch.ops.todi_ext.distill_forward(*args)
+
+
+CHECKED_BY_THE_OP = [
+    # (description, check_distill_args overrides, message fragment)
+    ("mismatched shapes", dict(teacher_logits=make_logits((3, 7))), "teacher_logits must have the shape"),
+    ("labels wrong shape", dict(labels=torch.zeros(2, dtype=torch.long)), "labels must have shape"),
+    ("skew_lambda out of range", dict(skew_lambda=1.5), "skew_lambda must be in"),
+    ("akl_mu at 1", dict(akl_mu=1.0), "akl_mu must be in"),
+    ("jsd_beta at 0", dict(jsd_beta=0.0), "jsd_beta must be in"),
+    ("unknown divergence", dict(divergence="kl"), "divergence must be one of"),
+    ("unknown reduction", dict(reduction="avg"), "reduction must be one of"),
+    ("infinite weight", dict(soft_label_weight=float("inf")), "soft_label_weight must be finite"),
+    ("hard weight without labels", dict(hard_label_weight=0.5), "needs labels"),
+]
+
+
+@pytest.mark.parametrize("case", CHECKED_BY_THE_OP, ids=[c[0] for c in CHECKED_BY_THE_OP])
+def test_the_check_op_is_the_kernel_ops_own_check(case):
+    # The Python paths that reach no kernel first (the reference, the
+    # vocabulary-parallel loss, the modules' constructors) call
+    # check_distill_args: the same C++ as distill_forward, so the same error.
+    _, overrides, fragment = case
+    args = dict(student_logits=make_logits((3, 8)), teacher_logits=make_logits((3, 8), seed=1), labels=None,
+                divergence="todi", skew_lambda=0.1, akl_mu=0.5, jsd_beta=0.5, reduction="mean",
+                soft_label_weight=1.0, hard_label_weight=0.0)
+    args.update(overrides)
+    with pytest.raises(ValueError, match=fragment) as from_check:
+        torch.ops.todi_ext.check_distill_args(*args.values())
+    a = args
+    with pytest.raises(ValueError, match=fragment) as from_kernel_op:
+        torch.ops.todi_ext.distill_forward(a["student_logits"], a["teacher_logits"], a["labels"], a["divergence"],
+                                           _s(1.0), a["skew_lambda"], a["akl_mu"], a["jsd_beta"], _s(1.0), -100,
+                                           a["reduction"], False, False, a["soft_label_weight"],
+                                           a["hard_label_weight"])
+    assert str(from_check.value) == str(from_kernel_op.value)
+    valid = dict(args, **{name: value for name, value in _valid_op_args().items() if name in overrides})
+    torch.ops.todi_ext.check_distill_args(*valid.values())  # with the bad argument mended, it passes
+
+
+def _valid_op_args():
+    return dict(teacher_logits=make_logits((3, 8), seed=1), labels=torch.zeros(3, dtype=torch.long),
+                divergence="todi", skew_lambda=0.1, akl_mu=0.5, jsd_beta=0.5, reduction="mean",
+                soft_label_weight=1.0, hard_label_weight=0.0)
+
+
+def test_the_label_range_check_op_reads_cpu_labels():
+    labels = torch.tensor([[0, 3], [-100, 4]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\) or equal ignore_index \(-100\).*got 4 at position 3"):
+        torch.ops.todi_ext.check_label_range(labels, 4, -100)
+    torch.ops.todi_ext.check_label_range(labels, 5, -100)
+    torch.ops.todi_ext.check_label_range(labels.to("meta"), 4, -100)  # no values to read: nothing to check
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        torch.ops.todi_ext.check_label_range(labels.float(), 5, -100)
 
 
 def test_scale_grad_checks_its_arguments():

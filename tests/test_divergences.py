@@ -149,7 +149,7 @@ def test_module():
         (dict(divergence="skl", akl_mu=0.3), "akl_mu=0.3 does not apply"),
         (dict(divergence="skl", skew_lambda=1.5), "skew_lambda must be in"),
         (dict(divergence="gjsd", jsd_beta=0.0), "jsd_beta must be in"),
-        (dict(divergence="gjsd", jsd_beta=float("nan")), "jsd_beta must be finite"),
+        (dict(divergence="gjsd", jsd_beta=float("nan")), "jsd_beta must be in (0, 1), got nan"),
     ],
 )
 def test_bad_divergence_arguments(kwargs, fragment):

@@ -41,7 +41,7 @@ def test_matches_reference_per_position(dtype, vocab):
     assert_close_to_oracle(student, teacher, reduction="none")
 
 
-@pytest.mark.parametrize("beta", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("beta", [1.0, 3.0])  # beta only scales the log-ratio: one value besides the default
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_beta_and_temperature(beta, temperature, dtype):

@@ -75,15 +75,20 @@ void advise_huge_pages(const Tensor& t) {
 
 }  // namespace
 
+// As Python prints a shape (a tuple): the messages reach Python users.
 std::string shape_str(torch::headeronly::IntHeaderOnlyArrayRef sizes) {
-  std::string s = "[";
+  std::string s = "(";
   for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
-  return s + "]";
+  return s + (sizes.size() == 1 ? ",)" : ")");
 }
 
 std::string device_str(const torch::stable::Device& device) {
-  std::string s = device.is_cpu() ? "cpu" : device.is_cuda() ? "cuda" : "device type " + std::to_string(static_cast<int>(device.type()));
-  return device.has_index() && !device.is_cpu() ? s + ":" + std::to_string(device.index()) : s;
+  using torch::headeronly::DeviceType;
+  std::string s = device.is_cpu()                       ? "cpu"
+                  : device.is_cuda()                    ? "cuda"
+                  : device.type() == DeviceType::Meta ? "meta"
+                                                        : "device type " + std::to_string(static_cast<int>(device.type()));
+  return device.has_index() && device.is_cuda() ? s + ":" + std::to_string(device.index()) : s;
 }
 
 Tensor new_empty(torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType dtype,
@@ -154,16 +159,18 @@ Tensor count_positions_with_ops(const Tensor& labels, int64_t ignore_index, Scal
   return torch::stable::to(count, std::optional<ScalarType>(math));
 }
 
+Reduction parse_reduction(std::string_view reduction) {
+  if (reduction == "none") return Reduction::kNone;
+  if (reduction == "sum") return Reduction::kSum;
+  TODI_CHECK(reduction == "mean", "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
+  return Reduction::kMean;
+}
+
 ReductionPlan plan_reduction(std::string_view reduction, const RowsView& view, int64_t ignore_index,
                              ScalarType math, const torch::stable::Device& device) {
   ReductionPlan plan;
-  if (reduction == "none") {
-    plan.kind = Reduction::kNone;
-  } else if (reduction == "sum") {
-    plan.kind = Reduction::kSum;
-  } else {
-    TODI_CHECK(reduction == "mean", "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
-    plan.kind = Reduction::kMean;
+  plan.kind = parse_reduction(reduction);
+  if (plan.kind == Reduction::kMean) {
     // An all-ignored batch divides by 1: the loss is 0 with a zero gradient.
     // The counted positions with Tensor-overload ops (the stable ABI cannot
     // pass a Scalar); the CPU scalars are exact for any int64 ignore_index.
@@ -242,25 +249,42 @@ math::Divergence parse_divergence(std::string_view name, double skew_lambda, dou
   return kind;
 }
 
-void check_label_weights(const RowsView& view, int64_t ignore_index, double soft_label_weight,
-                         double hard_label_weight) {
+void check_label_weights(const RowsView& view, double soft_label_weight, double hard_label_weight) {
   TODI_CHECK(std::isfinite(soft_label_weight), "soft_label_weight must be finite, got ", soft_label_weight);
   TODI_CHECK(std::isfinite(hard_label_weight), "hard_label_weight must be finite, got ", hard_label_weight);
-  if (hard_label_weight == 0) return;
-  TODI_CHECK(view.labels.has_value(), "hard_label_weight = ", hard_label_weight,
+  TODI_CHECK(hard_label_weight == 0 || view.labels.has_value(), "hard_label_weight=", hard_label_weight,
              " needs labels (the cross-entropy's targets), got labels=None");
-  // Where the labels are in CPU memory, check them; on a GPU that would
-  // sync, and the kernel makes a row with an out-of-range label NaN instead.
-  // A loop over the (contiguous int64) labels: no ATen op with a Scalar
-  // argument, which the stable ABI cannot call, and no temporaries.
-  if (view.labels->is_cpu()) {
-    const int64_t* l = view.labels->const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < view.labels->numel(); ++i) {
-      TODI_CHECK(l[i] == ignore_index || (l[i] >= 0 && l[i] < view.vocab), "labels must be in [0, ", view.vocab,
-                 ") or equal ignore_index (", ignore_index, ") for the hard-label cross-entropy, got ", l[i],
-                 " at position ", i);
-    }
+}
+
+// Where the labels are in CPU memory, check them; on a GPU that would sync,
+// and the kernel makes a row with an out-of-range label NaN instead. A loop
+// over the int64 labels: no ATen op with a Scalar argument, which the stable
+// ABI cannot call, and no temporaries.
+void check_label_range(const Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  if (!labels.is_cpu()) return;
+  TODI_CHECK(is_integer_dtype(labels.scalar_type()), "labels must be an integer tensor, got ", labels.scalar_type());
+  // A no-op for the op's own (contiguous int64) labels.
+  const Tensor flat = torch::stable::contiguous(
+      torch::stable::to(torch::stable::reshape(labels, {-1}), std::optional<ScalarType>(ScalarType::Long)));
+  const int64_t* l = flat.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < flat.numel(); ++i) {
+    TODI_CHECK(l[i] == ignore_index || (l[i] >= 0 && l[i] < vocab), "labels must be in [0, ", vocab,
+               ") or equal ignore_index (", ignore_index, ") for the hard-label cross-entropy, got ", l[i],
+               " at position ", i);
   }
+}
+
+RowsView check_distill_args(const Tensor& student_logits, const Tensor& teacher_logits,
+                            const std::optional<Tensor>& labels, std::string_view divergence, double skew_lambda,
+                            double akl_mu, double jsd_beta, std::string_view reduction, double soft_label_weight,
+                            double hard_label_weight, math::Divergence* kind, math::DivergenceParams* params) {
+  RowsView view = check_forward_args(student_logits, teacher_logits, labels);
+  check_label_weights(view, soft_label_weight, hard_label_weight);
+  math::DivergenceParams unused;
+  const math::Divergence parsed = parse_divergence(divergence, skew_lambda, akl_mu, jsd_beta, params ? *params : unused);
+  if (kind) *kind = parsed;
+  parse_reduction(reduction);
+  return view;
 }
 
 ForwardSetup prepare_forward(const Tensor& student_logits, const Tensor& teacher_logits,
@@ -269,8 +293,10 @@ ForwardSetup prepare_forward(const Tensor& student_logits, const Tensor& teacher
                              int64_t ignore_index, std::string_view reduction, bool student_grad, bool teacher_grad,
                              double soft_label_weight, double hard_label_weight) {
   ForwardSetup setup;
-  setup.view = check_forward_args(student_logits, teacher_logits, labels);
-  check_label_weights(setup.view, ignore_index, soft_label_weight, hard_label_weight);
+  setup.view = check_distill_args(student_logits, teacher_logits, labels, divergence, skew_lambda, akl_mu, jsd_beta,
+                                  reduction, soft_label_weight, hard_label_weight, &setup.divergence,
+                                  &setup.divergence_params);
+  if (hard_label_weight != 0) check_label_range(*setup.view.labels, setup.view.vocab, ignore_index);
   setup.soft_label_weight = soft_label_weight;
   setup.hard_label_weight = hard_label_weight;
   check_scalar_tensor("beta", beta, student_logits.device());
@@ -278,7 +304,6 @@ ForwardSetup prepare_forward(const Tensor& student_logits, const Tensor& teacher
   check_scalar_values(beta, inv_temperature);
   setup.beta = beta;
   setup.inv_temperature = inv_temperature;
-  setup.divergence = parse_divergence(divergence, skew_lambda, akl_mu, jsd_beta, setup.divergence_params);
   const torch::stable::Device device = student_logits.device();
   const ScalarType math = math_dtype(student_logits, teacher_logits);
   setup.plan = plan_reduction(reduction, setup.view, ignore_index, math, device);

@@ -114,6 +114,9 @@ struct ReductionPlan {
 // from ATen ops queued on the device (no host synchronisation).
 Tensor count_positions_with_ops(const Tensor& labels, int64_t ignore_index, ScalarType math);
 
+// "none", "sum" or "mean" (else the op's ValueError).
+Reduction parse_reduction(std::string_view reduction);
+
 // Checks `reduction` and plans it; only device ops, no host synchronisation.
 ReductionPlan plan_reduction(std::string_view reduction, const RowsView& view, int64_t ignore_index,
                              ScalarType math, const torch::stable::Device& device);
@@ -144,9 +147,26 @@ ForwardSetup prepare_forward(const Tensor& student_logits, const Tensor& teacher
                              int64_t ignore_index, std::string_view reduction, bool student_grad, bool teacher_grad,
                              double soft_label_weight, double hard_label_weight);
 
-// soft/hard_label_weight finite; hard != 0 needs labels in [0, V) (checked where they are in CPU memory).
-void check_label_weights(const RowsView& view, int64_t ignore_index, double soft_label_weight,
-                         double hard_label_weight);
+// soft/hard_label_weight finite; hard != 0 needs labels.
+void check_label_weights(const RowsView& view, double soft_label_weight, double hard_label_weight);
+
+// Labels (an integer tensor) in [0, vocab) or ignore_index, checked where
+// they are in CPU memory (elsewhere that would sync: the kernels make such a
+// row NaN).
+void check_label_range(const Tensor& labels, int64_t vocab, int64_t ignore_index);
+
+// distill_forward's rules on its arguments, for every caller (the op itself,
+// and the check_distill_args op through which the Python paths that have no
+// kernel call, e.g. the eager reference): the logits, the labels' dtype,
+// shape and device, the divergence and its parameters, the reduction and the
+// label weights. Not the labels' range (check_label_range, whose vocabulary
+// a caller may give) nor beta and 1/T, which only the kernel op takes.
+// kind and params, when given, receive the parsed divergence.
+RowsView check_distill_args(const Tensor& student_logits, const Tensor& teacher_logits,
+                            const std::optional<Tensor>& labels, std::string_view divergence, double skew_lambda,
+                            double akl_mu, double jsd_beta, std::string_view reduction, double soft_label_weight,
+                            double hard_label_weight, math::Divergence* kind = nullptr,
+                            math::DivergenceParams* params = nullptr);
 
 // The forward kernel's parameters for a prepared call.
 ForwardParams forward_params(const ForwardSetup& setup, int64_t ignore_index);

@@ -1,6 +1,16 @@
-"""Argument checks of the public API, shared by the kernel path, the eager
-reference and the fake (meta) implementations, so every entry point rejects
-bad input with the same message that names the argument."""
+"""The Python API's argument checks, and the way to the op's own.
+
+Each rule has one home. What an op must refuse whoever calls it (shapes,
+devices, the divergence's parameter ranges, the reduction, the label weights,
+the labels' range) is checked by the op, in C++ (csrc/ops/op_common.cpp; the
+fused linear op, written in Python, in fused_linear.py); Python paths that
+reach no kernel first call those same checks through check_op_args and
+check_label_range. What only the Python API knows (types, the public
+divergence names and which parameters apply, temperature, ignore_index
+against the labels' dtype, sharded parameters, torch.func) is checked here.
+Every message names the argument. The one rule on both sides is a tensor's
+dtype: a TypeError here, a ValueError from the op (the stable ABI carries no
+TypeError)."""
 
 import math
 import numbers
@@ -11,26 +21,24 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_logits(student_logits, teacher_logits):
+def check_types(student_logits, teacher_logits, labels):
+    """The tensors' types and dtypes (TypeError). The op refuses a wrong
+    dtype too, as a ValueError (the stable ABI carries no TypeError)."""
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in LOGIT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16 (or float64), got {x.dtype}")
-    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
-        raise ValueError(
-            f"student_logits must have shape (..., V) with V >= 1, got {tuple(student_logits.shape)}"
-        )
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
-            f"got {tuple(teacher_logits.shape)}"
-        )
-    if teacher_logits.device != student_logits.device:
-        raise ValueError(
-            f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}; "
-            "move both to one device"
-        )
+    check_label_type(labels)
+
+
+def check_label_type(labels):
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (e.g. torch.int64), got {labels.dtype}")
 
 
 _FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -51,34 +59,22 @@ def check_ignore_index_fits(labels, ignore_index):
         )
 
 
-def check_labels(labels, student_logits, like="student_logits"):
-    """labels: one per position of student_logits (..., V); like names that argument in the messages."""
-    if labels is None:
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (e.g. torch.int64), got {labels.dtype}")
-    positions = tuple(student_logits.shape[:-1])
-    if tuple(labels.shape) != positions:
-        raise ValueError(
-            f"labels must have shape {positions} ({like} without its last dimension), "
-            f"got {tuple(labels.shape)}"
-        )
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels is on {labels.device} but {like} is on {student_logits.device}")
-
-
-def _check_real(name, value):
+def _check_real_type(name, value):
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def _check_finite(name, value):
+    _check_real_type(name, value)
     if not (-math.inf < value < math.inf):  # False for NaN too; math.isfinite breaks torch.compile graphs
         raise ValueError(f"{name} must be finite, got {value}")
 
 
 def check_scalars(beta, temperature, ignore_index, reduction="mean"):
-    _check_real("beta", beta)
-    _check_real("temperature", temperature)
+    """The API's scalars. beta and 1/T reach the op as device tensors, whose
+    values it cannot read without a sync; it gets 1/T, not T."""
+    _check_finite("beta", beta)
+    _check_finite("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     # The kernels multiply by 1/T in float32: it must be a normal float32.
@@ -90,19 +86,21 @@ def check_scalars(beta, temperature, ignore_index, reduction="mean"):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    check_reduction(reduction)
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a str, got {type(reduction).__name__}")
 
 
-def check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction="mean"):
-    check_logits(student_logits, teacher_logits)
-    check_labels(labels, student_logits)
+def check_api_args(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                   temperature, ignore_index, reduction, soft_label_weight, hard_label_weight):
+    """What only the Python API knows: the arguments' types, the public
+    divergence names and which parameters apply to each, temperature (the op
+    takes 1/T), beta (a device tensor for the op) and ignore_index against
+    the labels' dtype. The rest is the op's (check_op_args)."""
+    check_types(student_logits, teacher_logits, labels)
     check_scalars(beta, temperature, ignore_index, reduction)
     check_ignore_index_fits(labels, ignore_index)
+    check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
+    check_label_weight_types(soft_label_weight, hard_label_weight)
 
 
 def check_no_functorch(student_logits, teacher_logits):
@@ -143,74 +141,72 @@ PARAM_DEFAULTS = {"beta": 1.0, "skew_lambda": 0.1, "akl_mu": 0.5, "jsd_beta": 0.
 
 def kernel_divergence(divergence, jsd_beta):
     """The kernel's divergence name and jsd_beta for a public divergence ("js": gjsd at 0.5)."""
-    return DIVERGENCES[divergence][0], 0.5 if divergence == "js" else float(jsd_beta)
+    # An unknown name goes on as it is, for the op to refuse.
+    return DIVERGENCES.get(divergence, (divergence,))[0], 0.5 if divergence == "js" else float(jsd_beta)
 
 
-def check_label_weights(soft_label_weight, hard_label_weight, labels=None, *, with_labels=True):
-    """Weights of the divergence and of the hard-label cross-entropy; the
-    cross-entropy needs labels (with_labels=False: not known yet)."""
-    _check_real("soft_label_weight", soft_label_weight)
-    _check_real("hard_label_weight", hard_label_weight)
-    if with_labels and hard_label_weight != 0 and labels is None:
-        raise ValueError(
-            f"hard_label_weight={hard_label_weight} needs labels (the cross-entropy's targets), got labels=None"
-        )
-
-
-def check_label_range(labels, vocab, ignore_index):
-    """Labels in [0, V) or ignore_index, checked where that costs no host
-    sync (CPU tensors); on a GPU the kernel makes such a row NaN. For the
-    entry points whose op cannot check it with the caller's positions: the
-    fused linear op (chunks), the vocabulary-parallel loss (local labels) and
-    the eager reference. distill_loss leaves it to its op (op_common.cpp)."""
-    if labels is None or labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.numel() == 0:
-        return
-    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).reshape(-1)
-    if bool(bad.any()):
-        position = int(bad.nonzero()[0])
-        raise ValueError(
-            f"labels must be in [0, {vocab}) or equal ignore_index ({ignore_index}) for the hard-label "
-            f"cross-entropy, got {int(labels.reshape(-1)[position])} at position {position}"
-        )
+def check_label_weight_types(soft_label_weight, hard_label_weight):
+    _check_real_type("soft_label_weight", soft_label_weight)
+    _check_real_type("hard_label_weight", hard_label_weight)
 
 
 def check_divergence(divergence, **params):
-    """Checks the divergence name and that only its own parameters differ from their defaults."""
+    """The API's divergence name, and that only its own parameters differ
+    from their defaults (their ranges are the op's rules: check_op_args)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}")
     own = DIVERGENCES[divergence][1]
     for name, value in params.items():
-        _check_real(name, value)
+        _check_real_type(name, value)
         if name not in own and value != PARAM_DEFAULTS[name]:
             applies = [d for d, (_, ps) in DIVERGENCES.items() if name in ps]
             raise ValueError(
                 f"{name}={value} does not apply to divergence {divergence!r}; it is used by: {', '.join(applies)}"
             )
-    values = {**PARAM_DEFAULTS, **params}
-    _check_ranges(values["skew_lambda"], values["akl_mu"], values["jsd_beta"])
 
 
-def _check_ranges(skew_lambda, akl_mu, jsd_beta):
-    if not 0.0 <= skew_lambda <= 1.0:
-        raise ValueError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
-    if not 0.0 <= akl_mu < 1.0:
-        raise ValueError(
-            f"akl_mu must be in [0, 1), got {akl_mu} (at 1 the split would hinge on how the probabilities' "
-            "sum rounds around 1; the tail is then everything, so use divergence='rkl')"
-        )
-    if not 0.0 < jsd_beta < 1.0:
-        raise ValueError(
-            f"jsd_beta must be in (0, 1), got {jsd_beta} (at 0 and 1 the generalized JSD is identically "
-            "zero; use divergence='fkl' or 'rkl')"
-        )
+def check_op_args(student_logits, teacher_logits, labels, divergence, skew_lambda, akl_mu, jsd_beta, reduction,
+                  soft_label_weight, hard_label_weight):
+    """The op's own checks (csrc/ops/op_common.cpp), for a path that calls
+    no kernel first: shapes, devices, the labels' shape, the divergence's
+    parameters, the reduction and the label weights. divergence: the API's
+    name (after check_divergence)."""
+    kernel_name, kernel_jsd_beta = kernel_divergence(divergence, jsd_beta)
+    torch.ops.todi_ext.check_distill_args.default(
+        student_logits, teacher_logits, labels, kernel_name, float(skew_lambda), float(akl_mu), kernel_jsd_beta,
+        reduction, _label_weight_stand_in(soft_label_weight), _label_weight_stand_in(hard_label_weight))
 
 
-def check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta):
-    """Checks the op-level divergence name (the kernel's names) and its parameters."""
-    kernel_names = {k for k, _ in DIVERGENCES.values()}
-    if divergence not in kernel_names:
-        raise ValueError(f"divergence must be one of {sorted(kernel_names)}, got {divergence!r}")
-    _check_ranges(skew_lambda, akl_mu, jsd_beta)
+def _label_weight_stand_in(weight):
+    """weight, or while torch.compile traces, a float that meets the op's
+    rules exactly when weight does (finite; zero or not): the
+    vocabulary-parallel loss's label weights are graph inputs there, and
+    float() would specialise the graph on their values, where comparisons
+    only guard on the rules."""
+    if not torch.compiler.is_compiling() or not (-math.inf < weight < math.inf):
+        return float(weight)
+    return 0.0 if weight == 0 else 1.0
+
+
+def check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight):
+    """check_op_args for a module's or trainer's configuration, before any
+    tensor exists: the op's checks on meta tensors (labels given, as the
+    cross-entropy will need)."""
+    logits = torch.empty((1, 1), device="meta")
+    labels = torch.empty((1,), dtype=torch.int64, device="meta")
+    check_op_args(logits, logits, labels, divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight,
+                  hard_label_weight)
+
+
+def check_label_range(labels, vocab, ignore_index):
+    """Labels in [0, vocab) or ignore_index: the op's own check
+    (csrc/ops/op_common.cpp), for the paths whose kernel sees other
+    positions or another vocabulary: the fused linear op (chunks), the
+    vocabulary-parallel loss (local ids) and the eager reference. CPU
+    tensors only (on a GPU it would sync; the kernel makes such a row NaN)."""
+    if labels is None or torch.compiler.is_compiling():
+        return
+    torch.ops.todi_ext.check_label_range.default(labels, vocab, ignore_index)
 
 
 try:
@@ -235,52 +231,29 @@ def _check_not_sharded(name, t):
         )
 
 
-def check_fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias):
-    """Hidden states (..., H) and lm_head weights (V, H) (+ biases (V,)) of
-    the student and the teacher; V must agree (no padding: padded entries
-    would get probability mass)."""
+def check_fused_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                              teacher_bias, labels):
+    """What the fused linear API needs before it flattens the positions for
+    its op: whole tensors (not shards), hidden states (..., H) with one
+    leading shape, and labels of that shape. The op checks the rest
+    (fused_linear.check_op_args)."""
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                     ("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         _check_not_sharded(name, t)
-    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
-                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in LOGIT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16 (or float64), got {t.dtype}")
-    for who, hidden, weight, bias in (("student", student_hidden, student_weight, student_bias),
-                                      ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        if not isinstance(t, torch.Tensor) and not (t is None and name.endswith("bias")):
+            or_none = " or None" if name.endswith("bias") else ""
+            raise TypeError(f"{name} must be a torch.Tensor{or_none}, got {type(t).__name__}")
+    for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
         if hidden.dim() < 1:
-            raise ValueError(f"{who}_hidden must have shape (..., H), got {tuple(hidden.shape)}")
-        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
-            raise ValueError(
-                f"{who}_weight must have shape (V, {hidden.shape[-1]}) for {who}_hidden of shape "
-                f"{tuple(hidden.shape)}, got {tuple(weight.shape)}"
-            )
-        if weight.dtype != hidden.dtype:
-            raise TypeError(f"{who}_weight must have {who}_hidden's dtype {hidden.dtype}, got {weight.dtype}")
-        if weight.device != hidden.device:
-            raise ValueError(f"{who}_weight is on {weight.device} but {who}_hidden is on {hidden.device}")
-        if bias is not None:
-            if not isinstance(bias, torch.Tensor):
-                raise TypeError(f"{who}_bias must be a torch.Tensor or None, got {type(bias).__name__}")
-            if tuple(bias.shape) != (weight.shape[0],):
-                raise ValueError(f"{who}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-            if bias.dtype != hidden.dtype or bias.device != hidden.device:
-                raise ValueError(
-                    f"{who}_bias must be {hidden.dtype} on {hidden.device} like {who}_hidden, "
-                    f"got {bias.dtype} on {bias.device}"
-                )
-    if student_weight.shape[0] != teacher_weight.shape[0]:
+            raise ValueError(f"{name} must have shape (..., H), got {tuple(hidden.shape)}")
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
         raise ValueError(
-            f"the student's vocabulary size ({student_weight.shape[0]}, rows of student_weight) differs from the "
-            f"teacher's ({teacher_weight.shape[0]}, rows of teacher_weight); distillation needs one vocabulary"
+            f"teacher_hidden must have student_hidden's leading shape {lead}, got {tuple(teacher_hidden.shape[:-1])}"
         )
-    if tuple(teacher_hidden.shape[:-1]) != tuple(student_hidden.shape[:-1]):
+    check_label_type(labels)
+    if labels is not None and tuple(labels.shape) != lead:
         raise ValueError(
-            f"teacher_hidden must have student_hidden's leading shape {tuple(student_hidden.shape[:-1])}, "
-            f"got {tuple(teacher_hidden.shape[:-1])}"
+            f"labels must have shape {lead} (student_hidden without its last dimension), got {tuple(labels.shape)}"
         )
-    if teacher_hidden.device != student_hidden.device:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {student_hidden.device}")

@@ -352,10 +352,14 @@ def vocab_parallel_distill_loss(
     student_logits, teacher_logits, labels, group = _from_dtensors(student_logits, teacher_logits, labels, group)
     group = group if group is not None else dist.group.WORLD
     try:
-        _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
-        _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu,
-                                     jsd_beta=jsd_beta)
-        _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+        _validation.check_api_args(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu,
+                                   jsd_beta, temperature, ignore_index, reduction, soft_label_weight,
+                                   hard_label_weight)
+        # The op's checks, before any collective (the phase ops would check
+        # only once the ranks wait on each other); the labels' range is checked
+        # against the whole vocabulary below.
+        _validation.check_op_args(student_logits, teacher_logits, labels, divergence, skew_lambda, akl_mu, jsd_beta,
+                                  reduction, soft_label_weight, hard_label_weight)
         if student_logits.device.type not in ("cpu", "cuda"):
             raise NotImplementedError(
                 f"vocab_parallel_distill_loss runs on CPU and CUDA tensors, got {student_logits.device}")

@@ -73,22 +73,16 @@ def fused_linear_distill_loss(
     chunk_size: rows per chunk; None chooses it from CHUNK_MEMORY_BUDGET.
     Other arguments as in :func:`todi_ext.distill_loss`.
     """
-    _validation.check_fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                   teacher_bias)
-    lead = tuple(student_hidden.shape[:-1])
-    if labels is not None:
-        _validation.check_labels(labels, student_hidden, like="student_hidden")
+    _validation.check_fused_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
+                                          teacher_weight, teacher_bias, labels)
     _validation.check_scalars(beta, temperature, ignore_index, reduction)
     _validation.check_ignore_index_fits(labels, ignore_index)
     _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
-    vocab = student_weight.shape[0]
-    if hard_label_weight != 0:
-        _validation.check_label_range(labels, vocab, ignore_index)
+    _validation.check_label_weight_types(soft_label_weight, hard_label_weight)
     _check_teacher_constant(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
-    math = _validation.loss_dtype(student_hidden, teacher_hidden)
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab, math, student_weight.dtype, student_hidden.device)
+        math = _validation.loss_dtype(student_hidden, teacher_hidden)
+        chunk_size = default_chunk_size(student_weight.shape[0], math, student_weight.dtype, student_hidden.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
@@ -118,7 +112,7 @@ def fused_linear_distill_loss(
         grad_on and student_weight.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad,
     )
-    return loss.reshape(lead) if reduction == "none" else loss
+    return loss.reshape(student_hidden.shape[:-1]) if reduction == "none" else loss
 
 
 class FusedLinearDistillLoss(torch.nn.Module):
@@ -133,7 +127,9 @@ class FusedLinearDistillLoss(torch.nn.Module):
         super().__init__()
         _validation.check_scalars(beta, temperature, ignore_index, reduction)
         _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-        _validation.check_label_weights(soft_label_weight, hard_label_weight, with_labels=False)
+        _validation.check_label_weight_types(soft_label_weight, hard_label_weight)
+        _validation.check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight,
+                                    hard_label_weight)
         self.kwargs = dict(divergence=divergence, temperature=temperature, ignore_index=ignore_index,
                            reduction=reduction, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta,
                            hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight,
@@ -187,27 +183,67 @@ def _chunk_logits(hidden: Tensor, head: _Head, math: torch.dtype) -> Tensor:
     return out.add_(head.bias) if head.bias is not None else out
 
 
-def _check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-                   chunk_size, row_weights, reduction, any_grad, bias_grad):
-    """The op's own checks (a direct torch.ops call skips the Python API's)."""
-    _validation.check_fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                   teacher_bias)
-    _validation.check_reduction(reduction)
-    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
-        raise ValueError(f"student_hidden and teacher_hidden must have shape (N, H), got "
+def check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                  divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight,
+                  chunk_size, row_weights, any_grad, bias_grad):
+    """The fused linear op's rules on its arguments, for every caller (the op
+    and its fake): hidden states (N, H), lm_head weights (V, H) (+ biases
+    (V,)) of one dtype and device per model, one V (no padding: padded
+    entries would get probability mass), labels (N,); the loss's own rules
+    are distill_forward's (check_op_config)."""
+    for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if t.dtype not in _validation.LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16 (or float64), got {t.dtype}")
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(f"student_hidden and teacher_hidden must have shape (N, H) with one N, got "
                          f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
+    for who, hidden, weight, bias in (("student", student_hidden, student_weight, student_bias),
+                                      ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+            raise ValueError(
+                f"{who}_weight must have shape (V, {hidden.shape[-1]}) for {who}_hidden of shape "
+                f"{tuple(hidden.shape)}, got {tuple(weight.shape)}"
+            )
+        if weight.dtype != hidden.dtype:
+            raise TypeError(f"{who}_weight must have {who}_hidden's dtype {hidden.dtype}, got {weight.dtype}")
+        if weight.device != hidden.device:
+            raise ValueError(f"{who}_weight is on {weight.device} but {who}_hidden is on {hidden.device}")
+        if bias is not None:
+            if tuple(bias.shape) != (weight.shape[0],):
+                raise ValueError(f"{who}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+            if bias.dtype != hidden.dtype or bias.device != hidden.device:
+                raise ValueError(
+                    f"{who}_bias must be {hidden.dtype} on {hidden.device} like {who}_hidden, "
+                    f"got {bias.dtype} on {bias.device}"
+                )
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"the student's vocabulary size ({student_weight.shape[0]}, rows of student_weight) differs from the "
+            f"teacher's ({teacher_weight.shape[0]}, rows of teacher_weight); distillation needs one vocabulary"
+        )
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {student_hidden.device}")
+    rows = student_hidden.shape[0]
+    if labels is not None:
+        _validation.check_label_type(labels)
+        if tuple(labels.shape) != (rows,):
+            raise ValueError(f"labels must have shape ({rows},) (student_hidden without its last dimension), "
+                             f"got {tuple(labels.shape)}")
+        if labels.device != student_hidden.device:
+            raise ValueError(f"labels is on {labels.device} but student_hidden is on {student_hidden.device}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if bias_grad and student_bias is None:
         raise ValueError("bias_grad=True needs student_bias")
-    rows = student_hidden.shape[0]
     if reduction == "none" and any_grad and row_weights is None:
         raise ValueError("reduction='none' computes gradients of sum(row_weights * loss): pass row_weights")
     if row_weights is not None and reduction != "none":
         raise ValueError("row_weights applies to reduction='none' only")
     if row_weights is not None and tuple(row_weights.shape) != (rows,):
         raise ValueError(f"row_weights must have shape ({rows},), got {tuple(row_weights.shape)}")
-    _validation.check_labels(labels, student_hidden, like="student_hidden")
+    _validation.check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight,
+                                hard_label_weight)
 
 
 def _fused_linear_distill_forward(
@@ -216,13 +252,14 @@ def _fused_linear_distill_forward(
     hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
 ):
     any_grad = hidden_grad or weight_grad or bias_grad
-    _check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-                   chunk_size, row_weights, reduction, any_grad, bias_grad)
+    check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                  divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight,
+                  chunk_size, row_weights, any_grad, bias_grad)
     rows, vocab = student_hidden.shape[0], student_weight.shape[0]
     math = _validation.loss_dtype(student_hidden, teacher_hidden)
     labels = labels.long() if labels is not None else None
-    # Labels checked once for all rows (CPU only: no sync), not per chunk.
-    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+    # The labels' range once for all rows, with their positions (the chunks'
+    # own checks would give positions within a chunk).
     if hard_label_weight != 0:
         _validation.check_label_range(labels, vocab, ignore_index)
     # "mean" divides by the counted positions of all rows, not of a chunk; an

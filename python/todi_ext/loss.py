@@ -45,12 +45,11 @@ def distill_loss(
     labels in [0, V) (or ignore_index): checked for CPU tensors; on CUDA,
     where checking would sync, a position with such a label gets a NaN loss.
     """
-    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
+    _validation.check_api_args(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                               temperature, ignore_index, reduction, soft_label_weight, hard_label_weight)
     _validation.check_no_functorch(student_logits, teacher_logits)
-    _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
-    # The labels' range is the op's own check (csrc/ops/op_common.cpp, CPU
-    # tensors; same ValueError): not repeated here.
+    # The rest (shapes, devices, parameter ranges, the reduction, the label
+    # weights and the labels' range) is the op's to check.
     kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = ops.distill_forward(
@@ -133,7 +132,9 @@ class DistillLoss(torch.nn.Module):
         _validation.check_scalars(beta, temperature, ignore_index, reduction)
         self.params = dict(beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
         _validation.check_divergence(divergence, **self.params)
-        _validation.check_label_weights(soft_label_weight, hard_label_weight, with_labels=False)
+        _validation.check_label_weight_types(soft_label_weight, hard_label_weight)
+        _validation.check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight,
+                                    hard_label_weight)
         self.label_weights = dict(hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight)
         self.divergence = divergence
         self.temperature = temperature

@@ -86,14 +86,12 @@ def _distill_forward_fake(
     student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
     ignore_index, reduction, student_grad, teacher_grad, soft_label_weight=1.0, hard_label_weight=0.0,
 ):
-    _validation.check_logits(student_logits, teacher_logits)
-    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
-    _validation.check_labels(labels, student_logits)
-    _validation.check_reduction(reduction)
-    for name, t in (("beta", beta), ("inv_temperature", inv_temperature)):
-        if t.dim() != 0 or t.dtype != torch.float64 or t.device != student_logits.device:
-            raise ValueError(f"{name} must be a 0-dim float64 tensor on {student_logits.device}")
-    _validation.check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta)
+    # The op checks its arguments (C++) when it runs, traced or not. Real
+    # tensors land here when one is on meta: check them, or another's device
+    # would go unnoticed.
+    if not any(isinstance(t, torch._subclasses.FakeTensor) for t in (student_logits, teacher_logits, labels)):
+        _check_in_cpp(student_logits, teacher_logits, labels, divergence, skew_lambda, akl_mu, jsd_beta, reduction,
+                      soft_label_weight, hard_label_weight)
     loss_shape = student_logits.shape[:-1] if reduction == "none" else ()
     loss = student_logits.new_empty(loss_shape, dtype=_validation.loss_dtype(student_logits, teacher_logits))
     grad_student = student_logits.new_empty(student_logits.shape if student_grad else _EMPTY)
@@ -106,23 +104,54 @@ def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     return torch.ops.todi_ext.scale_grad.default(grad, scale)
 
 
-def _check_scale(grad, scale):
-    if scale.dim() != 0 and tuple(scale.shape) != tuple(grad.shape[:-1]):
-        raise ValueError(
-            f"scale must be a scalar or have shape {tuple(grad.shape[:-1])} (grad without its last dimension), "
-            f"got {tuple(scale.shape)}"
-        )
-
-
 @torch.library.register_fake("todi_ext::scale_grad_")
 def _scale_grad_inplace_fake(grad, scale):
-    _check_scale(grad, scale)
+    pass
 
 
 @torch.library.register_fake("todi_ext::scale_grad")
 def _scale_grad_fake(grad, scale):
-    _check_scale(grad, scale)
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _meta_stand_in(t):
+    return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _has_symbolic_sizes(tensors):
+    return any(isinstance(n, torch.SymInt) for t in tensors if t is not None for n in (*t.shape, *t.stride()))
+
+
+# The check op's C++ kernel serves every device (CompositeExplicitAutograd);
+# reached through the CPU entry, it runs on meta tensors too.
+_CHECK_KERNEL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+def _check_in_cpp(student_logits, teacher_logits, labels, *args):
+    """Runs check_distill_args's C++ from a fake (meta) implementation. Real
+    tensors (dispatched here because one is on meta) are checked as they
+    are; fake ones (traced) through meta stand-ins of their metadata, where
+    the sizes are known (symbolic sizes: the kernel op checks them when it
+    runs)."""
+    tensors = (student_logits, teacher_logits, labels)
+    if any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors):
+        if _has_symbolic_sizes(tensors):
+            return
+        tensors = tuple(map(_meta_stand_in, tensors))
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        torch.ops.todi_ext.check_distill_args.default.redispatch(_CHECK_KERNEL_KEYS, *tensors, *args)
+
+
+@torch.library.register_fake("todi_ext::check_distill_args")
+def _check_distill_args_fake(*args):
+    # Traced, an op that returns nothing is dropped from the graph: its
+    # checks run now, while tracing.
+    _check_in_cpp(*args)
+
+
+@torch.library.register_fake("todi_ext::check_label_range")
+def _check_label_range_fake(labels, vocab, ignore_index):
+    pass  # the values are not known while tracing
 
 
 def _distill_forward_setup_context(ctx, inputs, output):
@@ -264,11 +293,13 @@ def _fused_linear_fake(
     divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature, ignore_index, reduction, soft_label_weight,
     hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
 ):
-    _validation.check_fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                   teacher_bias)
-    _validation.check_reduction(reduction)
-    _validation.check_kernel_divergence(divergence, skew_lambda, akl_mu, jsd_beta)
-    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+    from .fused_linear import check_op_args  # fused_linear imports this module
+
+    # The op is Python: its fake runs the same checks.
+    any_grad = hidden_grad or weight_grad or bias_grad
+    check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                  divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight,
+                  chunk_size, row_weights, any_grad, bias_grad)
     math = _validation.loss_dtype(student_hidden, teacher_hidden)
     rows, vocab = student_hidden.shape[0], student_weight.shape[0]
     loss = student_hidden.new_empty((rows,) if reduction == "none" else (), dtype=math)
@@ -343,14 +374,12 @@ def _rows(logits):
 
 @torch.library.register_fake("todi_ext::vocab_parallel_row_stats")
 def _row_stats_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, with_hard_label_term):
-    _validation.check_logits(student_logits, teacher_logits)
     return student_logits.new_empty((_rows(student_logits), 6), dtype=torch.float64)
 
 
 @torch.library.register_fake("todi_ext::vocab_parallel_partial_sums")
 def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
                        inv_temperature, ignore_index, global_stats, with_hard_label_term, akl_gaps=None):
-    _validation.check_logits(student_logits, teacher_logits)
     return student_logits.new_empty((_rows(student_logits), 4), dtype=torch.float64)
 
 
@@ -358,7 +387,6 @@ def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta,
 def _gradients_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
                     inv_temperature, ignore_index, global_stats, global_sums, grad_scale, label_weights,
                     with_hard_label_term, student_grad, teacher_grad, akl_gaps=None):
-    _validation.check_logits(student_logits, teacher_logits)
     return (student_logits.new_empty(student_logits.shape if student_grad else _EMPTY),
             teacher_logits.new_empty(teacher_logits.shape if teacher_grad else _EMPTY))
 
@@ -366,11 +394,9 @@ def _gradients_fake(student_logits, teacher_logits, labels, divergence, beta, sk
 @torch.library.register_fake("todi_ext::vocab_parallel_akl_walk")
 def _akl_walk_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats, tail_key,
                    remaining_bits):
-    _validation.check_logits(student_logits, teacher_logits)
     return student_logits.new_empty((_rows(student_logits), 15), dtype=torch.float64)
 
 
 @torch.library.register_fake("todi_ext::vocab_parallel_akl_gaps")
 def _akl_gaps_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats, tail_key):
-    _validation.check_logits(student_logits, teacher_logits)
     return student_logits.new_empty((_rows(student_logits), 2), dtype=torch.float64)

@@ -117,14 +117,17 @@ def distill_loss(
     soft_label_weight: float = 1.0,
 ) -> Tensor:
     """Eager distillation loss; see todi_ext.distill_loss for the arguments."""
-    _validation.check_all(student_logits, teacher_logits, labels, beta, temperature, ignore_index, reduction)
-    _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-    _validation.check_label_weights(soft_label_weight, hard_label_weight, labels)
+    _validation.check_api_args(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
+                               temperature, ignore_index, reduction, soft_label_weight, hard_label_weight)
+    # No kernel runs here: the op's own checks, called alone.
+    _validation.check_op_args(student_logits, teacher_logits, labels, divergence, skew_lambda, akl_mu, jsd_beta,
+                              reduction, soft_label_weight, hard_label_weight)
+    if hard_label_weight != 0.0:
+        _validation.check_label_range(labels, student_logits.shape[-1], ignore_index)
     values = per_position(student_logits, teacher_logits, divergence, temperature, beta, skew_lambda, jsd_beta, akl_mu)
     if soft_label_weight != 1.0:
         values = soft_label_weight * values
     if hard_label_weight != 0.0:
-        _validation.check_label_range(labels, student_logits.shape[-1], ignore_index)
         # Cross-entropy of the student at T = 1 (log_softmax in the math dtype).
         log_q1 = torch.log_softmax(student_logits.to(values.dtype), dim=-1)
         target = torch.where(labels == ignore_index, torch.zeros_like(labels), labels).long()

@@ -146,7 +146,9 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs teacher_model")
         _validation.check_scalars(beta, temperature, -100)
         _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-        _validation.check_label_weights(soft_label_weight, hard_label_weight, with_labels=False)
+        _validation.check_label_weight_types(soft_label_weight, hard_label_weight)
+        _validation.check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, "mean", soft_label_weight,
+                                    hard_label_weight)
         super().__init__(model=model, args=args, **kwargs)
         student_vocab, teacher_vocab = _vocab_size(_unwrap(self.model)), _vocab_size(teacher_model)
         if student_vocab != teacher_vocab:
