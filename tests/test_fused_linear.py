@@ -181,8 +181,10 @@ def test_bad_inputs_name_what_is_wrong():
         f(hidden, weight.double(), th, tw, labels)
     with pytest.raises(ValueError, match="needs labels"):
         f(hidden, weight, th, tw, hard_label_weight=1.0)
-    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
         f(hidden, weight, th, tw, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got 2.0"):
+        f(hidden, weight, th, tw, labels, chunk_size=2.0)
     with pytest.raises(ValueError, match=r"labels must have shape \(3, 5\) \(student_hidden without its last"):
         f(hidden, weight, th, tw, labels[0])
     # A direct op call gets the op's own checks, which name the argument too.
@@ -191,7 +193,7 @@ def test_bad_inputs_name_what_is_wrong():
     with pytest.raises(ValueError, match=r"student's vocabulary size \(700.*teacher's \(699"):
         OP(*args)
     args[4] = tw
-    for changes, message in (({17: 0}, "chunk_size must be >= 1"), ({0: hidden, 3: th}, r"must have shape \(N, H\)"),
+    for changes, message in (({17: 0}, "chunk_size must be a positive int, got 0"), ({0: hidden, 3: th}, r"must have shape \(N, H\)"),
                              ({21: True}, "bias_grad=True needs student_bias")):
         with pytest.raises(ValueError, match=message):
             OP(*(changes.get(i, a) for i, a in enumerate(args)))

@@ -83,7 +83,7 @@ def fused_linear_distill_loss(
     if chunk_size is None:
         math = _validation.loss_dtype(student_hidden, teacher_hidden)
         chunk_size = default_chunk_size(student_weight.shape[0], math, student_weight.dtype, student_hidden.device)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):  # its range: the op's (check_op_args)
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
     kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
@@ -233,7 +233,7 @@ def check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, 
         if labels.device != student_hidden.device:
             raise ValueError(f"labels is on {labels.device} but student_hidden is on {student_hidden.device}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     if bias_grad and student_bias is None:
         raise ValueError("bias_grad=True needs student_bias")
     if reduction == "none" and any_grad and row_weights is None:
