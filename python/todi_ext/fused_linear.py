@@ -184,10 +184,10 @@ def _chunk_logits(hidden: Tensor, head: _Head, math: torch.dtype) -> Tensor:
 
 
 def check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-                  divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight,
-                  chunk_size, row_weights, any_grad, bias_grad):
-    """The fused linear op's rules on its arguments, for every caller (the op
-    and its fake): hidden states (N, H), lm_head weights (V, H) (+ biases
+                  divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature, ignore_index, reduction,
+                  soft_label_weight, hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad):
+    """The fused linear op's rules on its arguments (the op's own argument
+    list), for the op and its fake: hidden states (N, H), lm_head weights (V, H) (+ biases
     (V,)) of one dtype and device per model, one V (no padding: padded
     entries would get probability mass), labels (N,); the loss's own rules
     are distill_forward's (check_op_config)."""
@@ -236,7 +236,7 @@ def check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, 
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     if bias_grad and student_bias is None:
         raise ValueError("bias_grad=True needs student_bias")
-    if reduction == "none" and any_grad and row_weights is None:
+    if reduction == "none" and (hidden_grad or weight_grad or bias_grad) and row_weights is None:
         raise ValueError("reduction='none' computes gradients of sum(row_weights * loss): pass row_weights")
     if row_weights is not None and reduction != "none":
         raise ValueError("row_weights applies to reduction='none' only")
@@ -251,10 +251,10 @@ def _fused_linear_distill_forward(
     divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature, ignore_index, reduction, soft_label_weight,
     hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
 ):
-    any_grad = hidden_grad or weight_grad or bias_grad
     check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-                  divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight,
-                  chunk_size, row_weights, any_grad, bias_grad)
+                  divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature, ignore_index, reduction,
+                  soft_label_weight, hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad)
+    any_grad = hidden_grad or weight_grad or bias_grad
     rows, vocab = student_hidden.shape[0], student_weight.shape[0]
     math = _validation.loss_dtype(student_hidden, teacher_hidden)
     labels = labels.long() if labels is not None else None

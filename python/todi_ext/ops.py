@@ -288,24 +288,17 @@ def fused_linear_distill_forward(
 
 
 @torch.library.register_fake("todi_ext::fused_linear_distill_forward")
-def _fused_linear_fake(
-    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-    divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature, ignore_index, reduction, soft_label_weight,
-    hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
-):
+def _fused_linear_fake(*inputs):
     from .fused_linear import check_op_args  # fused_linear imports this module
 
-    # The op is Python: its fake runs the same checks.
-    any_grad = hidden_grad or weight_grad or bias_grad
-    check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-                  divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight,
-                  chunk_size, row_weights, any_grad, bias_grad)
-    math = _validation.loss_dtype(student_hidden, teacher_hidden)
-    rows, vocab = student_hidden.shape[0], student_weight.shape[0]
-    loss = student_hidden.new_empty((rows,) if reduction == "none" else (), dtype=math)
-    grad_hidden = student_hidden.new_empty(student_hidden.shape if hidden_grad else _EMPTY)
-    grad_weight = student_weight.new_empty(student_weight.shape if weight_grad else _EMPTY)
-    grad_bias = student_bias.new_empty((vocab,)) if bias_grad else student_hidden.new_empty(_EMPTY)
+    check_op_args(*inputs)  # the op is Python: its fake runs the same checks
+    args = _FusedLinearArgs(*inputs)
+    hidden, weight = args.student_hidden, args.student_weight
+    math = _validation.loss_dtype(hidden, args.teacher_hidden)
+    loss = hidden.new_empty((hidden.shape[0],) if args.reduction == "none" else (), dtype=math)
+    grad_hidden = hidden.new_empty(hidden.shape if args.hidden_grad else _EMPTY)
+    grad_weight = weight.new_empty(weight.shape if args.weight_grad else _EMPTY)
+    grad_bias = args.student_bias.new_empty((weight.shape[0],)) if args.bias_grad else hidden.new_empty(_EMPTY)
     return loss, grad_hidden, grad_weight, grad_bias
 
 
