@@ -151,6 +151,21 @@ def _valid_op_args():
                 soft_label_weight=1.0, hard_label_weight=0.0)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_paths_that_reach_no_kernel_still_check_every_call(backend):
+    # Traced with dynamic sizes, the check op is a node of the graph (not dead
+    # code) and runs with each call's tensors: a later call with a mismatched
+    # teacher or an out-of-range parameter gets the op's ValueError.
+    torch._dynamo.reset()
+    loss = torch.compile(reference.distill_loss, backend=backend, dynamic=True, fullgraph=True)
+    s, t = _inputs((4, 10))
+    loss(s, t)
+    with pytest.raises(ValueError, match=r"teacher_logits must have the shape of student_logits \(5, 10\), got \(1, 10\)"):
+        loss(make_logits((5, 10)), make_logits((1, 10), seed=1))
+    with pytest.raises(ValueError, match=r"skew_lambda must be in \[0, 1\], got 1.5"):
+        loss(s, t, divergence="skl", skew_lambda=1.5)
+
+
 def test_the_label_range_check_op_reads_cpu_labels():
     labels = torch.tensor([[0, 3], [-100, 4]], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\) or equal ignore_index \(-100\).*got 4 at position 3"):

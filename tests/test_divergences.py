@@ -140,7 +140,7 @@ def test_module():
     "kwargs,fragment",
     [
         (dict(divergence="kl"), "divergence must be one of"),
-        (dict(divergence="akl", akl_mu=1.0), "akl_mu must be in [0, 1)"),
+        (dict(divergence="akl", akl_mu=1.0), "akl_mu must be in [0, 1), got 1 (at 1 the split"),
         (dict(divergence="akl", akl_mu=-0.1), "akl_mu must be in [0, 1)"),
         (dict(divergence="akl", beta=2.0), "beta=2.0 does not apply to divergence 'akl'"),
         (dict(divergence="fkl", beta=2.0), "beta=2.0 does not apply to divergence 'fkl'"),
@@ -148,7 +148,8 @@ def test_module():
         (dict(divergence="js", jsd_beta=0.3), "jsd_beta=0.3 does not apply to divergence 'js'"),
         (dict(divergence="skl", akl_mu=0.3), "akl_mu=0.3 does not apply"),
         (dict(divergence="skl", skew_lambda=1.5), "skew_lambda must be in"),
-        (dict(divergence="gjsd", jsd_beta=0.0), "jsd_beta must be in"),
+        (dict(divergence="gjsd", jsd_beta=0.0), "got 0 (at 0 and 1 the generalized JSD is identically zero; use "
+                                               "divergence='fkl' or 'rkl')"),
         (dict(divergence="gjsd", jsd_beta=float("nan")), "jsd_beta must be in (0, 1), got nan"),
     ],
 )

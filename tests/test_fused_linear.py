@@ -181,6 +181,10 @@ def test_bad_inputs_name_what_is_wrong():
         f(hidden, weight.double(), th, tw, labels)
     with pytest.raises(ValueError, match="needs labels"):
         f(hidden, weight, th, tw, hard_label_weight=1.0)
+    with pytest.raises(ValueError, match="needs labels"):  # no rows: no chunk's check runs, the op's own does
+        f(hidden[:0], weight, th[:0], tw, hard_label_weight=1.0)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        f(hidden, weight, th, tw, labels.float())
     with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
         f(hidden, weight, th, tw, labels, chunk_size=0)
     with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got 2.0"):

@@ -119,6 +119,10 @@ ScalarType math_dtype(const Tensor& student, const Tensor& teacher) {
              : ScalarType::Float;
 }
 
+void check_label_dtype(const Tensor& labels) {
+  TODI_CHECK(is_integer_dtype(labels.scalar_type()), "labels must be an integer tensor, got ", labels.scalar_type());
+}
+
 RowsView check_forward_args(const Tensor& student_logits, const Tensor& teacher_logits,
                             const std::optional<Tensor>& labels) {
   TODI_CHECK(is_logit_dtype(student_logits.scalar_type()),
@@ -140,7 +144,7 @@ RowsView check_forward_args(const Tensor& student_logits, const Tensor& teacher_
   if (labels.has_value()) {
     const Tensor& l = *labels;
     const auto rows_shape = student_logits.sizes().slice(0, student_logits.dim() - 1);
-    TODI_CHECK(is_integer_dtype(l.scalar_type()), "labels must be an integer tensor, got ", l.scalar_type());
+    check_label_dtype(l);
     TODI_CHECK(l.sizes().equals(rows_shape), "labels must have shape ", shape_str(rows_shape),
                " (student_logits without its last dimension), got ", shape_str(l.sizes()));
     TODI_CHECK(l.device() == student_logits.device(), "labels is on ", device_str(l.device()),
@@ -240,8 +244,11 @@ math::Divergence parse_divergence(std::string_view name, double skew_lambda, dou
   }
   const Divergence kind = found->second;
   TODI_CHECK(skew_lambda >= 0 && skew_lambda <= 1, "skew_lambda must be in [0, 1], got ", skew_lambda);
-  TODI_CHECK(jsd_beta > 0 && jsd_beta < 1, "jsd_beta must be in (0, 1), got ", jsd_beta);
-  TODI_CHECK(akl_mu >= 0 && akl_mu < 1, "akl_mu must be in [0, 1), got ", akl_mu);
+  TODI_CHECK(jsd_beta > 0 && jsd_beta < 1, "jsd_beta must be in (0, 1), got ", jsd_beta,
+             " (at 0 and 1 the generalized JSD is identically zero; use divergence='fkl' or 'rkl')");
+  TODI_CHECK(akl_mu >= 0 && akl_mu < 1, "akl_mu must be in [0, 1), got ", akl_mu,
+             " (at 1 the split would hinge on how the probabilities' sum rounds around 1; the tail is then "
+             "everything, so use divergence='rkl')");
   params.skew_lambda = skew_lambda;
   params.jsd_beta = jsd_beta;
   params.akl_mu = akl_mu;
@@ -262,7 +269,7 @@ void check_label_weights(const RowsView& view, double soft_label_weight, double 
 // ABI cannot call, and no temporaries.
 void check_label_range(const Tensor& labels, int64_t vocab, int64_t ignore_index) {
   if (!labels.is_cpu()) return;
-  TODI_CHECK(is_integer_dtype(labels.scalar_type()), "labels must be an integer tensor, got ", labels.scalar_type());
+  check_label_dtype(labels);
   // A no-op for the op's own (contiguous int64) labels.
   const Tensor flat = torch::stable::contiguous(
       torch::stable::to(torch::stable::reshape(labels, {-1}), std::optional<ScalarType>(ScalarType::Long)));

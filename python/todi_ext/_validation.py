@@ -8,9 +8,11 @@ reach no kernel first call those same checks through check_op_args and
 check_label_range. What only the Python API knows (types, the public
 divergence names and which parameters apply, temperature, ignore_index
 against the labels' dtype, sharded parameters, torch.func) is checked here.
-Every message names the argument. The one rule on both sides is a tensor's
-dtype: a TypeError here, a ValueError from the op (the stable ABI carries no
-TypeError)."""
+Every message names the argument. Two rules stand on both sides: a tensor's
+dtype (a TypeError here, a ValueError from the op: the stable ABI carries no
+TypeError), and beta and 1/T being finite (here as numbers, before they
+become device tensors; the op checks the tensors only where reading them
+costs no sync, on the CPU - on a GPU an invalid one makes the loss NaN)."""
 
 import math
 import numbers
@@ -32,11 +34,15 @@ def check_types(student_logits, teacher_logits, labels):
     check_label_type(labels)
 
 
+def check_labels_are_a_tensor(labels):
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+
+
 def check_label_type(labels):
+    check_labels_are_a_tensor(labels)
     if labels is None:
         return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (e.g. torch.int64), got {labels.dtype}")
 
@@ -49,7 +55,8 @@ def check_ignore_index_fits(labels, ignore_index):
     """An ignore_index outside the labels' dtype can never match (uint8 labels
     and -100): the kernel would ignore nothing while a wrapped comparison
     would ignore some other label."""
-    if labels is None or labels.dtype == torch.int64:
+    if labels is None or labels.dtype == torch.int64 or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:  # not integers: the dtype check refuses them
         return
     info = torch.iinfo(labels.dtype)
     if not info.min <= ignore_index <= info.max:
@@ -188,12 +195,15 @@ def _label_weight_stand_in(weight):
     return 0.0 if weight == 0 else 1.0
 
 
-def check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight):
-    """check_op_args for a module's or trainer's configuration, before any
-    tensor exists: the op's checks on meta tensors (labels given, as the
-    cross-entropy will need)."""
+def check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight,
+                    has_labels=True):
+    """check_op_args without the tensors (a module's or trainer's
+    configuration, before any tensor exists; the fused linear op, whose
+    distill_forward sees chunks): the op's checks on meta tensors, with
+    labels where there will be some (a module's: as the cross-entropy will
+    need)."""
     logits = torch.empty((1, 1), device="meta")
-    labels = torch.empty((1,), dtype=torch.int64, device="meta")
+    labels = torch.empty((1,), dtype=torch.int64, device="meta") if has_labels else None
     check_op_args(logits, logits, labels, divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight,
                   hard_label_weight)
 
@@ -252,7 +262,7 @@ def check_fused_linear_inputs(student_hidden, student_weight, student_bias, teac
         raise ValueError(
             f"teacher_hidden must have student_hidden's leading shape {lead}, got {tuple(teacher_hidden.shape[:-1])}"
         )
-    check_label_type(labels)
+    check_labels_are_a_tensor(labels)  # their dtype: the op's (check_op_args)
     if labels is not None and tuple(labels.shape) != lead:
         raise ValueError(
             f"labels must have shape {lead} (student_hidden without its last dimension), got {tuple(labels.shape)}"

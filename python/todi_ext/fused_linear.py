@@ -243,7 +243,7 @@ def check_op_args(student_hidden, student_weight, student_bias, teacher_hidden, 
     if row_weights is not None and tuple(row_weights.shape) != (rows,):
         raise ValueError(f"row_weights must have shape ({rows},), got {tuple(row_weights.shape)}")
     _validation.check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight,
-                                hard_label_weight)
+                                hard_label_weight, has_labels=labels is not None)
 
 
 def _fused_linear_distill_forward(

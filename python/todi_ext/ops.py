@@ -89,7 +89,7 @@ def _distill_forward_fake(
     # The op checks its arguments (C++) when it runs, traced or not. Real
     # tensors land here when one is on meta: check them, or another's device
     # would go unnoticed.
-    if not any(isinstance(t, torch._subclasses.FakeTensor) for t in (student_logits, teacher_logits, labels)):
+    if not _is_traced(student_logits, teacher_logits, labels):
         _check_in_cpp(student_logits, teacher_logits, labels, divergence, skew_lambda, akl_mu, jsd_beta, reduction,
                       soft_label_weight, hard_label_weight)
     loss_shape = student_logits.shape[:-1] if reduction == "none" else ()
@@ -114,12 +114,8 @@ def _scale_grad_fake(grad, scale):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-def _meta_stand_in(t):
-    return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-
-
-def _has_symbolic_sizes(tensors):
-    return any(isinstance(n, torch.SymInt) for t in tensors if t is not None for n in (*t.shape, *t.stride()))
+def _is_traced(*tensors):
+    return any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)
 
 
 # The check op's C++ kernel serves every device (CompositeExplicitAutograd);
@@ -127,31 +123,28 @@ def _has_symbolic_sizes(tensors):
 _CHECK_KERNEL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
-def _check_in_cpp(student_logits, teacher_logits, labels, *args):
-    """Runs check_distill_args's C++ from a fake (meta) implementation. Real
-    tensors (dispatched here because one is on meta) are checked as they
-    are; fake ones (traced) through meta stand-ins of their metadata, where
-    the sizes are known (symbolic sizes: the kernel op checks them when it
-    runs)."""
-    tensors = (student_logits, teacher_logits, labels)
-    if any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors):
-        if _has_symbolic_sizes(tensors):
-            return
-        tensors = tuple(map(_meta_stand_in, tensors))
-    with torch._subclasses.fake_tensor.unset_fake_temporarily():
-        torch.ops.todi_ext.check_distill_args.default.redispatch(_CHECK_KERNEL_KEYS, *tensors, *args)
+def _check_in_cpp(*args):
+    """check_distill_args's C++ on real tensors that reached a fake (meta)
+    implementation because one of them is on meta."""
+    torch.ops.todi_ext.check_distill_args.default.redispatch(_CHECK_KERNEL_KEYS, *args)
 
 
 @torch.library.register_fake("todi_ext::check_distill_args")
-def _check_distill_args_fake(*args):
-    # Traced, an op that returns nothing is dropped from the graph: its
-    # checks run now, while tracing.
-    _check_in_cpp(*args)
+def _check_distill_args_fake(student_logits, teacher_logits, labels, *args):
+    # Traced, the check is a node of the graph that runs with the real tensors.
+    if not _is_traced(student_logits, teacher_logits, labels):
+        _check_in_cpp(student_logits, teacher_logits, labels, *args)
 
 
 @torch.library.register_fake("todi_ext::check_label_range")
 def _check_label_range_fake(labels, vocab, ignore_index):
     pass  # the values are not known while tracing
+
+
+# An op that returns nothing would be dropped from a compiled graph as dead
+# code: these checks must run.
+torch.fx.node.has_side_effect(torch.ops.todi_ext.check_distill_args.default)
+torch.fx.node.has_side_effect(torch.ops.todi_ext.check_label_range.default)
 
 
 def _distill_forward_setup_context(ctx, inputs, output):
