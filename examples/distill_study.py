@@ -221,17 +221,22 @@ def evaluate(student, teacher, held_out, prompts, teacher_continuations, referen
 
 
 # ------------------------------------------------------------------- main
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_args(doc, budgets, divergences):
+    """The studies' command line: (args, budget name, budget); uses every core."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a smaller budget: a few minutes")
+    mode.add_argument("--quick", action="store_true", help="a smaller budget: minutes")
     mode.add_argument("--smoke", action="store_true", help="tiny: an end-to-end check in seconds")
-    p.add_argument("--divergences", nargs="+", default=DIVERGENCES)
+    p.add_argument("--divergences", nargs="+", default=divergences)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    b = BUDGETS[name]
     torch.set_num_threads(os.cpu_count() or 1)
+    return args, name, budgets[name]
+
+
+def main():
+    args, name, b = study_args(__doc__, BUDGETS, DIVERGENCES)
     started = time.time()
 
     train_texts, held_texts = corpus(b["chars"])

@@ -265,21 +265,46 @@ def test_label_smoothing_smooths_the_hard_label_term(tmp_path, fused_linear):
         make_trainer(tmp_path, student, teacher, hard_label_weight=0.0, args=dict(label_smoothing_factor=0.2))
 
 
-@pytest.mark.slow
-def test_the_study_runs_end_to_end(tmp_path):
-    # examples/distill_study.py --smoke: corpus, tokenizer, teacher, every
-    # divergence's student through DistillationTrainer, metrics, report.
+def _run_study(script, out_dir):
+    """Runs examples/<script> --smoke into out_dir; returns its Markdown report."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "examples", "distill_study.py"), "--smoke",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", script), "--smoke", "--out", str(out_dir)],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    report = open(tmp_path / "study-smoke.md").read()
+    stem = os.path.splitext(script)[0].replace("distill_study", "study").replace("_", "-")
+    report = open(out_dir / f"{stem}-smoke.md").read()
+    assert "Total run time" in report and os.path.exists(out_dir / f"{stem}-smoke.json")
     for method in ("hard labels", "todi", "fkl", "rkl", "akl", "js", "tvd", "skl", "srkl", "gjsd"):
         assert f"| {method} |" in report
-    assert os.path.exists(tmp_path / "study-smoke.json") and "Total run time" in report
+    return report
+
+
+@pytest.mark.slow
+def test_the_study_runs_end_to_end(tmp_path):
+    # examples/distill_study.py --smoke: corpus, tokenizer, teacher, every
+    # divergence's student through DistillationTrainer, metrics, report.
+    _run_study("distill_study.py", tmp_path)
+
+
+@pytest.mark.slow
+def test_the_task_study_runs_end_to_end(tmp_path):
+    # examples/distill_study_task.py --smoke: task pairs, teacher pretrained and
+    # fine-tuned, one pretrained student distilled with every divergence and
+    # fine-tuned on hard labels, greedy and sampled ROUGE-L, report.
+    import json
+
+    report = _run_study("distill_study_task.py", tmp_path)
+    assert "| teacher |" in report and "| student, pretrained only |" in report
+    assert "Best student by sampled ROUGE-L" in report
+    results = json.load(open(tmp_path / "study-task-smoke.json"))
+    teacher = results["reference_rows"]["teacher"]
+    assert teacher["kl_teacher_student"] == 0 and teacher["kl_student_teacher"] == 0  # the teacher against itself
+    for runs in results["runs"].values():
+        for r in runs:
+            assert 0 <= r["rouge_l_sampled"] <= 100 and 0 <= r["rouge_l_greedy"] <= 100 and r["task_loss"] > 0
 
 
 def _exit_without_finalizing():
