@@ -39,11 +39,13 @@ def check_labels_are_a_tensor(labels):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
 
 
+def _is_integer(dtype):
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_label_type(labels):
     check_labels_are_a_tensor(labels)
-    if labels is None:
-        return
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if labels is not None and not _is_integer(labels.dtype):
         raise TypeError(f"labels must be an integer tensor (e.g. torch.int64), got {labels.dtype}")
 
 
@@ -55,8 +57,8 @@ def check_ignore_index_fits(labels, ignore_index):
     """An ignore_index outside the labels' dtype can never match (uint8 labels
     and -100): the kernel would ignore nothing while a wrapped comparison
     would ignore some other label."""
-    if labels is None or labels.dtype == torch.int64 or labels.is_floating_point() or labels.is_complex() \
-            or labels.dtype == torch.bool:  # not integers: the dtype check refuses them
+    # Labels that are not integers: the dtype check refuses them.
+    if labels is None or labels.dtype == torch.int64 or not _is_integer(labels.dtype):
         return
     info = torch.iinfo(labels.dtype)
     if not info.min <= ignore_index <= info.max:
@@ -104,10 +106,27 @@ def check_api_args(student_logits, teacher_logits, labels, divergence, beta, ske
     takes 1/T), beta (a device tensor for the op) and ignore_index against
     the labels' dtype. The rest is the op's (check_op_args)."""
     check_types(student_logits, teacher_logits, labels)
+    check_api_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, ignore_index, reduction,
+                     soft_label_weight, hard_label_weight, labels)
+
+
+def check_api_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, ignore_index, reduction,
+                     soft_label_weight, hard_label_weight, labels=None):
+    """check_api_args's checks of everything but the tensors (labels, when
+    given: ignore_index against their dtype)."""
     check_scalars(beta, temperature, ignore_index, reduction)
     check_ignore_index_fits(labels, ignore_index)
     check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
     check_label_weight_types(soft_label_weight, hard_label_weight)
+
+
+def check_module_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, ignore_index, reduction,
+                        soft_label_weight, hard_label_weight):
+    """A loss module's or trainer's configuration, at construction: the API's
+    checks and the op's (check_op_config)."""
+    check_api_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, ignore_index, reduction,
+                     soft_label_weight, hard_label_weight)
+    check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight)
 
 
 def check_no_functorch(student_logits, teacher_logits):

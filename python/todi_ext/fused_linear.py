@@ -75,10 +75,8 @@ def fused_linear_distill_loss(
     """
     _validation.check_fused_linear_inputs(student_hidden, student_weight, student_bias, teacher_hidden,
                                           teacher_weight, teacher_bias, labels)
-    _validation.check_scalars(beta, temperature, ignore_index, reduction)
-    _validation.check_ignore_index_fits(labels, ignore_index)
-    _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-    _validation.check_label_weight_types(soft_label_weight, hard_label_weight)
+    _validation.check_api_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, ignore_index,
+                                 reduction, soft_label_weight, hard_label_weight, labels)
     _check_teacher_constant(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
     if chunk_size is None:
         math = _validation.loss_dtype(student_hidden, teacher_hidden)
@@ -125,11 +123,8 @@ class FusedLinearDistillLoss(torch.nn.Module):
                  jsd_beta: float = 0.5, hard_label_weight: float = 0.0, soft_label_weight: float = 1.0,
                  chunk_size: Optional[int] = None):
         super().__init__()
-        _validation.check_scalars(beta, temperature, ignore_index, reduction)
-        _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-        _validation.check_label_weight_types(soft_label_weight, hard_label_weight)
-        _validation.check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight,
-                                    hard_label_weight)
+        _validation.check_module_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, ignore_index,
+                                        reduction, soft_label_weight, hard_label_weight)
         self.kwargs = dict(divergence=divergence, temperature=temperature, ignore_index=ignore_index,
                            reduction=reduction, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta,
                            hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight,

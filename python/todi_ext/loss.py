@@ -129,12 +129,9 @@ class DistillLoss(torch.nn.Module):
                  reduction: str = "mean", beta: float = 1.0, skew_lambda: float = 0.1, akl_mu: float = 0.5,
                  jsd_beta: float = 0.5, hard_label_weight: float = 0.0, soft_label_weight: float = 1.0):
         super().__init__()
-        _validation.check_scalars(beta, temperature, ignore_index, reduction)
+        _validation.check_module_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, ignore_index,
+                                        reduction, soft_label_weight, hard_label_weight)
         self.params = dict(beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-        _validation.check_divergence(divergence, **self.params)
-        _validation.check_label_weight_types(soft_label_weight, hard_label_weight)
-        _validation.check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight,
-                                    hard_label_weight)
         self.label_weights = dict(hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight)
         self.divergence = divergence
         self.temperature = temperature

@@ -144,11 +144,8 @@ class DistillationTrainer(Trainer):
                  fused_linear: bool = True, **kwargs):
         if teacher_model is None:
             raise ValueError("DistillationTrainer needs teacher_model")
-        _validation.check_scalars(beta, temperature, -100)
-        _validation.check_divergence(divergence, beta=beta, skew_lambda=skew_lambda, akl_mu=akl_mu, jsd_beta=jsd_beta)
-        _validation.check_label_weight_types(soft_label_weight, hard_label_weight)
-        _validation.check_op_config(divergence, skew_lambda, akl_mu, jsd_beta, "mean", soft_label_weight,
-                                    hard_label_weight)
+        _validation.check_module_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, -100, "mean",
+                                        soft_label_weight, hard_label_weight)
         super().__init__(model=model, args=args, **kwargs)
         student_vocab, teacher_vocab = _vocab_size(_unwrap(self.model)), _vocab_size(teacher_model)
         if student_vocab != teacher_vocab:
