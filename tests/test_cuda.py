@@ -307,6 +307,14 @@ def test_hard_label_outside_the_vocabulary_is_a_nan_row_not_a_sync():
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2] == 0
 
 
+def test_the_label_range_check_op_refuses_float_labels_on_the_gpu_too():
+    # The values are not read on a GPU (a sync), the dtype is.
+    labels = torch.tensor([5, 100, -100], dtype=torch.float32).cuda()
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        torch.ops.todi_ext.check_label_range(labels, 100, -100)
+    torch.ops.todi_ext.check_label_range(labels.long(), 100, -100)  # out of range: not read here
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_a_training_step_never_syncs_with_the_host(reduction):
     # Labels, temperature and beta in device memory: the mean's count, the

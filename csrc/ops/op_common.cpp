@@ -268,8 +268,8 @@ void check_label_weights(const RowsView& view, double soft_label_weight, double 
 // over the int64 labels: no ATen op with a Scalar argument, which the stable
 // ABI cannot call, and no temporaries.
 void check_label_range(const Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  check_label_dtype(labels);  // known on every device, values or not
   if (!labels.is_cpu()) return;
-  check_label_dtype(labels);
   // A no-op for the op's own (contiguous int64) labels.
   const Tensor flat = torch::stable::contiguous(
       torch::stable::to(torch::stable::reshape(labels, {-1}), std::optional<ScalarType>(ScalarType::Long)));
