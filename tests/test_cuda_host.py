@@ -1,14 +1,15 @@
 """The CUDA kernels' own source, executed on the CPU.
 
 tests/cuda_host/harness.cpp compiles csrc/cuda/streamed_kernel.cuh as C++
-with the host emulation of csrc/cuda/host_emulation.h (each GPU thread a real
-thread; __syncthreads, shuffles and cluster barriers real barriers; shared
-memory per emulated block) into the library `todi_cuda_host_harness` (ops
+with the host emulation of csrc/cuda/host_emulation.h (each GPU thread a
+fiber of a cooperative scheduler; __syncthreads, shuffles and cluster barriers
+real barriers; shared memory per emulated block) into the library `todi_cuda_host_harness` (ops
 torch.ops.todi_cuda_host) - a test harness, not the extension - and these
 tests run every kernel variant against
 the float64 oracle and the CPU kernel. What this cannot check: the hardware's
 own arithmetic (ex2/rcp approximations; host code uses libm), timing and real
-memory races; tests/test_cuda.py does that on a GPU.
+memory races (the ThreadSanitizer build below runs every GPU thread as an OS
+thread to look for those); tests/test_cuda.py does that on a GPU.
 """
 
 import glob
@@ -56,12 +57,15 @@ def harness():
 
     # TODI_EXT_HOST_SANITIZE=thread: a ThreadSanitizer build (run pytest with
     # LD_PRELOAD=$(gcc -print-file-name=libtsan.so)); slow, kept out of CI.
+    # Sanitizers see OS threads, not fibers: such a build emulates every GPU
+    # thread as one (TODI_EXT_HOST_OS_THREADS).
     sanitize = os.environ.get("TODI_EXT_HOST_SANITIZE", "")
     name = "todi_cuda_host_harness" + (f"_{sanitize}" if sanitize else "")
     build = os.path.join(ROOT, "build", name)
     os.makedirs(build, exist_ok=True)
     san = [f"-fsanitize={sanitize}", "-g"] if sanitize else []
-    flags = san + ["-std=c++20", "-O1", "-DTODI_EXT_HOST_EMULATION", "-Wno-attributes", "-ffp-contract=off",
+    threads = ["-DTODI_EXT_HOST_OS_THREADS"] if sanitize else []
+    flags = san + threads + ["-std=c++20", "-O1", "-DTODI_EXT_HOST_EMULATION", "-Wno-attributes", "-ffp-contract=off",
              "-DTORCH_TARGET_VERSION=0x020a000000000000",  # the stable ABI, as the extension's own build
              # as in the real build (CMakeLists.txt): c10::Half and __half must not both convert implicitly
              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",

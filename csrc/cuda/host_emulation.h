@@ -1,10 +1,21 @@
-// Host emulation of the CUDA execution model, enough to run
-// streamed_kernel.cuh as C++ on the CPU (tests/test_cuda_host.py): every
-// GPU thread of a block (or of a thread-block cluster) is a real std::thread;
-// __syncthreads, warp shuffles and cluster barriers are std::barriers; shared
-// memory is one arena per block at the same offsets in every block, so
-// map_shared_rank is pointer arithmetic. Included by the kernel header only
-// when TODI_EXT_HOST_EMULATION is defined; never part of the real extension.
+// Host emulation of the CUDA execution model, enough to run the kernels of
+// csrc/cuda as C++ on the CPU (tests/test_cuda_host.py). Every GPU thread of
+// a block (or of a thread-block cluster) is a fiber with a stack of its own,
+// all run on the calling thread by a cooperative scheduler: a thread runs
+// until it waits at __syncthreads, a warp shuffle or a cluster barrier, and
+// the barrier's last arrival makes every waiter runnable again. Fibers, not
+// OS threads (what this did first): a kernel context switch per thread and
+// barrier made the AKL search of one 32000-entry row take seconds
+// (benchmarks/NOTES.md). The schedule is deterministic, and a barrier some
+// thread never reaches is reported, not a hang.
+//
+// TODI_EXT_HOST_OS_THREADS: every GPU thread a real std::thread and every
+// barrier a std::barrier, for the ThreadSanitizer build (TODI_EXT_HOST_SANITIZE
+// =thread in tests/test_cuda_host.py), which finds shared-memory races the
+// fixed schedule can hide. Shared memory is one arena per block at the same
+// offsets in every block, so map_shared_rank is pointer arithmetic. Included
+// by the kernel header only when TODI_EXT_HOST_EMULATION is defined; never
+// part of the real extension.
 #pragma once
 
 #ifndef TODI_EXT_HOST_EMULATION
@@ -14,15 +25,28 @@
 #include <cuda_bf16.h>  // host-compilable conversions; also uint4, dim3 (vector_types.h)
 #include <cuda_fp16.h>
 
-#include <barrier>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
-#include <thread>
+#include <string>
 #include <vector>
+
+#if !defined(__x86_64__) && !defined(TODI_EXT_HOST_OS_THREADS)
+#define TODI_EXT_HOST_OS_THREADS  // the fibers' context switch below is x86-64 code
+#endif
+
+#ifdef TODI_EXT_HOST_OS_THREADS
+#include <barrier>
+#include <thread>
+#else
+#include <sys/mman.h>
+
+#include <deque>
+#endif
 
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
@@ -33,22 +57,7 @@ namespace todi_host {
 constexpr int kWarpSize = 32;
 constexpr size_t kStaticSharedBytes = 16 * 1024;  // per block, after the dynamic part
 
-struct Warp {
-  std::barrier<> barrier{kWarpSize};
-  double lanes[kWarpSize] = {};
-};
-
-struct Block {
-  std::vector<unsigned char> arena;  // dynamic shared memory, then the static arrays
-  size_t dynamic_bytes = 0;
-  std::unique_ptr<std::barrier<>> barrier;
-  std::vector<std::unique_ptr<Warp>> warps;
-};
-
-struct Cluster {
-  std::vector<Block> blocks;
-  std::unique_ptr<std::barrier<>> barrier;
-};
+struct Cluster;
 
 struct ThreadState {
   Cluster* cluster = nullptr;
@@ -57,6 +66,116 @@ struct ThreadState {
 };
 
 inline thread_local ThreadState state;
+
+#ifdef TODI_EXT_HOST_OS_THREADS
+using Barrier = std::barrier<>;
+#else
+// Saves the callee-saved registers and the FPU control words on the running
+// stack, stores its pointer in *save and resumes the stack `next` (saved the
+// same way, or made by new_fiber_stack). Not glibc's swapcontext: it saves
+// the signal mask with a system call, which cost most of the time (NOTES).
+extern "C" void todi_host_switch(void** save, void* next);
+asm(R"(
+  .text
+  .weak todi_host_switch
+  .type todi_host_switch, @function
+todi_host_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size todi_host_switch, .-todi_host_switch
+)");
+
+// A stack that todi_host_switch resumes into entry(): what it pops (the FPU
+// control words of now, six zero registers, entry as the return address),
+// with entry's own return slot 16-byte aligned as the ABI has it at a call.
+inline void* new_fiber_stack(char* top, void (*entry)()) {
+  auto* slot = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(top) & ~uintptr_t{15});
+  *--slot = 0;  // entry never returns
+  *--slot = reinterpret_cast<uint64_t>(entry);
+  for (int i = 0; i < 6; ++i) *--slot = 0;
+  --slot;
+  uint32_t control[2];
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "=m"(control[1]));
+  std::memcpy(slot, control, sizeof(control));
+  return slot;
+}
+
+// A fiber: one emulated GPU thread's stack and identity.
+struct Fiber {
+  void* sp = nullptr;  // saved stack pointer while suspended
+  ThreadState state;
+  uint3 thread_idx{};
+  uint3 block_idx{};
+  bool done = false;
+};
+
+// Per launch: the fibers, the ready queue and the one that runs.
+struct Scheduler {
+  std::deque<Fiber*> ready;
+  Fiber* current = nullptr;
+  void* launcher = nullptr;  // the launch's own stack: resumed when no fiber can run
+};
+
+inline thread_local Scheduler* scheduler = nullptr;
+
+inline void switch_to_next(Fiber* from);
+
+class Barrier {
+ public:
+  explicit Barrier(std::ptrdiff_t expected) : expected_(expected) {}
+  void arrive_and_wait() {
+    Fiber* self = scheduler->current;
+    if (static_cast<std::ptrdiff_t>(waiting_.size()) + 1 < expected_) {
+      waiting_.push_back(self);
+      switch_to_next(self);
+      return;
+    }
+    // The last arrival goes on; the others run after it in arrival order.
+    for (Fiber* f : waiting_) scheduler->ready.push_back(f);
+    waiting_.clear();
+  }
+
+ private:
+  std::ptrdiff_t expected_;
+  std::vector<Fiber*> waiting_;
+};
+#endif
+
+struct Warp {
+  Barrier barrier{kWarpSize};
+  double lanes[kWarpSize] = {};
+};
+
+struct Block {
+  std::vector<unsigned char> arena;  // dynamic shared memory, then the static arrays
+  size_t dynamic_bytes = 0;
+  std::unique_ptr<Barrier> barrier;
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+
+struct Cluster {
+  std::vector<Block> blocks;
+  std::unique_ptr<Barrier> barrier;
+};
 
 inline Block& block() { return state.cluster->blocks[state.rank]; }
 
@@ -100,6 +219,112 @@ T* static_shared(size_t count) {
 
 inline unsigned char* dynamic_shared() { return block().arena.data(); }
 
+#ifdef TODI_EXT_HOST_OS_THREADS
+// Runs body() as every thread of the cluster, each a std::thread.
+template <class Body>
+void run_cluster(Cluster& cluster, unsigned first_block, unsigned grid, unsigned threads, const Body& body) {
+  std::vector<std::thread> pool;
+  const unsigned parts = static_cast<unsigned>(cluster.blocks.size());
+  pool.reserve(parts * threads);
+  for (unsigned r = 0; r < parts; ++r) {
+    for (unsigned t = 0; t < threads; ++t) {
+      pool.emplace_back([&, r, t] {
+        state = ThreadState{&cluster, r, 0};
+        threadIdx = uint3{t, 0, 0};
+        blockIdx = uint3{first_block + r, 0, 0};
+        blockDim = dim3(threads);
+        gridDim = dim3(grid);
+        body();
+      });
+    }
+  }
+  for (auto& th : pool) th.join();
+}
+#else
+// Makes f the running fiber: its identity becomes the thread's.
+inline void enter(Fiber* f) {
+  scheduler->current = f;
+  state = f->state;
+  threadIdx = f->thread_idx;
+  blockIdx = f->block_idx;
+}
+
+// Suspends `from` (waiting at a barrier, or done) and runs the next ready
+// fiber, or returns to the launch when none is ready.
+inline void switch_to_next(Fiber* from) {
+  Scheduler& s = *scheduler;
+  from->state = state;
+  if (s.ready.empty()) {
+    s.current = nullptr;
+    todi_host_switch(&from->sp, s.launcher);
+    return;
+  }
+  Fiber* next = s.ready.front();
+  s.ready.pop_front();
+  enter(next);
+  todi_host_switch(&from->sp, next->sp);
+}
+
+// The body the fibers of the current cluster run.
+inline thread_local void (*fiber_body)(const void*) = nullptr;
+inline thread_local const void* fiber_body_arg = nullptr;
+
+inline void fiber_main() {
+  fiber_body(fiber_body_arg);
+  Fiber* self = scheduler->current;
+  self->done = true;
+  switch_to_next(self);  // never resumed
+  std::abort();
+}
+
+// Room for a kernel's frames at -O1 and the libm calls under them; a guard
+// page below each stack turns an overflow into a fault, not a corruption.
+constexpr size_t kFiberStackBytes = 256 * 1024;
+
+// Runs body() as every thread of the cluster, each a fiber, until all have
+// returned; a barrier that some thread never reaches is an error.
+template <class Body>
+void run_cluster(Cluster& cluster, unsigned first_block, unsigned grid, unsigned threads, const Body& body) {
+  const unsigned parts = static_cast<unsigned>(cluster.blocks.size());
+  const size_t count = size_t{parts} * threads;
+  const size_t page = 4096, slot = kFiberStackBytes + page;
+  void* stacks = mmap(nullptr, slot * count, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+  if (stacks == MAP_FAILED) throw std::runtime_error("todi_host::launch: no memory for the fiber stacks");
+  std::vector<Fiber> fibers(count);
+  Scheduler sched;
+  for (size_t i = 0; i < count; ++i) {
+    Fiber& f = fibers[i];
+    char* base = static_cast<char*>(stacks) + i * slot;
+    mprotect(base, page, PROT_NONE);
+    f.sp = new_fiber_stack(base + slot, fiber_main);
+    const unsigned r = static_cast<unsigned>(i / threads), t = static_cast<unsigned>(i % threads);
+    f.state = ThreadState{&cluster, r, 0};
+    f.thread_idx = uint3{t, 0, 0};
+    f.block_idx = uint3{first_block + r, 0, 0};
+    sched.ready.push_back(&f);
+  }
+  Scheduler* const outer = scheduler;
+  scheduler = &sched;
+  fiber_body = [](const void* b) { (*static_cast<const Body*>(b))(); };
+  fiber_body_arg = &body;
+  blockDim = dim3(threads);
+  gridDim = dim3(grid);
+  Fiber* first = sched.ready.front();
+  sched.ready.pop_front();
+  enter(first);
+  todi_host_switch(&sched.launcher, first->sp);
+  scheduler = outer;
+  size_t stuck = 0;
+  for (const Fiber& f : fibers) stuck += !f.done;
+  munmap(stacks, slot * count);
+  if (stuck != 0) {
+    throw std::runtime_error("todi_host::launch: " + std::to_string(stuck) + " of " + std::to_string(count) +
+                             " threads wait at a barrier that the others never reach");
+  }
+}
+#endif
+
 // Runs kernel(args...) over grid x block threads, `parts` blocks to a cluster
 // (1: no clusters), one cluster at a time.
 template <class Kernel, class... Args>
@@ -108,32 +333,19 @@ void launch(Kernel kernel, unsigned grid, unsigned threads, size_t dynamic_bytes
   if (threads % kWarpSize != 0 || threads == 0 || parts == 0 || grid % parts != 0) {
     throw std::invalid_argument("todi_host::launch: bad configuration");
   }
+  const auto body = [&] { kernel(args...); };
   for (unsigned first = 0; first < grid; first += parts) {
     Cluster cluster;
     cluster.blocks.resize(parts);
-    cluster.barrier = std::make_unique<std::barrier<>>(static_cast<std::ptrdiff_t>(parts * threads));
+    cluster.barrier = std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(parts * threads));
     for (Block& b : cluster.blocks) {
       // Filled with a pattern, not zeros: a kernel reading shared memory it never wrote sees garbage.
       b.arena.assign(dynamic_bytes + kStaticSharedBytes, 0xA5);
       b.dynamic_bytes = (dynamic_bytes + 15) / 16 * 16;
-      b.barrier = std::make_unique<std::barrier<>>(static_cast<std::ptrdiff_t>(threads));
+      b.barrier = std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(threads));
       for (unsigned w = 0; w < threads / kWarpSize; ++w) b.warps.push_back(std::make_unique<Warp>());
     }
-    std::vector<std::thread> pool;
-    pool.reserve(parts * threads);
-    for (unsigned r = 0; r < parts; ++r) {
-      for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([&, r, t] {
-          state = ThreadState{&cluster, r, 0};
-          threadIdx = uint3{t, 0, 0};
-          blockIdx = uint3{first + r, 0, 0};
-          blockDim = dim3(threads);
-          gridDim = dim3(grid);
-          kernel(args...);
-        });
-      }
-    }
-    for (auto& th : pool) th.join();
+    run_cluster(cluster, first, grid, threads, body);
   }
 }
 
