@@ -519,3 +519,10 @@ def test_vocab_parallel_undefined_rows_stay_nan_across_slices(harness, divergenc
         assert torch.isnan(t[undefined]).all() and torch.isfinite(t[~undefined]).all()
     expected = oracle(z[~undefined], s[~undefined], labels[~undefined], divergence)
     assert_matches(tuple(t[~undefined] for t in got), expected, torch.float32)
+
+
+@pytest.mark.skipif(bool(os.environ.get("TODI_EXT_HOST_SANITIZE")), reason="OS threads (a sanitizer build) would hang")
+def test_a_barrier_some_threads_never_reach_is_an_error_not_a_hang(harness):
+    harness.launch_divergent_barrier(64, 64)  # every thread arrives
+    with pytest.raises(RuntimeError, match="5 of 64 threads wait at a barrier that the others never reach"):
+        harness.launch_divergent_barrier(64, 5)

@@ -158,6 +158,17 @@ std::tuple<int64_t, int64_t> register_row_shape(int64_t vocab, int64_t elem_byte
   return {shape.parts, shape.threads};
 }
 
+// A kernel whose first `reaching` threads wait at __syncthreads and the rest
+// return: the emulation must report it (on a GPU it hangs or is undefined).
+__global__ void divergent_barrier_kernel(unsigned reaching) {
+  if (threadIdx.x < reaching) __syncthreads();
+}
+
+void launch_divergent_barrier(int64_t threads, int64_t reaching) {
+  todi_host::launch(divergent_barrier_kernel, 2, static_cast<unsigned>(threads), 0, 1,
+                    static_cast<unsigned>(reaching));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
@@ -172,6 +183,7 @@ STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
   m.def("count_positions(Tensor labels, int ignore_index, bool double_math) -> Tensor");
   m.def("register_row_shape(int vocab, int elem_bytes) -> (int, int)");
   m.def("set_phase_launch(str variant, int threads, int blocks, int parts) -> ()");
+  m.def("launch_divergent_barrier(int threads, int reaching) -> ()");
   for (const char* schema : todi_ext::vocab_parallel::kSchemas) m.def(schema);  // the extension's own
 }
 
@@ -192,4 +204,5 @@ STABLE_TORCH_LIBRARY_IMPL(todi_cuda_host, CompositeExplicitAutograd, m) {
   m.impl("last_kernel", TORCH_BOX(&get_last_kernel));
   m.impl("register_row_shape", TORCH_BOX(&register_row_shape));
   m.impl("set_phase_launch", TORCH_BOX(&set_phase_launch));
+  m.impl("launch_divergent_barrier", TORCH_BOX(&launch_divergent_barrier));
 }
