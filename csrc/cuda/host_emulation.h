@@ -35,8 +35,9 @@
 #include <string>
 #include <vector>
 
-#if !defined(__x86_64__) && !defined(TODI_EXT_HOST_OS_THREADS)
-#define TODI_EXT_HOST_OS_THREADS  // the fibers' context switch below is x86-64 code
+// The fibers' context switch below is System V x86-64 code (ELF, 64-bit pointers).
+#if !(defined(__x86_64__) && defined(__LP64__) && defined(__linux__)) && !defined(TODI_EXT_HOST_OS_THREADS)
+#define TODI_EXT_HOST_OS_THREADS
 #endif
 
 #ifdef TODI_EXT_HOST_OS_THREADS
@@ -46,6 +47,7 @@
 #include <sys/mman.h>
 
 #include <deque>
+#include <exception>
 #endif
 
 #ifndef __launch_bounds__
@@ -76,8 +78,10 @@ using Barrier = std::barrier<>;
 // the signal mask with a system call, which cost most of the time (NOTES).
 extern "C" void todi_host_switch(void** save, void* next);
 asm(R"(
-  .text
+  .pushsection .text
+  .p2align 4
   .weak todi_host_switch
+  .hidden todi_host_switch
   .type todi_host_switch, @function
 todi_host_switch:
   pushq %rbp
@@ -102,11 +106,12 @@ todi_host_switch:
   popq %rbp
   ret
   .size todi_host_switch, .-todi_host_switch
+  .popsection
 )");
 
 // A stack that todi_host_switch resumes into entry(): what it pops (the FPU
-// control words of now, six zero registers, entry as the return address),
-// with entry's own return slot 16-byte aligned as the ABI has it at a call.
+// control words of now, six zero registers, entry as the return address).
+// Entry starts with rsp + 8 16-byte aligned, as after a call.
 inline void* new_fiber_stack(char* top, void (*entry)()) {
   auto* slot = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(top) & ~uintptr_t{15});
   *--slot = 0;  // entry never returns
@@ -128,14 +133,35 @@ struct Fiber {
   bool done = false;
 };
 
-// Per launch: the fibers, the ready queue and the one that runs.
+// Which ready thread runs next. Oldest first (thread 0 first; after a
+// barrier, its last arrival and then the others in arrival order) moves the
+// threads in lockstep and hides a missing barrier after a read of shared
+// memory that the next phase overwrites; newest first (the highest thread
+// first) runs one thread far ahead and shows it, and the reverse for a read
+// before the barrier that orders it. The tests run every kernel under both.
+enum class Order { kOldestFirst, kNewestFirst };
+inline Order schedule_order = Order::kOldestFirst;
+
+// Per launch: the body every fiber runs, the ready queue, the running fiber
+// and an exception that escaped a kernel.
 struct Scheduler {
+  void (*body)(const void*) = nullptr;
+  const void* body_arg = nullptr;
   std::deque<Fiber*> ready;
   Fiber* current = nullptr;
   void* launcher = nullptr;  // the launch's own stack: resumed when no fiber can run
+  std::exception_ptr error;
 };
 
 inline thread_local Scheduler* scheduler = nullptr;
+
+inline Scheduler& running_scheduler() {
+  if (scheduler == nullptr) {
+    std::fputs("todi_host: a barrier outside an emulated launch\n", stderr);
+    std::abort();
+  }
+  return *scheduler;
+}
 
 inline void switch_to_next(Fiber* from);
 
@@ -143,14 +169,14 @@ class Barrier {
  public:
   explicit Barrier(std::ptrdiff_t expected) : expected_(expected) {}
   void arrive_and_wait() {
-    Fiber* self = scheduler->current;
+    Scheduler& s = running_scheduler();
     if (static_cast<std::ptrdiff_t>(waiting_.size()) + 1 < expected_) {
-      waiting_.push_back(self);
-      switch_to_next(self);
+      waiting_.push_back(s.current);
+      switch_to_next(s.current);
       return;
     }
-    // The last arrival goes on; the others run after it in arrival order.
-    for (Fiber* f : waiting_) scheduler->ready.push_back(f);
+    // The last arrival goes on; the others are ready in arrival order.
+    for (Fiber* f : waiting_) s.ready.push_back(f);
     waiting_.clear();
   }
 
@@ -249,6 +275,18 @@ inline void enter(Fiber* f) {
   blockIdx = f->block_idx;
 }
 
+inline Fiber* take_next(Scheduler& s) {
+  Fiber* next;
+  if (schedule_order == Order::kOldestFirst) {
+    next = s.ready.front();
+    s.ready.pop_front();
+  } else {
+    next = s.ready.back();
+    s.ready.pop_back();
+  }
+  return next;
+}
+
 // Suspends `from` (waiting at a barrier, or done) and runs the next ready
 // fiber, or returns to the launch when none is ready.
 inline void switch_to_next(Fiber* from) {
@@ -259,27 +297,53 @@ inline void switch_to_next(Fiber* from) {
     todi_host_switch(&from->sp, s.launcher);
     return;
   }
-  Fiber* next = s.ready.front();
-  s.ready.pop_front();
+  Fiber* next = take_next(s);
   enter(next);
   todi_host_switch(&from->sp, next->sp);
 }
 
-// The body the fibers of the current cluster run.
-inline thread_local void (*fiber_body)(const void*) = nullptr;
-inline thread_local const void* fiber_body_arg = nullptr;
-
 inline void fiber_main() {
-  fiber_body(fiber_body_arg);
-  Fiber* self = scheduler->current;
+  Scheduler& s = *scheduler;
+  try {
+    s.body(s.body_arg);
+  } catch (...) {  // unwinding cannot leave a fiber: the launch rethrows it
+    if (!s.error) s.error = std::current_exception();
+  }
+  Fiber* self = s.current;
   self->done = true;
   switch_to_next(self);  // never resumed
   std::abort();
 }
 
-// Room for a kernel's frames at -O1 and the libm calls under them; a guard
-// page below each stack turns an overflow into a fault, not a corruption.
+// Room for a kernel's frames at -O1 and the libm calls under them; the guard
+// below each stack (wider than any frame of these kernels) turns an overflow
+// into a fault, not a write into the neighbouring fiber's stack.
 constexpr size_t kFiberStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 64 * 1024;
+
+// The fibers' stacks, one mapping, unmapped however the launch ends.
+class FiberStacks {
+ public:
+  explicit FiberStacks(size_t count) : bytes_(count * (kFiberStackBytes + kGuardBytes)) {
+    base_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK,
+                 -1, 0);
+    if (base_ == MAP_FAILED) throw std::runtime_error("todi_host::launch: no memory for the fiber stacks");
+    for (size_t i = 0; i < count; ++i) {
+      if (mprotect(static_cast<char*>(base_) + i * (kFiberStackBytes + kGuardBytes), kGuardBytes, PROT_NONE) != 0) {
+        munmap(base_, bytes_);
+        throw std::runtime_error("todi_host::launch: cannot place the fiber stacks' guard pages");
+      }
+    }
+  }
+  ~FiberStacks() { munmap(base_, bytes_); }
+  FiberStacks(const FiberStacks&) = delete;
+  FiberStacks& operator=(const FiberStacks&) = delete;
+  char* top(size_t i) const { return static_cast<char*>(base_) + (i + 1) * (kFiberStackBytes + kGuardBytes); }
+
+ private:
+  size_t bytes_;
+  void* base_;
+};
 
 // Runs body() as every thread of the cluster, each a fiber, until all have
 // returned; a barrier that some thread never reaches is an error.
@@ -287,37 +351,31 @@ template <class Body>
 void run_cluster(Cluster& cluster, unsigned first_block, unsigned grid, unsigned threads, const Body& body) {
   const unsigned parts = static_cast<unsigned>(cluster.blocks.size());
   const size_t count = size_t{parts} * threads;
-  const size_t page = 4096, slot = kFiberStackBytes + page;
-  void* stacks = mmap(nullptr, slot * count, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
-  if (stacks == MAP_FAILED) throw std::runtime_error("todi_host::launch: no memory for the fiber stacks");
+  const FiberStacks stacks(count);
   std::vector<Fiber> fibers(count);
   Scheduler sched;
+  sched.body = [](const void* b) { (*static_cast<const Body*>(b))(); };
+  sched.body_arg = &body;
   for (size_t i = 0; i < count; ++i) {
     Fiber& f = fibers[i];
-    char* base = static_cast<char*>(stacks) + i * slot;
-    mprotect(base, page, PROT_NONE);
-    f.sp = new_fiber_stack(base + slot, fiber_main);
+    f.sp = new_fiber_stack(stacks.top(i), fiber_main);
     const unsigned r = static_cast<unsigned>(i / threads), t = static_cast<unsigned>(i % threads);
     f.state = ThreadState{&cluster, r, 0};
     f.thread_idx = uint3{t, 0, 0};
     f.block_idx = uint3{first_block + r, 0, 0};
     sched.ready.push_back(&f);
   }
-  Scheduler* const outer = scheduler;
+  if (scheduler != nullptr) throw std::logic_error("todi_host::launch: a launch inside a launch");
   scheduler = &sched;
-  fiber_body = [](const void* b) { (*static_cast<const Body*>(b))(); };
-  fiber_body_arg = &body;
   blockDim = dim3(threads);
   gridDim = dim3(grid);
-  Fiber* first = sched.ready.front();
-  sched.ready.pop_front();
+  Fiber* first = take_next(sched);
   enter(first);
   todi_host_switch(&sched.launcher, first->sp);
-  scheduler = outer;
+  scheduler = nullptr;
+  if (sched.error) std::rethrow_exception(sched.error);
   size_t stuck = 0;
   for (const Fiber& f : fibers) stuck += !f.done;
-  munmap(stacks, slot * count);
   if (stuck != 0) {
     throw std::runtime_error("todi_host::launch: " + std::to_string(stuck) + " of " + std::to_string(count) +
                              " threads wait at a barrier that the others never reach");

@@ -169,6 +169,65 @@ void launch_divergent_barrier(int64_t threads, int64_t reaching) {
                     static_cast<unsigned>(reaching));
 }
 
+// Whether emulated threads are fibers run in an order set_schedule picks, or
+// OS threads (a sanitizer build).
+bool uses_fibers() {
+#ifdef TODI_EXT_HOST_OS_THREADS
+  return false;
+#else
+  return true;
+#endif
+}
+
+// Which ready emulated thread runs next: "oldest" or "newest" first.
+void set_schedule(std::string_view order) {
+  TODI_CHECK(uses_fibers(), "OS threads (a sanitizer build) have no schedule to set");
+  TODI_CHECK(order == "oldest" || order == "newest", "order must be 'oldest' or 'newest', got '", order, "'");
+#ifndef TODI_EXT_HOST_OS_THREADS
+  todi_host::schedule_order = order == "oldest" ? todi_host::Order::kOldestFirst : todi_host::Order::kNewestFirst;
+#endif
+}
+
+// Two block sums through one scratch array (as streamed_kernel.cuh's
+// block_sum) without the barrier between the first sum's reads and the
+// second's writes; out gets each thread's first sum, blockDim.x where no warp
+// overwrote scratch early. The schedule test shows newest-first finds it.
+__global__ void block_sums_missing_a_barrier_kernel(float* out) {
+  TODI_SHARED_ARRAY(float, scratch, 32);
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  float sums[2];
+  for (int round = 0; round < 2; ++round) {
+    float v = round + 1.0f;
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(~0u, v, offset);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float x = lane < warps ? scratch[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(~0u, x, offset);
+    sums[round] = x;  // the missing __syncthreads() belongs after this read
+  }
+  out[threadIdx.x] = sums[0];
+}
+
+// Run under `order`; the schedule the tests set is restored.
+void block_sums_missing_a_barrier(const Tensor& out, std::string_view order) {
+  TODI_CHECK(out.scalar_type() == todi_ext::ScalarType::Float && out.dim() == 1 && out.numel() % 32 == 0,
+             "out must be a float32 vector of a multiple of 32 threads");
+#ifdef TODI_EXT_HOST_OS_THREADS
+  set_schedule(order);  // refuses: OS threads have no order
+#else
+  const auto previous = todi_host::schedule_order;
+  set_schedule(order);
+  try {
+    todi_host::launch(block_sums_missing_a_barrier_kernel, 1, static_cast<unsigned>(out.numel()), 0, 1,
+                      out.mutable_data_ptr<float>());
+  } catch (...) {
+    todi_host::schedule_order = previous;
+    throw;
+  }
+  todi_host::schedule_order = previous;
+#endif
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
@@ -184,12 +243,16 @@ STABLE_TORCH_LIBRARY(todi_cuda_host, m) {
   m.def("register_row_shape(int vocab, int elem_bytes) -> (int, int)");
   m.def("set_phase_launch(str variant, int threads, int blocks, int parts) -> ()");
   m.def("launch_divergent_barrier(int threads, int reaching) -> ()");
+  m.def("uses_fibers() -> bool");
+  m.def("block_sums_missing_a_barrier(Tensor(a!) out, str order) -> ()");
+  m.def("set_schedule(str order) -> ()");
   for (const char* schema : todi_ext::vocab_parallel::kSchemas) m.def(schema);  // the extension's own
 }
 
 STABLE_TORCH_LIBRARY_IMPL(todi_cuda_host, CPU, m) {
   namespace vp = todi_ext::vocab_parallel;
   m.impl("distill_forward", TORCH_BOX(&distill_forward));
+  m.impl("block_sums_missing_a_barrier", TORCH_BOX(&block_sums_missing_a_barrier));
   m.impl("scale_grad_", TORCH_BOX(&scale_grad_));
   m.impl("scale_grad", TORCH_BOX(&scale_grad));
   m.impl("count_positions", TORCH_BOX(&count_positions));
@@ -205,4 +268,6 @@ STABLE_TORCH_LIBRARY_IMPL(todi_cuda_host, CompositeExplicitAutograd, m) {
   m.impl("register_row_shape", TORCH_BOX(&register_row_shape));
   m.impl("set_phase_launch", TORCH_BOX(&set_phase_launch));
   m.impl("launch_divergent_barrier", TORCH_BOX(&launch_divergent_barrier));
+  m.impl("uses_fibers", TORCH_BOX(&uses_fibers));
+  m.impl("set_schedule", TORCH_BOX(&set_schedule));
 }
