@@ -25,7 +25,7 @@ from todi_ext import reference
 from conftest import (TOLERANCES, assert_grad_close, make_labels, make_logits, phases_on_slices,
                       undefined_rows_across_slices)
 
-# The slow tier (pytest -m "not slow" skips it): the harness build and ~330 emulated launches.
+# The slow tier (pytest -m "not slow" skips it): the harness build and ~660 emulated launches.
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
