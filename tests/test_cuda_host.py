@@ -85,7 +85,8 @@ def harness(harness_library, request):
     if not harness_library.uses_fibers():
         if request.param != "oldest":
             pytest.skip("OS threads (a sanitizer build) have no schedule to set")
-        return harness_library
+        yield harness_library
+        return
     harness_library.set_schedule(request.param)
     yield harness_library
     harness_library.set_schedule("oldest")
