@@ -56,7 +56,8 @@ def harness_library():
     from torch.utils.cpp_extension import load
 
     # TODI_EXT_HOST_SANITIZE=thread: a ThreadSanitizer build (run pytest with
-    # LD_PRELOAD=$(gcc -print-file-name=libtsan.so)); slow, kept out of CI.
+    # LD_PRELOAD=$(gcc -print-file-name=libtsan.so); the compiler fails under
+    # that preload, so run once without it to build); slow, kept out of CI.
     # Sanitizers see OS threads, not fibers: such a build emulates every GPU
     # thread as one (TODI_EXT_HOST_OS_THREADS).
     sanitize = os.environ.get("TODI_EXT_HOST_SANITIZE", "")
