@@ -2,11 +2,11 @@
 
 tests/cuda_host/harness.cpp compiles csrc/cuda/streamed_kernel.cuh as C++
 with the host emulation of csrc/cuda/host_emulation.h (each GPU thread a
-fiber of a cooperative scheduler; __syncthreads, shuffles and cluster barriers
-real barriers; shared memory per emulated block) into the library `todi_cuda_host_harness` (ops
-torch.ops.todi_cuda_host) - a test harness, not the extension - and these
-tests run every kernel variant against
-the float64 oracle and the CPU kernel. What this cannot check: the hardware's
+fiber of a cooperative scheduler; __syncthreads, shuffles and cluster
+barriers real barriers; shared memory per emulated block) into the library
+`todi_cuda_host_harness` (ops torch.ops.todi_cuda_host) - a test harness, not
+the extension - and these tests run every kernel variant, under two
+schedules, against the float64 oracle and the CPU kernel. What this cannot check: the hardware's
 own arithmetic (ex2/rcp approximations; host code uses libm), timing and real
 memory races (the ThreadSanitizer build below runs every GPU thread as an OS
 thread to look for those); tests/test_cuda.py does that on a GPU.

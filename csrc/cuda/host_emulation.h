@@ -69,6 +69,16 @@ struct ThreadState {
 
 inline thread_local ThreadState state;
 
+// Which ready thread runs next. Oldest first (thread 0 first; after a
+// barrier, its last arrival and then the others in arrival order) moves the
+// threads in lockstep and hides a missing barrier after a read of shared
+// memory that the next phase overwrites; newest first (the highest thread
+// first) runs one thread far ahead and shows it, and the reverse for a read
+// before the barrier that orders it. The tests run every kernel under both.
+// OS threads have no order: they ignore it.
+enum class Order { kOldestFirst, kNewestFirst };
+inline Order schedule_order = Order::kOldestFirst;
+
 #ifdef TODI_EXT_HOST_OS_THREADS
 using Barrier = std::barrier<>;
 #else
@@ -132,15 +142,6 @@ struct Fiber {
   uint3 block_idx{};
   bool done = false;
 };
-
-// Which ready thread runs next. Oldest first (thread 0 first; after a
-// barrier, its last arrival and then the others in arrival order) moves the
-// threads in lockstep and hides a missing barrier after a read of shared
-// memory that the next phase overwrites; newest first (the highest thread
-// first) runs one thread far ahead and shows it, and the reverse for a read
-// before the barrier that orders it. The tests run every kernel under both.
-enum class Order { kOldestFirst, kNewestFirst };
-inline Order schedule_order = Order::kOldestFirst;
 
 // Per launch: the body every fiber runs, the ready queue, the running fiber
 // and an exception that escaped a kernel.
@@ -349,6 +350,7 @@ class FiberStacks {
 // returned; a barrier that some thread never reaches is an error.
 template <class Body>
 void run_cluster(Cluster& cluster, unsigned first_block, unsigned grid, unsigned threads, const Body& body) {
+  if (scheduler != nullptr) throw std::logic_error("todi_host::launch: a launch inside a launch");
   const unsigned parts = static_cast<unsigned>(cluster.blocks.size());
   const size_t count = size_t{parts} * threads;
   const FiberStacks stacks(count);
@@ -365,7 +367,6 @@ void run_cluster(Cluster& cluster, unsigned first_block, unsigned grid, unsigned
     f.block_idx = uint3{first_block + r, 0, 0};
     sched.ready.push_back(&f);
   }
-  if (scheduler != nullptr) throw std::logic_error("todi_host::launch: a launch inside a launch");
   scheduler = &sched;
   blockDim = dim3(threads);
   gridDim = dim3(grid);

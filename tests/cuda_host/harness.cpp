@@ -183,9 +183,7 @@ bool uses_fibers() {
 void set_schedule(std::string_view order) {
   TODI_CHECK(uses_fibers(), "OS threads (a sanitizer build) have no schedule to set");
   TODI_CHECK(order == "oldest" || order == "newest", "order must be 'oldest' or 'newest', got '", order, "'");
-#ifndef TODI_EXT_HOST_OS_THREADS
   todi_host::schedule_order = order == "oldest" ? todi_host::Order::kOldestFirst : todi_host::Order::kNewestFirst;
-#endif
 }
 
 // Two block sums through one scratch array (as streamed_kernel.cuh's
@@ -208,24 +206,17 @@ __global__ void block_sums_missing_a_barrier_kernel(float* out) {
   out[threadIdx.x] = sums[0];
 }
 
-// Run under `order`; the schedule the tests set is restored.
+// Run under `order`; the schedule the tests set is restored however it ends.
 void block_sums_missing_a_barrier(const Tensor& out, std::string_view order) {
   TODI_CHECK(out.scalar_type() == todi_ext::ScalarType::Float && out.dim() == 1 && out.numel() % 32 == 0,
              "out must be a float32 vector of a multiple of 32 threads");
-#ifdef TODI_EXT_HOST_OS_THREADS
-  set_schedule(order);  // refuses: OS threads have no order
-#else
-  const auto previous = todi_host::schedule_order;
+  struct Restore {
+    todi_host::Order previous = todi_host::schedule_order;
+    ~Restore() { todi_host::schedule_order = previous; }
+  } restore;
   set_schedule(order);
-  try {
-    todi_host::launch(block_sums_missing_a_barrier_kernel, 1, static_cast<unsigned>(out.numel()), 0, 1,
-                      out.mutable_data_ptr<float>());
-  } catch (...) {
-    todi_host::schedule_order = previous;
-    throw;
-  }
-  todi_host::schedule_order = previous;
-#endif
+  todi_host::launch(block_sums_missing_a_barrier_kernel, 1, static_cast<unsigned>(out.numel()), 0, 1,
+                    out.mutable_data_ptr<float>());
 }
 
 }  // namespace
