@@ -96,8 +96,8 @@ T hmax(const Vectorized<T>& v) {
   return best;
 }
 
-// x * (1/T), rounded to acc_t and never fused into the next addition: the
-// AVX2/AVX512 copies are built with -mfma, and GCC contracts a product and
+// x * (1/T) (or another factor: pass 2's kept exponentials), rounded to
+// acc_t and never fused into the next addition: the AVX2/AVX512 copies are built with -mfma, and GCC contracts a product and
 // a sum of vectors into an FMA, which differs from the rounded product by up
 // to half an ulp of x / T. The empty asm makes the product opaque, at no
 // instruction cost (a blanket -ffp-contract=off was slower; NOTES); the
@@ -174,6 +174,20 @@ int64_t load_chunk(const void* src, c10::ScalarType dtype, int64_t n, acc_t* dst
   const int64_t padded = (n + width - 1) / width * width;
   std::fill(dst + n, dst + padded, -std::numeric_limits<acc_t>::infinity());
   return padded;
+}
+
+// The n entries of a row chunk at src as acc_t, padded with -inf to whole
+// vectors: src itself where it already is that (a whole chunk of acc_t),
+// else converted into buffer. padded: the padded count.
+template <class acc_t>
+const acc_t* chunk_entries(const void* src, c10::ScalarType dtype, int64_t n, acc_t* buffer, int64_t& padded) {
+  constexpr c10::ScalarType kAcc = std::is_same_v<acc_t, float> ? c10::ScalarType::Float : c10::ScalarType::Double;
+  if (dtype == kAcc && n == kChunk) {
+    padded = kChunk;
+    return static_cast<const acc_t*>(src);
+  }
+  padded = load_chunk(src, dtype, n, buffer);
+  return buffer;
 }
 
 template <class acc_t>
@@ -275,6 +289,14 @@ struct KeptExps {
   acc_t* max_s;
 };
 
+// The shift that brings a chunk's x/T to <= 0, given their max: 0 for a
+// chunk that is all -inf (masked), whose exponentials are then exp(-inf) = 0
+// rather than NaN.
+template <class acc_t>
+Vectorized<acc_t> exp_shift(acc_t chunk_max) {
+  return Vectorized<acc_t>(chunk_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : chunk_max);
+}
+
 // Pass 1: log-sum-exp of z/T and s/T over the row, and with lse_z1 that of
 // z itself (the hard-label cross-entropy's, when T != 1). With `kept`, the
 // exponentials of z/T and s/T and the chunk maxima are stored there.
@@ -284,37 +306,42 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, m
                       const KeptExps<acc_t>* kept = nullptr) {
   using Vec = Vectorized<acc_t>;
   const Vec inv_t(static_cast<acc_t>(*p.inv_temperature));
-  const Vec one(acc_t(1));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
-    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
-    for (int which = 0; which < 3; ++which) {
-      if (which == 2 && lse_z1 == nullptr) break;
-      acc_t* x = which == 1 ? c.s : c.z;
-      const Vec scale = which == 2 ? one : inv_t;
-      Vec vmax(-std::numeric_limits<acc_t>::infinity());
-      for (int64_t i = 0; i < padded; i += Vec::size()) {
-        vmax = at::vec::maximum(vmax, scaled(Vec::loadu(x + i), scale));
+    int64_t padded;
+    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z, padded);
+    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, padded);
+    // z and s side by side in each loop: two independent chains (NOTES).
+    Vec max_zv(-std::numeric_limits<acc_t>::infinity()), max_sv(max_zv);
+    for (int64_t i = 0; i < padded; i += Vec::size()) {
+      max_zv = at::vec::maximum(max_zv, scaled(Vec::loadu(zc + i), inv_t));
+      max_sv = at::vec::maximum(max_sv, scaled(Vec::loadu(sc + i), inv_t));
+    }
+    const acc_t max_z = hmax(max_zv), max_s = hmax(max_sv);
+    const Vec shift_z = exp_shift(max_z), shift_s = exp_shift(max_s);
+    Vec sum_z(acc_t(0)), sum_s(acc_t(0));
+    for (int64_t i = 0; i < padded; i += Vec::size()) {
+      // x / T - m as RowLse::log_prob forms it: the max lane gives exp(0).
+      const Vec e_z = exp_nonpositive(scaled(Vec::loadu(zc + i), inv_t) - shift_z);
+      const Vec e_s = exp_nonpositive(scaled(Vec::loadu(sc + i), inv_t) - shift_s);
+      sum_z = sum_z + e_z;
+      sum_s = sum_s + e_s;
+      if (kept != nullptr) {
+        e_z.store(kept->e_z + start + i);
+        e_s.store(kept->e_s + start + i);
       }
-      const acc_t chunk_max = hmax(vmax);
-      acc_t chunk_sum = 0;
-      acc_t* keep = kept == nullptr || which == 2 ? nullptr : (which == 0 ? kept->e_z : kept->e_s) + start;
-      if (keep != nullptr) (which == 0 ? kept->max_z : kept->max_s)[start / kChunk] = chunk_max;
-      if (chunk_max != -std::numeric_limits<acc_t>::infinity()) {
-        const Vec shift(chunk_max);
-        Vec vsum(acc_t(0));
-        for (int64_t i = 0; i < padded; i += Vec::size()) {
-          // x / T - m as RowLse::log_prob forms it: the max lane gives exp(0).
-          const Vec e = exp_nonpositive(scaled(Vec::loadu(x + i), scale) - shift);
-          vsum = vsum + e;
-          if (keep != nullptr) e.store(keep + i);
-        }
-        chunk_sum = hsum(vsum);
-      } else if (keep != nullptr) {
-        std::fill(keep, keep + padded, acc_t(0));
-      }
-      (which == 0 ? lse_z : which == 1 ? lse_s : *lse_z1).merge(chunk_max, chunk_sum);
+    }
+    if (kept != nullptr) kept->max_z[start / kChunk] = max_z, kept->max_s[start / kChunk] = max_s;
+    lse_z.merge(max_z, hsum(sum_z));
+    lse_s.merge(max_s, hsum(sum_s));
+    if (lse_z1 != nullptr) {  // z's own (T = 1) log-sum-exp
+      Vec max_v(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t i = 0; i < padded; i += Vec::size()) max_v = at::vec::maximum(max_v, Vec::loadu(zc + i));
+      const acc_t max_z1 = hmax(max_v);
+      const Vec shift = exp_shift(max_z1);
+      Vec sum(acc_t(0));
+      for (int64_t i = 0; i < padded; i += Vec::size()) sum = sum + exp_nonpositive(Vec::loadu(zc + i) - shift);
+      lse_z1->merge(max_z1, hsum(sum));
     }
   }
 }
@@ -419,11 +446,12 @@ int64_t akl_fill_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Ro
   int64_t padded_vocab = 0;
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
-    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    int64_t padded;
+    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z, padded);
+    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, padded);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
-      const Vec log_p = lse_s.log_prob(Vec::loadu(c.s + i));
-      const Vec log_q = lse_z.log_prob(Vec::loadu(c.z + i));
+      const Vec log_p = lse_s.log_prob(Vec::loadu(sc + i));
+      const Vec log_q = lse_z.log_prob(Vec::loadu(zc + i));
       const Vec keep = kept(log_p, log_q);
       const Vec prob = log_p.exp();
       Vec::blendv(inf, prob, keep).store(scratch.akl_prob + start + i);
@@ -620,27 +648,34 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
   const Vec sum_v(weight_sum);
   const Vec hard_w(hard.weight * scale), neg_max(hard.neg_max), log_sum(hard.log_sum);
   const int64_t elem = element_size(out.dtype);
+  constexpr c10::ScalarType kAcc = std::is_same_v<acc_t, float> ? c10::ScalarType::Float : c10::ScalarType::Double;
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    if (hard.on && !hard.probs_are_q) load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    int64_t padded;  // z for the hard label's softmax at T != 1
+    const acc_t* zc = hard.on && !hard.probs_are_q
+                          ? chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z, padded)
+                          : nullptr;
+    char* dst = static_cast<char*>(out.data) + (out_offset + start) * elem;
+    const bool direct = out.dtype == kAcc && n == kChunk;
+    acc_t* gout = direct ? reinterpret_cast<acc_t*>(dst) : c.grad;
     for (int64_t i = 0; i < n; i += Vec::size()) {
       Vec g = math::log_softmax_grad(Vec::loadu(weight + start + i), Vec::loadu(prob + start + i), sum_v, inv_t);
       if (hard.on) {
-        const Vec probs = hard.probs_are_q ? Vec::loadu(prob + start + i) : ((Vec::loadu(c.z + i) + neg_max) - log_sum).exp();
+        const Vec probs = hard.probs_are_q ? Vec::loadu(prob + start + i) : ((Vec::loadu(zc + i) + neg_max) - log_sum).exp();
         g = g + hard_w * probs;
       }
-      g.store(c.grad + i);
+      g.store(gout + i);
     }
     if (peak.index >= start && peak.index < start + n) {
       const int64_t k = peak.index - start;
       acc_t g = peak.grad * soft_scale;
       if (hard.on) {
-        g += hard.weight * scale * (hard.probs_are_q ? prob[peak.index] : std::exp((c.z[k] + hard.neg_max) - hard.log_sum));
+        g += hard.weight * scale * (hard.probs_are_q ? prob[peak.index] : std::exp((zc[k] + hard.neg_max) - hard.log_sum));
       }
-      c.grad[k] = g;
+      gout[k] = g;
     }
-    if (hard.on && hard.label >= start && hard.label < start + n) c.grad[hard.label - start] -= hard.weight * scale;
-    store_chunk(c.grad, n, static_cast<char*>(out.data) + (out_offset + start) * elem, out.dtype);
+    if (hard.on && hard.label >= start && hard.label < start + n) gout[hard.label - start] -= hard.weight * scale;
+    if (!direct) store_chunk(c.grad, n, dst, out.dtype);
   }
 }
 
@@ -745,13 +780,15 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
   const Vec zero(acc_t(0));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = load_chunk(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
-    load_chunk(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    int64_t padded;
+    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z, padded);
+    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, padded);
     Vec loss_acc(zero), u_acc(zero), v_acc(zero), q_acc(zero), q_max(zero), p_acc(zero), p_max(zero);
+    Vec f_z(zero), f_s(zero);
     if (reuse) {
-      // p and q over pass 1's exponentials, in place: q = exp(z/T - chunk
-      // max) exp(chunk max - max - log sum), the second factor formed in
-      // double and rounded once. A vector holding a probability above
+      // p and q over pass 1's exponentials: q = exp(z/T - chunk max)
+      // exp(chunk max - max - log sum), the second factor formed in double
+      // and rounded once (terms_loop multiplies). A vector holding a probability above
       // kExactProbability takes exp(log p), exp(log q) instead: the row's few
       // large entries decide the cancellations of saturated rows (the
       // gradient's u - q U, TVD's p - q), where the product's ~2 ulp against
@@ -759,18 +796,8 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
       const auto factor = [&](acc_t chunk_max, const math::LogSumExp<double>& lse, double log_sum) {
         return Vec(static_cast<acc_t>(std::exp((static_cast<double>(chunk_max) - lse.max) - log_sum)));
       };
-      const Vec f_z = factor(scratch.chunk_max_z[start / kChunk], lse_z, log_sum_z);
-      const Vec f_s = factor(scratch.chunk_max_s[start / kChunk], lse_s, log_sum_s);
-      for (int64_t i = 0; i < padded; i += Vec::size()) {
-        const Vec pv = Vec::loadu(scratch.u + start + i) * f_s;
-        const Vec qv = Vec::loadu(scratch.q + start + i) * f_z;
-        if (all_below(at::vec::maximum(pv, qv), acc_t(kExactProbability))) {
-          pv.store(scratch.u + start + i);
-          qv.store(scratch.q + start + i);
-        } else {
-          exact_probabilities(c.z + i, c.s + i, lse_zv, lse_sv, scratch.q + start + i, scratch.u + start + i);
-        }
-      }
+      f_z = factor(scratch.chunk_max_z[start / kChunk], lse_z, log_sum_z);
+      f_s = factor(scratch.chunk_max_s[start / kChunk], lse_s, log_sum_s);
     }
     // The loop over the chunk, compiled per case: the one over kept
     // probabilities has no exp call, so its accumulators stay in registers.
@@ -779,19 +806,24 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
       for (int64_t i = 0; i < padded; i += Vec::size()) {
         Vec pv, qv;
         if constexpr (kKept) {
-          pv = Vec::loadu(scratch.u + start + i);
-          qv = Vec::loadu(scratch.q + start + i);
+          pv = scaled(Vec::loadu(scratch.u + start + i), f_s);  // rounded, as p's terms expect
+          qv = scaled(Vec::loadu(scratch.q + start + i), f_z);
+          if (!all_below(at::vec::maximum(pv, qv), acc_t(kExactProbability))) [[unlikely]] {
+            exact_probabilities(zc + i, sc + i, lse_zv, lse_sv, scratch.q + start + i, scratch.u + start + i);
+            pv = Vec::loadu(scratch.u + start + i);
+            qv = Vec::loadu(scratch.q + start + i);
+          }
         }
         math::EntryTerms<Vec> t;
         if constexpr (kKept && math::kHasMix<D>) {
           if (all_at_least(mix_p * pv + mix_q * qv, acc_t(kDirectMixFloor)) &&
               all_below(at::vec::maximum(pv, qv), acc_t(kExactProbability))) [[likely]] {
-            t = masked_terms<D, false, true>(c.z + i, c.s + i, lse_zv, lse_sv, prm, &pv, &qv);
+            t = masked_terms<D, false, true>(zc + i, sc + i, lse_zv, lse_sv, prm, &pv, &qv);
           } else {
-            t = log_mix_terms<D>(c.z + i, c.s + i, lse_zv, lse_sv, prm, pv, qv);
+            t = log_mix_terms<D>(zc + i, sc + i, lse_zv, lse_sv, prm, pv, qv);
           }
         } else {
-          t = masked_terms<D, decltype(unit)::value>(c.z + i, c.s + i, lse_zv, lse_sv, prm, kKept ? &pv : nullptr,
+          t = masked_terms<D, decltype(unit)::value>(zc + i, sc + i, lse_zv, lse_sv, prm, kKept ? &pv : nullptr,
                                                      kKept ? &qv : nullptr);
         }
         loss_acc = loss_acc + t.loss;
