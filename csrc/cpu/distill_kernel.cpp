@@ -9,10 +9,11 @@
 // step (student gradient only) pass 1 keeps its exponentials in the row
 // scratch and pass 2 turns them into p and q by one product (forward_row),
 // so ToDi, FKL, RKL and TVD evaluate two exps per entry in all. The row is
-// walked in chunks of kChunk entries that are first converted to the
-// accumulation type in a small buffer (it stays in L1), so the math below is
-// written once for every input dtype and has no scalar tail: the buffer is
-// padded to whole vectors with -inf, which the masking already ignores.
+// walked in chunks of kChunk entries of the accumulation type: read in place
+// where the input already is that type (a whole chunk), else converted into
+// a small buffer (it stays in L1), so the math below is written once for
+// every input dtype and has no scalar tail: the buffer is padded to whole
+// vectors with -inf, which the masking already ignores.
 //
 // Row sums are blocked: vector partials over one chunk (at most kChunk /
 // lanes additions per lane), then the chunk totals added in double. A
