@@ -24,7 +24,7 @@ TIMEOUT_S = 120  # a bug must fail the test, not hang it
 
 
 def _slices(vocab, world):
-    # Unequal, and not a divisor split: e.g. 1001 over 3 -> 400, 301, 300.
+    # Unequal, and not a divisor split: e.g. 1001 over 3 -> 335, 333, 333.
     base = [vocab // world] * world
     base[0] += vocab - sum(base)
     return base
@@ -41,7 +41,9 @@ def _cases():
 
 
 def _check_case(rank, world, dtype, divergence, reduction, kwargs):
-    vocab = 1001
+    # Slices of 1026 + 1025 or 685 + 683 + 683: whole kernel chunks (1024
+    # entries, read in place in float32/64) and partial ones.
+    vocab = 2051
     z, s = make_logits((3, 4, vocab), dtype, seed=1), make_logits((3, 4, vocab), dtype, seed=2)
     labels = make_labels((3, 4), num_classes=vocab, seed=3)
     # Labels on every rank's slice, and the slice edges.
@@ -311,7 +313,7 @@ def test_akl_phase_ops_on_one_slice_give_the_fused_split(dtype, akl_mu):
     # per-row AKL loss and gradients (the same math, the same roundings).
     from conftest import op_scalar as _s
 
-    z, s = make_logits((6, 1001), dtype, seed=11), make_logits((6, 1001), dtype, seed=12)
+    z, s = make_logits((6, 2100), dtype, seed=11), make_logits((6, 2100), dtype, seed=12)  # whole chunks and a partial
     labels = torch.tensor([3, -1, 40, 0, 39, 1000])
     inv_t = _s(0.5)
     stats = torch.ops.todi_ext.vocab_parallel_row_stats(z, s, labels, inv_t, -1, False)

@@ -97,16 +97,17 @@ T hmax(const Vectorized<T>& v) {
   return best;
 }
 
-// x * (1/T) (or another factor: pass 2's kept exponentials), rounded to
-// acc_t and never fused into the next addition: the AVX2/AVX512 copies are built with -mfma, and GCC contracts a product and
-// a sum of vectors into an FMA, which differs from the rounded product by up
-// to half an ulp of x / T. The empty asm makes the product opaque, at no
+// x * factor (1/T, or pass 2's factor for its kept exponentials), rounded
+// to acc_t and never fused into the next addition: the AVX2/AVX512 copies
+// are built with -mfma, and GCC contracts a product and a sum of vectors
+// into an FMA, which differs from the rounded product by up to half an ulp
+// of x / T. The empty asm makes the product opaque, at no
 // instruction cost (a blanket -ffp-contract=off was slower; NOTES); the
 // DEFAULT copy has no FMA on x86 and is built with -ffp-contract=off for
 // other targets (CMakeLists.txt).
 template <class acc_t>
-Vectorized<acc_t> scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& inv_t) {
-  Vectorized<acc_t> y = x * inv_t;
+Vectorized<acc_t> scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& factor) {
+  Vectorized<acc_t> y = x * factor;
 #if defined(__GNUC__) && (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
 #if defined(CPU_CAPABILITY_AVX512)
   using Raw = std::conditional_t<std::is_same_v<acc_t, float>, __m512, __m512d>;
@@ -151,6 +152,17 @@ Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& d) {
   }
 }
 
+// n rounded up to a whole number of vectors: the length every chunk loop walks.
+template <class acc_t>
+int64_t padded_length(int64_t n) {
+  constexpr int64_t width = Vectorized<acc_t>::size();
+  return (n + width - 1) / width * width;
+}
+
+// The ScalarType of the accumulation type (float or double).
+template <class acc_t>
+constexpr c10::ScalarType kAccType = std::is_same_v<acc_t, float> ? c10::ScalarType::Float : c10::ScalarType::Double;
+
 // Converts n entries of src (any supported dtype) to acc_t, padding the
 // buffer with -inf up to a whole number of vectors. Returns the padded count.
 template <class acc_t>
@@ -171,23 +183,18 @@ int64_t load_chunk(const void* src, c10::ScalarType dtype, int64_t n, acc_t* dst
     default:
       throw std::invalid_argument("todi_ext: unsupported dtype");  // the op accepts none
   }
-  constexpr int64_t width = Vectorized<acc_t>::size();
-  const int64_t padded = (n + width - 1) / width * width;
+  const int64_t padded = padded_length<acc_t>(n);
   std::fill(dst + n, dst + padded, -std::numeric_limits<acc_t>::infinity());
   return padded;
 }
 
-// The n entries of a row chunk at src as acc_t, padded with -inf to whole
-// vectors: src itself where it already is that (a whole chunk of acc_t),
-// else converted into buffer. padded: the padded count.
+// The n entries of a row chunk at src as acc_t, padded with -inf to
+// padded_length(n): src itself where it already is that (a whole chunk of
+// acc_t), else converted into buffer.
 template <class acc_t>
-const acc_t* chunk_entries(const void* src, c10::ScalarType dtype, int64_t n, acc_t* buffer, int64_t& padded) {
-  constexpr c10::ScalarType kAcc = std::is_same_v<acc_t, float> ? c10::ScalarType::Float : c10::ScalarType::Double;
-  if (dtype == kAcc && n == kChunk) {
-    padded = kChunk;
-    return static_cast<const acc_t*>(src);
-  }
-  padded = load_chunk(src, dtype, n, buffer);
+const acc_t* chunk_entries(const void* src, c10::ScalarType dtype, int64_t n, acc_t* buffer) {
+  if (dtype == kAccType<acc_t> && n == kChunk) return static_cast<const acc_t*>(src);
+  load_chunk(src, dtype, n, buffer);
   return buffer;
 }
 
@@ -290,9 +297,9 @@ struct KeptExps {
   acc_t* max_s;
 };
 
-// The shift that brings a chunk's x/T to <= 0, given their max: 0 for a
-// chunk that is all -inf (masked), whose exponentials are then exp(-inf) = 0
-// rather than NaN.
+// The shift that brings a chunk's scaled logits (x/T, or x) to <= 0, given
+// their max: 0 for a chunk that is all -inf (masked), whose exponentials are
+// then exp(-inf) = 0 rather than NaN.
 template <class acc_t>
 Vectorized<acc_t> exp_shift(acc_t chunk_max) {
   return Vectorized<acc_t>(chunk_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : chunk_max);
@@ -309,9 +316,9 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, m
   const Vec inv_t(static_cast<acc_t>(*p.inv_temperature));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    int64_t padded;
-    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z, padded);
-    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, padded);
+    const int64_t padded = padded_length<acc_t>(n);
+    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     // z and s side by side in each loop: two independent chains (NOTES).
     Vec max_zv(-std::numeric_limits<acc_t>::infinity()), max_sv(max_zv);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
@@ -447,9 +454,9 @@ int64_t akl_fill_row(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, Ro
   int64_t padded_vocab = 0;
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    int64_t padded;
-    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z, padded);
-    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, padded);
+    const int64_t padded = padded_length<acc_t>(n);
+    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
       const Vec log_p = lse_s.log_prob(Vec::loadu(sc + i));
       const Vec log_q = lse_z.log_prob(Vec::loadu(zc + i));
@@ -649,15 +656,13 @@ void write_grad_row(const acc_t* weight, const acc_t* prob, acc_t weight_sum, co
   const Vec sum_v(weight_sum);
   const Vec hard_w(hard.weight * scale), neg_max(hard.neg_max), log_sum(hard.log_sum);
   const int64_t elem = element_size(out.dtype);
-  constexpr c10::ScalarType kAcc = std::is_same_v<acc_t, float> ? c10::ScalarType::Float : c10::ScalarType::Double;
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    int64_t padded;  // z for the hard label's softmax at T != 1
-    const acc_t* zc = hard.on && !hard.probs_are_q
-                          ? chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z, padded)
-                          : nullptr;
+    // z for the hard label's softmax at T != 1
+    const acc_t* zc =
+        hard.on && !hard.probs_are_q ? chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z) : nullptr;
     char* dst = static_cast<char*>(out.data) + (out_offset + start) * elem;
-    const bool direct = out.dtype == kAcc && n == kChunk;
+    const bool direct = out.dtype == kAccType<acc_t> && n == kChunk;
     acc_t* gout = direct ? reinterpret_cast<acc_t*>(dst) : c.grad;
     for (int64_t i = 0; i < n; i += Vec::size()) {
       Vec g = math::log_softmax_grad(Vec::loadu(weight + start + i), Vec::loadu(prob + start + i), sum_v, inv_t);
@@ -781,19 +786,20 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
   const Vec zero(acc_t(0));
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
-    int64_t padded;
-    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z, padded);
-    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s, padded);
+    const int64_t padded = padded_length<acc_t>(n);
+    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
+    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
     Vec loss_acc(zero), u_acc(zero), v_acc(zero), q_acc(zero), q_max(zero), p_acc(zero), p_max(zero);
     Vec f_z(zero), f_s(zero);
     if (reuse) {
       // p and q over pass 1's exponentials: q = exp(z/T - chunk max)
       // exp(chunk max - max - log sum), the second factor formed in double
-      // and rounded once (terms_loop multiplies). A vector holding a probability above
-      // kExactProbability takes exp(log p), exp(log q) instead: the row's few
-      // large entries decide the cancellations of saturated rows (the
-      // gradient's u - q U, TVD's p - q), where the product's ~2 ulp against
-      // the exp's ~1 broke the accuracy standard (NOTES).
+      // and rounded once (terms_loop multiplies). A vector holding a
+      // probability above kExactProbability takes exp(log p), exp(log q)
+      // instead: the row's few large entries decide the cancellations of
+      // saturated rows (the gradient's u - q U, TVD's p - q), where the
+      // product's ~2 ulp against the exp's ~1 broke the accuracy standard
+      // (NOTES).
       const auto factor = [&](acc_t chunk_max, const math::LogSumExp<double>& lse, double log_sum) {
         return Vec(static_cast<acc_t>(std::exp((static_cast<double>(chunk_max) - lse.max) - log_sum)));
       };
@@ -801,7 +807,8 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
       f_s = factor(scratch.chunk_max_s[start / kChunk], lse_s, log_sum_s);
     }
     // The loop over the chunk, compiled per case: the one over kept
-    // probabilities has no exp call, so its accumulators stay in registers.
+    // probabilities has no inline exp (the rare exact ones are out of line),
+    // so its accumulators stay in registers.
     const auto terms_loop = [&](auto kept_probs, auto unit) {
       constexpr bool kKept = decltype(kept_probs)::value;
       for (int64_t i = 0; i < padded; i += Vec::size()) {
