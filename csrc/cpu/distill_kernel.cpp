@@ -241,6 +241,14 @@ struct RowChunk {
   alignas(64) acc_t grad[kChunk];
 };
 
+// The usual step: the fused op (not a vocabulary-parallel phase), the
+// student's gradient only, not AKL (whose walks take exp(log p)).
+template <math::Divergence D>
+bool is_usual_step(const ForwardParams& p, Phase phase) {
+  return D != math::Divergence::kAKL && phase == Phase::kFused && p.grad_student.data != nullptr &&
+         p.grad_teacher.data == nullptr;
+}
+
 // Row-sized scratch of one thread: pass 2 keeps the per-entry gradient
 // weights and probabilities there, so pass 3 neither reloads the inputs nor
 // recomputes the exps (recomputing them cost more than the whole forward;
@@ -258,8 +266,13 @@ struct RowScratch {
   acc_t* akl_window = nullptr;  // AKL: the probabilities the search has not decided yet
   // Pass 1's exponentials kept (KeptExps): each chunk's max of z/T and of s/T.
   std::vector<acc_t> chunk_max_z, chunk_max_s;
+  // The usual step's inputs of another dtype than acc_t, converted by pass 1
+  // for pass 2, which then need not convert them again (KeptExps).
+  acc_t* z = nullptr;
+  acc_t* s = nullptr;
 
-  RowScratch(const ForwardParams& params, bool akl) {
+  // usual_step: is_usual_step of the rows it serves.
+  RowScratch(const ForwardParams& params, bool akl, bool usual_step) {
     const int64_t chunks = (params.vocab + kChunk - 1) / kChunk;
     chunk_max_z.resize(chunks);
     chunk_max_s.resize(chunks);
@@ -267,7 +280,9 @@ struct RowScratch {
     const int64_t padded = (params.vocab + kChunk - 1) / kChunk * kChunk + width;
     const bool gs = params.grad_student.data != nullptr;
     const bool gt = params.grad_teacher.data != nullptr;
-    const int64_t arrays = (gs ? 2 : 0) + (gt ? 2 : 0) + (akl ? 3 : 0);
+    const bool convert_z = usual_step && params.student.dtype != kAccType<acc_t>;
+    const bool convert_s = usual_step && params.teacher.dtype != kAccType<acc_t>;
+    const int64_t arrays = (gs ? 2 : 0) + (gt ? 2 : 0) + (akl ? 3 : 0) + convert_z + convert_s;
     if (arrays == 0) return;
     storage.reset(new acc_t[arrays * padded]);  // uninitialised: each array is written before it is read
     acc_t* next = storage.get();
@@ -279,6 +294,8 @@ struct RowScratch {
       v = next, next += padded;
       p = next, next += padded;
     }
+    if (convert_z) z = next, next += padded;
+    if (convert_s) s = next, next += padded;
     if (akl) {
       akl_prob = next, next += padded;
       akl_diff = next, next += padded;
@@ -295,6 +312,8 @@ struct KeptExps {
   acc_t* e_s;
   acc_t* max_z;
   acc_t* max_s;
+  acc_t* z;  // inputs of another dtype converted to acc_t (else nullptr)
+  acc_t* s;
 };
 
 // The shift that brings a chunk's scaled logits (x/T, or x) to <= 0, given
@@ -317,8 +336,10 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, m
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
     const int64_t padded = padded_length<acc_t>(n);
-    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
-    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    acc_t* z_buffer = kept != nullptr && kept->z != nullptr ? kept->z + start : c.z;
+    acc_t* s_buffer = kept != nullptr && kept->s != nullptr ? kept->s + start : c.s;
+    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, z_buffer);
+    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, s_buffer);
     // z and s side by side in each loop: two independent chains (NOTES).
     Vec max_zv(-std::numeric_limits<acc_t>::infinity()), max_sv(max_zv);
     for (int64_t i = 0; i < padded; i += Vec::size()) {
@@ -717,12 +738,13 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
     return;
   }
 
-  // The usual step (the fused op, the student's gradient only, not AKL,
-  // whose walks take exp(log p)): pass 1's exponentials go to the scratch
-  // arrays pass 2 overwrites (e_z where q goes, e_s where u goes), and pass 2
-  // forms p and q from them by one product instead of two exps.
-  const bool reuse = D != math::Divergence::kAKL && phase == Phase::kFused && want_gs && !want_gt;
-  const KeptExps<acc_t> kept_exps{scratch.q, scratch.u, scratch.chunk_max_z.data(), scratch.chunk_max_s.data()};
+  // The usual step: pass 1's exponentials go to the scratch arrays pass 2
+  // overwrites (e_z where q goes, e_s where u goes), and pass 2 forms p and q
+  // from them by one product instead of two exps; inputs of another dtype
+  // are converted once, by pass 1.
+  const bool reuse = is_usual_step<D>(p, phase);
+  const KeptExps<acc_t> kept_exps{scratch.q, scratch.u, scratch.chunk_max_z.data(), scratch.chunk_max_s.data(),
+                                  scratch.z, scratch.s};
 
   // Chunk results merged in double (the blocked sum), rounded once at the end.
   // The hard-label cross-entropy needs z's own log-sum-exp: lse_z's when T = 1.
@@ -787,8 +809,12 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, p.vocab - start);
     const int64_t padded = padded_length<acc_t>(n);
-    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, c.z);
-    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, c.s);
+    // An input pass 1 converted (the usual step's scratch.z, s), else the chunk as chunk_entries gives it.
+    const auto entries = [&](const RowMatrix& m, const acc_t* converted, acc_t* buffer) {
+      return converted != nullptr ? converted + start : chunk_entries(row_ptr(m, row, start), m.dtype, n, buffer);
+    };
+    const acc_t* zc = entries(p.student, scratch.z, c.z);
+    const acc_t* sc = entries(p.teacher, scratch.s, c.s);
     Vec loss_acc(zero), u_acc(zero), v_acc(zero), q_acc(zero), q_max(zero), p_acc(zero), p_max(zero);
     Vec f_z(zero), f_s(zero);
     if (reuse) {
@@ -925,7 +951,7 @@ template <math::Divergence D, class acc_t>
 void forward_rows(const ForwardParams& p, const VocabParallelParams& vp, ParallelFor parallel_for) {
   parallel_rows(parallel_for, p.rows, grain_rows(p.vocab), [&](int64_t begin, int64_t end) {
     RowChunk<acc_t> chunk;
-    RowScratch<acc_t> scratch(p, D == math::Divergence::kAKL);
+    RowScratch<acc_t> scratch(p, D == math::Divergence::kAKL, is_usual_step<D>(p, vp.phase));
     for (int64_t row = begin; row < end; ++row) forward_row<D>(p, vp, row, chunk, scratch);
   });
 }
