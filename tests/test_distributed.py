@@ -41,8 +41,9 @@ def _cases():
 
 
 def _check_case(rank, world, dtype, divergence, reduction, kwargs):
-    # Slices of 1026 + 1025 or 685 + 683 + 683: whole kernel chunks (1024
-    # entries, read in place in float32/64) and partial ones.
+    # Over 2 ranks, slices of 1026 + 1025: each a whole kernel chunk (1024
+    # entries, read in place in float32/64) and a partial one; over 3 ranks,
+    # 685 + 683 + 683: partial chunks only.
     vocab = 2051
     z, s = make_logits((3, 4, vocab), dtype, seed=1), make_logits((3, 4, vocab), dtype, seed=2)
     labels = make_labels((3, 4), num_classes=vocab, seed=3)
