@@ -72,8 +72,9 @@ namespace {
 
 using at::vec::Vectorized;
 
-// 1024 entries: the z, s and gradient buffers of a chunk (3 x 4 KiB in
-// float32) stay in a 32 KiB L1 with room for the input stream.
+// 1024 entries: the z, s and gradient buffers of a chunk and pass 1's next
+// z and s (5 x 4 KiB in float32) stay in a 32 KiB L1 with room for the
+// input stream.
 constexpr int64_t kChunk = 1024;
 
 template <class T>
@@ -106,7 +107,7 @@ T hmax(const Vectorized<T>& v) {
 // DEFAULT copy has no FMA on x86 and is built with -ffp-contract=off for
 // other targets (CMakeLists.txt).
 template <class acc_t>
-Vectorized<acc_t> scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& factor) {
+[[gnu::always_inline]] inline Vectorized<acc_t> scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& factor) {
   Vectorized<acc_t> y = x * factor;
 #if defined(__GNUC__) && (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
 #if defined(CPU_CAPABILITY_AVX512)
@@ -129,7 +130,7 @@ Vectorized<acc_t> scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& fa
 // bits; results below 2^-126 (d < -87.3) flush to 0 (they weigh < 1e-38 of
 // the row max's 1 in any sum). double: ATen's exp.
 template <class acc_t>
-Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& d) {
+[[gnu::always_inline]] inline Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& d) {
   if constexpr (!std::is_same_v<acc_t, float>) {
     return d.exp();
   } else {
@@ -239,6 +240,8 @@ struct RowChunk {
   alignas(64) acc_t z[kChunk];
   alignas(64) acc_t s[kChunk];
   alignas(64) acc_t grad[kChunk];
+  alignas(64) acc_t z_ahead[kChunk];  // pass 1's next chunk (row_log_sum_exps)
+  alignas(64) acc_t s_ahead[kChunk];
 };
 
 // The usual step: the fused op (not a vocabulary-parallel phase), the
@@ -324,47 +327,140 @@ Vectorized<acc_t> exp_shift(acc_t chunk_max) {
   return Vectorized<acc_t>(chunk_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : chunk_max);
 }
 
+// How pass 1's loop over one chunk reads the next chunk (row_log_sum_exps):
+// entries of acc_t where they lie (in place, or already converted), ...
+template <class acc_t>
+struct AcceptedEntries {
+  const acc_t* entries;
+  Vectorized<acc_t> load(int64_t i) const { return Vectorized<acc_t>::loadu(entries + i); }
+};
+
+// ... or a whole chunk of 16-bit floats, converted vector by vector in that
+// loop and stored where the next loop and pass 2 read them.
+template <class src_t>
+struct ConvertedEntries {
+  const src_t* source;
+  float* entries;
+  Vectorized<float> load(int64_t i) const {
+    Vectorized<float> x;
+    at::vec::load_to_float(source + i, x);
+    x.store(entries + i);
+    return x;
+  }
+};
+
+// f(reader) with the reader of a chunk of n entries at src: bf16 and fp16
+// whole chunks are converted in the loop (float accumulation only), the
+// rest by chunk_entries before it.
+template <class acc_t, class F>
+void with_chunk_reader(const void* src, c10::ScalarType dtype, int64_t n, acc_t* buffer, const F& f) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n == kChunk && dtype == c10::ScalarType::BFloat16)
+      return f(ConvertedEntries<c10::BFloat16>{static_cast<const c10::BFloat16*>(src), buffer});
+    if (n == kChunk && dtype == c10::ScalarType::Half)
+      return f(ConvertedEntries<c10::Half>{static_cast<const c10::Half*>(src), buffer});
+  }
+  f(AcceptedEntries<acc_t>{chunk_entries(src, dtype, n, buffer)});
+}
+
+// Pass 1's loop over one chunk: the exponentials exp(x/T - shift) of its
+// padded entries z and s, summed (and stored to e_z, e_s unless null), and
+// the max of x/T over the next chunk's first `ahead` entries, read through
+// z_next and s_next. Everything by value in locals: in a lambda that
+// captured them by reference, GCC reloaded every capture after each store.
+template <class acc_t, class ZNext, class SNext>
+[[gnu::always_inline]] inline void chunk_exps(const acc_t* z, const acc_t* s, int64_t padded, Vectorized<acc_t> inv_t,
+                                              Vectorized<acc_t> shift_z, Vectorized<acc_t> shift_s, acc_t* e_z,
+                                              acc_t* e_s, Vectorized<acc_t>& sum_z, Vectorized<acc_t>& sum_s,
+                                              ZNext z_next, SNext s_next, int64_t ahead, Vectorized<acc_t>& max_z,
+                                              Vectorized<acc_t>& max_s) {
+  using Vec = Vectorized<acc_t>;
+  Vec sz(acc_t(0)), ss(acc_t(0)), mz(-std::numeric_limits<acc_t>::infinity()), ms(mz);
+  for (int64_t i = 0; i < padded; i += Vec::size()) {
+    // x / T - m as RowLse::log_prob forms it: the max lane gives exp(0).
+    const Vec ez = exp_nonpositive(scaled(Vec::loadu(z + i), inv_t) - shift_z);
+    const Vec es = exp_nonpositive(scaled(Vec::loadu(s + i), inv_t) - shift_s);
+    sz = sz + ez;
+    ss = ss + es;
+    if (e_z != nullptr) {
+      ez.store(e_z + i);
+      es.store(e_s + i);
+    }
+    if (i < ahead) {
+      mz = at::vec::maximum(mz, scaled(z_next.load(i), inv_t));
+      ms = at::vec::maximum(ms, scaled(s_next.load(i), inv_t));
+    }
+  }
+  sum_z = sz, sum_s = ss, max_z = mz, max_s = ms;
+}
+
 // Pass 1: log-sum-exp of z/T and s/T over the row, and with lse_z1 that of
 // z itself (the hard-label cross-entropy's, when T != 1). With `kept`, the
 // exponentials of z/T and s/T and the chunk maxima are stored there.
+// Software-pipelined by one chunk: the loop that takes chunk k's
+// exponentials also reads chunk k + 1 from memory (converting 16-bit
+// floats) and takes its max, so the reads overlap the exponentials'
+// arithmetic instead of stalling a loop of their own (NOTES). Each chunk's
+// max and sum are what a max loop and an exp loop over it alone would give,
+// bit for bit.
 template <class acc_t>
 void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, math::LogSumExp<double>& lse_z,
                       math::LogSumExp<double>& lse_s, math::LogSumExp<double>* lse_z1,
                       const KeptExps<acc_t>* kept = nullptr) {
   using Vec = Vectorized<acc_t>;
   const Vec inv_t(static_cast<acc_t>(*p.inv_temperature));
+  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
+  // Where chunk `start`'s entries go when converted: kept's row arrays, or
+  // one of two buffer slots (the next chunk is converted while this one is
+  // still read).
+  const auto buffers = [&](int64_t start) {
+    const bool odd = (start / kChunk) % 2 != 0;
+    return std::pair{kept != nullptr && kept->z != nullptr ? kept->z + start : odd ? c.z_ahead : c.z,
+                     kept != nullptr && kept->s != nullptr ? kept->s + start : odd ? c.s_ahead : c.s};
+  };
+  // The first chunk alone: its entries and max.
+  const int64_t n0 = std::min(kChunk, p.vocab);
+  const acc_t* zc = chunk_entries(row_ptr(p.student, row, 0), p.student.dtype, n0, buffers(0).first);
+  const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, 0), p.teacher.dtype, n0, buffers(0).second);
+  // z and s side by side in each loop: two independent chains (NOTES).
+  Vec max_zv(neg_inf), max_sv(neg_inf);
+  for (int64_t i = 0; i < padded_length<acc_t>(n0); i += Vec::size()) {
+    max_zv = at::vec::maximum(max_zv, scaled(Vec::loadu(zc + i), inv_t));
+    max_sv = at::vec::maximum(max_sv, scaled(Vec::loadu(sc + i), inv_t));
+  }
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
-    const int64_t n = std::min(kChunk, p.vocab - start);
-    const int64_t padded = padded_length<acc_t>(n);
-    acc_t* z_buffer = kept != nullptr && kept->z != nullptr ? kept->z + start : c.z;
-    acc_t* s_buffer = kept != nullptr && kept->s != nullptr ? kept->s + start : c.s;
-    const acc_t* zc = chunk_entries(row_ptr(p.student, row, start), p.student.dtype, n, z_buffer);
-    const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, start), p.teacher.dtype, n, s_buffer);
-    // z and s side by side in each loop: two independent chains (NOTES).
-    Vec max_zv(-std::numeric_limits<acc_t>::infinity()), max_sv(max_zv);
-    for (int64_t i = 0; i < padded; i += Vec::size()) {
-      max_zv = at::vec::maximum(max_zv, scaled(Vec::loadu(zc + i), inv_t));
-      max_sv = at::vec::maximum(max_sv, scaled(Vec::loadu(sc + i), inv_t));
-    }
+    const int64_t padded = padded_length<acc_t>(std::min(kChunk, p.vocab - start));
     const acc_t max_z = hmax(max_zv), max_s = hmax(max_sv);
     const Vec shift_z = exp_shift(max_z), shift_s = exp_shift(max_s);
-    Vec sum_z(acc_t(0)), sum_s(acc_t(0));
-    for (int64_t i = 0; i < padded; i += Vec::size()) {
-      // x / T - m as RowLse::log_prob forms it: the max lane gives exp(0).
-      const Vec e_z = exp_nonpositive(scaled(Vec::loadu(zc + i), inv_t) - shift_z);
-      const Vec e_s = exp_nonpositive(scaled(Vec::loadu(sc + i), inv_t) - shift_s);
-      sum_z = sum_z + e_z;
-      sum_s = sum_s + e_s;
-      if (kept != nullptr) {
-        e_z.store(kept->e_z + start + i);
-        e_s.store(kept->e_s + start + i);
-      }
+    acc_t* e_z = kept != nullptr ? kept->e_z + start : nullptr;
+    acc_t* e_s = kept != nullptr ? kept->e_s + start : nullptr;
+    Vec sum_z, sum_s;
+    const int64_t next = start + kChunk;
+    const acc_t* next_zc = nullptr;
+    const acc_t* next_sc = nullptr;
+    if (next < p.vocab) {
+      // The next chunk is never longer than this one (only the last is partial).
+      const int64_t n = std::min(kChunk, p.vocab - next);
+      const auto [z_buffer, s_buffer] = buffers(next);
+      const void* z_src = row_ptr(p.student, row, next);
+      const void* s_src = row_ptr(p.teacher, row, next);
+      const auto walk = [&](auto z_next, auto s_next) {
+        chunk_exps(zc, sc, padded, inv_t, shift_z, shift_s, e_z, e_s, sum_z, sum_s, z_next, s_next,
+                   padded_length<acc_t>(n), max_zv, max_sv);
+        next_zc = z_next.entries, next_sc = s_next.entries;
+      };
+      with_chunk_reader(z_src, p.student.dtype, n, z_buffer, [&](auto z_next) {
+        with_chunk_reader(s_src, p.teacher.dtype, n, s_buffer, [&](auto s_next) { walk(z_next, s_next); });
+      });
+    } else {
+      const AcceptedEntries<acc_t> none{nullptr};
+      chunk_exps(zc, sc, padded, inv_t, shift_z, shift_s, e_z, e_s, sum_z, sum_s, none, none, 0, max_zv, max_sv);
     }
     if (kept != nullptr) kept->max_z[start / kChunk] = max_z, kept->max_s[start / kChunk] = max_s;
     lse_z.merge(max_z, hsum(sum_z));
     lse_s.merge(max_s, hsum(sum_s));
     if (lse_z1 != nullptr) {  // z's own (T = 1) log-sum-exp
-      Vec max_v(-std::numeric_limits<acc_t>::infinity());
+      Vec max_v(neg_inf);
       for (int64_t i = 0; i < padded; i += Vec::size()) max_v = at::vec::maximum(max_v, Vec::loadu(zc + i));
       const acc_t max_z1 = hmax(max_v);
       const Vec shift = exp_shift(max_z1);
@@ -372,6 +468,7 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, m
       for (int64_t i = 0; i < padded; i += Vec::size()) sum = sum + exp_nonpositive(Vec::loadu(zc + i) - shift);
       lse_z1->merge(max_z1, hsum(sum));
     }
+    zc = next_zc, sc = next_sc;
   }
 }
 
