@@ -72,9 +72,9 @@ namespace {
 
 using at::vec::Vectorized;
 
-// 1024 entries: the z, s and gradient buffers of a chunk and pass 1's next
-// z and s (5 x 4 KiB in float32) stay in a 32 KiB L1 with room for the
-// input stream.
+// 1024 entries: a chunk's buffers (at most four of the 4 KiB float32
+// arrays of RowChunk are live at once) stay in a 32 KiB L1 with room for
+// the input stream.
 constexpr int64_t kChunk = 1024;
 
 template <class T>
@@ -240,7 +240,9 @@ struct RowChunk {
   alignas(64) acc_t z[kChunk];
   alignas(64) acc_t s[kChunk];
   alignas(64) acc_t grad[kChunk];
-  alignas(64) acc_t z_ahead[kChunk];  // pass 1's next chunk (row_log_sum_exps)
+  // Pass 1's second buffer slot (odd-numbered chunks): it converts the next
+  // chunk while reading this one (row_log_sum_exps).
+  alignas(64) acc_t z_ahead[kChunk];
   alignas(64) acc_t s_ahead[kChunk];
 };
 
@@ -336,7 +338,8 @@ struct AcceptedEntries {
 };
 
 // ... or a whole chunk of 16-bit floats, converted vector by vector in that
-// loop and stored where the next loop and pass 2 read them.
+// loop and stored where the next loop reads them (and, in the usual step,
+// pass 2: the row arrays of KeptExps).
 template <class src_t>
 struct ConvertedEntries {
   const src_t* source;
