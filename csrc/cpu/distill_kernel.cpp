@@ -933,8 +933,7 @@ void forward_row(const ForwardParams& p, const VocabParallelParams& vp, int64_t 
       f_s = factor(scratch.chunk_max_s[start / kChunk], lse_s, log_sum_s);
     }
     // The loop over the chunk, compiled per case: the one over kept
-    // probabilities has no inline exp (the rare exact ones are out of line),
-    // so its accumulators stay in registers.
+    // probabilities has no inline exp (the rare exact ones are out of line).
     const auto terms_loop = [&](auto kept_probs, auto unit) {
       constexpr bool kKept = decltype(kept_probs)::value;
       for (int64_t i = 0; i < padded; i += Vec::size()) {
