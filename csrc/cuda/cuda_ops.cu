@@ -1,5 +1,6 @@
 // CUDA implementations of the todi_ext ops: checks (shared with the CPU op),
-// output allocation, dispatch. Kernels: streamed_kernel.cuh; their launches:
+// output allocation, dispatch. Kernels: register_rows_kernel.cuh,
+// streamed_kernel.cuh, scale_grad_kernel.cuh; the forward kernels' launches:
 // distill_forward_launch.cu (one object per divergence), launch_config.cuh.
 // Stable ABI (see op_common.h): the device guard and the current stream
 // come through torch's C shim.
@@ -12,6 +13,7 @@
 
 #include "launch_config.cuh"
 #include "op_common.h"
+#include "scale_grad_kernel.cuh"
 #include "vocab_parallel_ops.h"
 
 namespace todi_ext::cuda {

@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "register_rows_kernel.cuh"
+#include "scale_grad_kernel.cuh"
 #include "op_common.h"
 #include "vocab_parallel_ops.h"
 
