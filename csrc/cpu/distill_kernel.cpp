@@ -128,29 +128,41 @@ template <class acc_t>
 // n = round(d log2 e), r = d - n ln 2 in two parts (Cody-Waite; n C1 is
 // exact), exp(r) by Cephes' expf polynomial, times 2^n from the exponent
 // bits; results below 2^-126 (d < -87.3) flush to 0 (they weigh < 1e-38 of
-// the row max's 1 in any sum). double: ATen's exp.
-template <class acc_t>
-[[gnu::always_inline]] inline Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& d) {
+// the row max's 1 in any sum). double: ATen's exp. K vectors at once, step
+// by step, so that their independent chains interleave (chunk_exps); each
+// result is the same as alone.
+template <class acc_t, int K>
+[[gnu::always_inline]] inline void exp_nonpositive(const Vectorized<acc_t> (&d)[K], Vectorized<acc_t> (&out)[K]) {
   if constexpr (!std::is_same_v<acc_t, float>) {
-    return d.exp();
+    for (int k = 0; k < K; ++k) out[k] = d[k].exp();
   } else {
     using Vec = Vectorized<float>;
     using IVec = Vectorized<int32_t>;
-    const Vec x = at::vec::maximum(d, Vec(-104.f));  // NaN stays NaN; -inf -> -104, which flushes
-    const Vec n = (x * Vec(1.44269504088896341f) + Vec(0.5f)).floor();
-    Vec r = x - n * Vec(0.693359375f);
-    r = r - n * Vec(-2.12194440e-4f);
-    Vec poly(1.9875691500e-4f);
-    poly = poly * r + Vec(1.3981999507e-3f);
-    poly = poly * r + Vec(8.3334519073e-3f);
-    poly = poly * r + Vec(4.1665795894e-2f);
-    poly = poly * r + Vec(1.6666665459e-1f);
-    poly = poly * r + Vec(5.0000001201e-1f);
-    const Vec e = poly * (r * r) + r + Vec(1.f);
-    const IVec biased = at::vec::convert_to_int_of_same_size(n) + IVec(127);
-    const Vec scale = at::vec::cast<float>(biased * IVec(1 << 23));
-    return Vec::blendv(e * scale, Vec(0.f), n < Vec(-126.f));
+    Vec x[K], n[K], r[K], poly[K];
+    for (int k = 0; k < K; ++k) x[k] = at::vec::maximum(d[k], Vec(-104.f));  // NaN stays NaN; -inf -> -104, which flushes
+    for (int k = 0; k < K; ++k) n[k] = (x[k] * Vec(1.44269504088896341f) + Vec(0.5f)).floor();
+    for (int k = 0; k < K; ++k) r[k] = x[k] - n[k] * Vec(0.693359375f);
+    for (int k = 0; k < K; ++k) r[k] = r[k] - n[k] * Vec(-2.12194440e-4f);
+    for (int k = 0; k < K; ++k) poly[k] = Vec(1.9875691500e-4f) * r[k] + Vec(1.3981999507e-3f);
+    for (int k = 0; k < K; ++k) poly[k] = poly[k] * r[k] + Vec(8.3334519073e-3f);
+    for (int k = 0; k < K; ++k) poly[k] = poly[k] * r[k] + Vec(4.1665795894e-2f);
+    for (int k = 0; k < K; ++k) poly[k] = poly[k] * r[k] + Vec(1.6666665459e-1f);
+    for (int k = 0; k < K; ++k) poly[k] = poly[k] * r[k] + Vec(5.0000001201e-1f);
+    for (int k = 0; k < K; ++k) {
+      const Vec e = poly[k] * (r[k] * r[k]) + r[k] + Vec(1.f);
+      const IVec biased = at::vec::convert_to_int_of_same_size(n[k]) + IVec(127);
+      const Vec scale = at::vec::cast<float>(biased * IVec(1 << 23));
+      out[k] = Vec::blendv(e * scale, Vec(0.f), n[k] < Vec(-126.f));
+    }
   }
+}
+
+template <class acc_t>
+[[gnu::always_inline]] inline Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& d) {
+  const Vectorized<acc_t> in[1] = {d};
+  Vectorized<acc_t> out[1];
+  exp_nonpositive<acc_t, 1>(in, out);
+  return out[0];
 }
 
 // n rounded up to a whole number of vectors: the length every chunk loop walks.
@@ -366,11 +378,27 @@ void with_chunk_reader(const void* src, c10::ScalarType dtype, int64_t n, acc_t*
   f(AcceptedEntries<acc_t>{chunk_entries(src, dtype, n, buffer)});
 }
 
+// The running maxima of x/T over the next chunk, with vector i of it if it
+// is among the first `ahead` entries (chunk_exps).
+template <class acc_t, class ZNext, class SNext>
+[[gnu::always_inline]] inline void next_chunk_max(const ZNext& z_next, const SNext& s_next, int64_t i, int64_t ahead,
+                                                  Vectorized<acc_t> inv_t, Vectorized<acc_t>& max_z,
+                                                  Vectorized<acc_t>& max_s) {
+  if (i < ahead) {
+    max_z = at::vec::maximum(max_z, scaled(z_next.load(i), inv_t));
+    max_s = at::vec::maximum(max_s, scaled(s_next.load(i), inv_t));
+  }
+}
+
 // Pass 1's loop over one chunk: the exponentials exp(x/T - shift) of its
 // padded entries z and s, summed (and stored to e_z, e_s unless null), and
 // the max of x/T over the next chunk's first `ahead` entries, read through
 // z_next and s_next. Everything by value in locals: in a lambda that
 // captured them by reference, GCC reloaded every capture after each store.
+// Two vectors of z and two of s a step: four exponentials whose
+// instructions interleave, where one vector of each left the FP units idle
+// (each exponential is one long dependency chain; NOTES). The sums and
+// maxima take the same operands in the same order as one vector a step.
 template <class acc_t, class ZNext, class SNext>
 [[gnu::always_inline]] inline void chunk_exps(const acc_t* z, const acc_t* s, int64_t padded, Vectorized<acc_t> inv_t,
                                               Vectorized<acc_t> shift_z, Vectorized<acc_t> shift_s, acc_t* e_z,
@@ -378,21 +406,31 @@ template <class acc_t, class ZNext, class SNext>
                                               ZNext z_next, SNext s_next, int64_t ahead, Vectorized<acc_t>& max_z,
                                               Vectorized<acc_t>& max_s) {
   using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
   Vec sz(acc_t(0)), ss(acc_t(0)), mz(-std::numeric_limits<acc_t>::infinity()), ms(mz);
-  for (int64_t i = 0; i < padded; i += Vec::size()) {
+  int64_t i = 0;
+  for (; i + W < padded; i += 2 * W) {
     // x / T - m as RowLse::log_prob forms it: the max lane gives exp(0).
-    const Vec ez = exp_nonpositive(scaled(Vec::loadu(z + i), inv_t) - shift_z);
-    const Vec es = exp_nonpositive(scaled(Vec::loadu(s + i), inv_t) - shift_s);
-    sz = sz + ez;
-    ss = ss + es;
+    const Vec d[4] = {scaled(Vec::loadu(z + i), inv_t) - shift_z, scaled(Vec::loadu(s + i), inv_t) - shift_s,
+                      scaled(Vec::loadu(z + i + W), inv_t) - shift_z, scaled(Vec::loadu(s + i + W), inv_t) - shift_s};
+    Vec e[4];
+    exp_nonpositive<acc_t, 4>(d, e);
+    sz = sz + e[0], ss = ss + e[1];
+    sz = sz + e[2], ss = ss + e[3];
     if (e_z != nullptr) {
-      ez.store(e_z + i);
-      es.store(e_s + i);
+      e[0].store(e_z + i), e[1].store(e_s + i);
+      e[2].store(e_z + i + W), e[3].store(e_s + i + W);
     }
-    if (i < ahead) {
-      mz = at::vec::maximum(mz, scaled(z_next.load(i), inv_t));
-      ms = at::vec::maximum(ms, scaled(s_next.load(i), inv_t));
-    }
+    next_chunk_max(z_next, s_next, i, ahead, inv_t, mz, ms);
+    next_chunk_max(z_next, s_next, i + W, ahead, inv_t, mz, ms);
+  }
+  if (i < padded) {  // the last of an odd number of vectors
+    const Vec d[2] = {scaled(Vec::loadu(z + i), inv_t) - shift_z, scaled(Vec::loadu(s + i), inv_t) - shift_s};
+    Vec e[2];
+    exp_nonpositive<acc_t, 2>(d, e);
+    sz = sz + e[0], ss = ss + e[1];
+    if (e_z != nullptr) e[0].store(e_z + i), e[1].store(e_s + i);
+    next_chunk_max(z_next, s_next, i, ahead, inv_t, mz, ms);
   }
   sum_z = sz, sum_s = ss, max_z = mz, max_s = ms;
 }
