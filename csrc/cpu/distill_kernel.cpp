@@ -128,9 +128,9 @@ template <class acc_t>
 // n = round(d log2 e), r = d - n ln 2 in two parts (Cody-Waite; n C1 is
 // exact), exp(r) by Cephes' expf polynomial, times 2^n from the exponent
 // bits; results below 2^-126 (d < -87.3) flush to 0 (they weigh < 1e-38 of
-// the row max's 1 in any sum). double: ATen's exp. K vectors at once, step
-// by step, so that their independent chains interleave (chunk_exps); each
-// result is the same as alone.
+// the row max's 1 in any sum). K vectors at once: for float, step by step
+// across them, so that their independent chains interleave (chunk_exps);
+// each result is the same as alone. double: ATen's exp, one call a vector.
 template <class acc_t, int K>
 [[gnu::always_inline]] inline void exp_nonpositive(const Vectorized<acc_t> (&d)[K], Vectorized<acc_t> (&out)[K]) {
   if constexpr (!std::is_same_v<acc_t, float>) {
@@ -396,9 +396,9 @@ template <class acc_t, class ZNext, class SNext>
 // z_next and s_next. Everything by value in locals: in a lambda that
 // captured them by reference, GCC reloaded every capture after each store.
 // Two vectors of z and two of s a step: four exponentials whose
-// instructions interleave, where one vector of each left the FP units idle
-// (each exponential is one long dependency chain; NOTES). The sums and
-// maxima take the same operands in the same order as one vector a step.
+// instructions interleave (each is one long dependency chain), 2-6% off
+// the step against one vector of each (NOTES). The sums and maxima take
+// the same operands in the same order as one vector a step.
 template <class acc_t, class ZNext, class SNext>
 [[gnu::always_inline]] inline void chunk_exps(const acc_t* z, const acc_t* s, int64_t padded, Vectorized<acc_t> inv_t,
                                               Vectorized<acc_t> shift_z, Vectorized<acc_t> shift_s, acc_t* e_z,
