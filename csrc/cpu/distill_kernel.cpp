@@ -378,8 +378,9 @@ void with_chunk_reader(const void* src, c10::ScalarType dtype, int64_t n, acc_t*
   f(AcceptedEntries<acc_t>{chunk_entries(src, dtype, n, buffer)});
 }
 
-// The running maxima of x/T over the next chunk, with vector i of it if it
-// is among the first `ahead` entries (chunk_exps).
+// The running maxima of x/T over a chunk (the next one, in chunk_exps;
+// the first, in row_log_sum_exps), with vector i of it if it is among the
+// first `ahead` entries.
 template <class acc_t, class ZNext, class SNext>
 [[gnu::always_inline]] inline void next_chunk_max(const ZNext& z_next, const SNext& s_next, int64_t i, int64_t ahead,
                                                   Vectorized<acc_t> inv_t, Vectorized<acc_t>& max_z,
@@ -465,9 +466,9 @@ void row_log_sum_exps(const ForwardParams& p, int64_t row, RowChunk<acc_t>& c, m
   const acc_t* sc = chunk_entries(row_ptr(p.teacher, row, 0), p.teacher.dtype, n0, buffers(0).second);
   // z and s side by side in each loop: two independent chains (NOTES).
   Vec max_zv(neg_inf), max_sv(neg_inf);
-  for (int64_t i = 0; i < padded_length<acc_t>(n0); i += Vec::size()) {
-    max_zv = at::vec::maximum(max_zv, scaled(Vec::loadu(zc + i), inv_t));
-    max_sv = at::vec::maximum(max_sv, scaled(Vec::loadu(sc + i), inv_t));
+  const int64_t padded0 = padded_length<acc_t>(n0);
+  for (int64_t i = 0; i < padded0; i += Vec::size()) {
+    next_chunk_max(AcceptedEntries<acc_t>{zc}, AcceptedEntries<acc_t>{sc}, i, padded0, inv_t, max_zv, max_sv);
   }
   for (int64_t start = 0; start < p.vocab; start += kChunk) {
     const int64_t padded = padded_length<acc_t>(std::min(kChunk, p.vocab - start));
