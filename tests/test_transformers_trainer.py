@@ -106,6 +106,46 @@ def test_both_paths_give_the_same_gradient(tmp_path):
         torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bf16_model_is_as_accurate_on_the_fused_path_as_on_the_logits_path(tmp_path, device):
+    # A bf16 student and teacher (on the GPU when there is one; the GPU round runs this file): both
+    # paths against a float64 run of the same (bf16-rounded) weights, held to the accuracy bound of
+    # test_accuracy.py. The logits path rounds the logits to bf16, the fused path keeps them in
+    # float32, so the fused path may not be the less accurate; then both train.
+    inputs = batch()
+    exact = {}
+    for dtype in (torch.bfloat16, torch.float64):
+        student = llama(32, seed=0).to(torch.bfloat16).to(device, dtype)
+        teacher = llama(48, seed=1).to(torch.bfloat16).to(device, dtype)
+        on_device = {k: v.to(device) for k, v in inputs.items()}
+        if dtype == torch.float64:
+            loss = by_hand(student, teacher, on_device)
+            loss.backward()
+            exact = {"loss": loss.detach(), **{n: p.grad for n, p in student.named_parameters()}}
+    errors = {}
+    for fused_linear in (True, False):
+        student = llama(32, seed=0).to(device, torch.bfloat16)
+        teacher = llama(48, seed=1).to(device, torch.bfloat16)
+        trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused_linear,
+                               args=dict(use_cpu=device == "cpu"))
+        loss = trainer.compute_loss(trainer.model, {k: v.to(device) for k, v in inputs.items()})
+        loss.backward()
+        assert trainer.fused_linear == fused_linear and loss.device.type == device
+        got = {"loss": loss.detach(), **{n: p.grad for n, p in student.named_parameters()}}
+        errors[fused_linear] = {n: float((got[n].double() - exact[n]).norm()) for n in exact}
+        before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        trainer.train()
+        assert all(torch.isfinite(p).all() for p in student.parameters())
+        assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
+    for name, exact_value in exact.items():
+        scale = float(exact_value.norm())
+        fused, logits_path = errors[True][name], errors[False][name]
+        assert fused <= 4 * logits_path + 1e-6 * scale, f"{name}: error {fused:.3e} vs the logits path's {logits_path:.3e}"
+
+
 def test_training_changes_the_student_not_the_teacher(tmp_path):
     student, teacher = llama(32, seed=0), llama(48, seed=1)
     before_s = {n: p.clone() for n, p in student.named_parameters()}
