@@ -1,7 +1,7 @@
 """Fused linear + distillation against the materialised path, side by side in one run.
 
     .venv/bin/python benchmarks/bench_fused_linear.py                  # CPU: N=4096, H=1024, V=32000, float32
-    python benchmarks/bench_fused_linear.py --device cuda --dtype bfloat16 --shape 8192x4096x128256
+    python benchmarks/bench_fused_linear.py --device cuda --dtype bfloat16 --shape 8192x2048x4096x128256
 
 Implementations (forward+backward of the paper's objective: 0.5 CE + 0.5 ToDi
 at T = 2, gradients of the student's hidden states and lm_head weight):
@@ -33,13 +33,24 @@ import todi_ext
 KW = dict(temperature=2.0, hard_label_weight=0.5, soft_label_weight=0.5)
 
 
-def make_inputs(n, h, v, dtype, device, seed=0):
+def parse_shape(text):
+    """NxHxV (one hidden size for both models) or NxHsxHtxV (the student's, then the teacher's)."""
+    sizes = [int(x) for x in text.split("x")]
+    if len(sizes) == 3:
+        return sizes[0], sizes[1], sizes[1], sizes[2]
+    if len(sizes) == 4:
+        return tuple(sizes)
+    raise ValueError(f"--shape must be NxHxV or NxHsxHtxV, got {text!r}")
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    n, hs, ht, v = shape
     g = torch.Generator(device="cpu").manual_seed(seed)
     def rand(*shape, scale=1.0):
         return (torch.randn(shape, generator=g) * scale).to(dtype=dtype, device=device)
-    hidden = rand(n, h).requires_grad_()
-    weight = rand(v, h, scale=h ** -0.5).requires_grad_()
-    th, tw = rand(n, h), rand(v, h, scale=h ** -0.5)
+    hidden = rand(n, hs).requires_grad_()
+    weight = rand(v, hs, scale=hs ** -0.5).requires_grad_()
+    th, tw = rand(n, ht), rand(v, ht, scale=ht ** -0.5)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[torch.rand(n, generator=g) < 0.1] = -100
     return hidden, weight, th, tw, labels.to(device)
@@ -88,11 +99,11 @@ def _rss(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
 
-def memory_worker(impl, n, h, v, dtype_name):
+def memory_worker(impl, shape, dtype_name):
     """Runs in a fresh process: peak extra bytes of one CPU forward+backward."""
-    inputs = make_inputs(n, h, v, getattr(torch, dtype_name), "cpu")
+    inputs = make_inputs(shape, getattr(torch, dtype_name), "cpu")
     step = step_fn(impl)
-    forward_backward(step, make_inputs(8, h, v, getattr(torch, dtype_name), "cpu", seed=1))  # warm-up, small
+    forward_backward(step, make_inputs((8,) + shape[1:], getattr(torch, dtype_name), "cpu", seed=1))  # warm-up, small
     base = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
@@ -100,7 +111,7 @@ def memory_worker(impl, n, h, v, dtype_name):
     print(json.dumps({"peak_extra_bytes": _rss("VmHWM") - base}))
 
 
-def peak_memory(impl, step, inputs, device, n, h, v, dtype_name):
+def peak_memory(impl, step, inputs, device, shape, dtype_name):
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -109,7 +120,7 @@ def peak_memory(impl, step, inputs, device, n, h, v, dtype_name):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", impl, str(n), str(h), str(v), dtype_name]
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", impl, "x".join(map(str, shape)), dtype_name]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -120,19 +131,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--shape", default=None, help="NxHxV; default 4096x1024x32000 on CPU, 8192x4096x128256 on CUDA")
+    p.add_argument("--shape", default=None, help="NxHxV or NxHsxHtxV (student and teacher hidden sizes); "
+                   "default 4096x1024x32000 on CPU, 8192x2048x4096x128256 on CUDA")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impl", nargs="+", default=None)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--memory-worker", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_worker:
-        impl, n, h, v, dtype_name = args.memory_worker
-        memory_worker(impl, int(n), int(h), int(v), dtype_name)
+        impl, shape, dtype_name = args.memory_worker
+        memory_worker(impl, parse_shape(shape), dtype_name)
         return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    n, h, v = map(int, (args.shape or ("8192x4096x128256" if device == "cuda" else "4096x1024x32000")).split("x"))
+    shape = parse_shape(args.shape or ("8192x2048x4096x128256" if device == "cuda" else "4096x1024x32000"))
+    n, hs, ht, v = shape
     impls = args.impl or (["fused", "materialised", "liger_jsd"] if device == "cuda" else ["fused", "materialised"])
 
     machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -143,10 +156,10 @@ def main():
         except ImportError as e:
             print(f"{impl}: skipped ({e})")
             continue
-        inputs = make_inputs(n, h, v, getattr(torch, dtype_name), device)
+        inputs = make_inputs(shape, getattr(torch, dtype_name), device)
         try:
             median, best = latency_ms(step, inputs, device, args.repeats)
-            peak = peak_memory(impl, step, inputs, device, n, h, v, dtype_name)
+            peak = peak_memory(impl, step, inputs, device, shape, dtype_name)
         except torch.OutOfMemoryError:
             print(f"{impl}: out of memory")
             rows.append({"impl": impl, "oom": True})
@@ -159,7 +172,7 @@ def main():
 
     base = next((r for r in rows if r["impl"] == "materialised" and not r.get("oom")), None)
     lines = [f"# Fused linear + distillation, {device} ({machine}), torch {torch.__version__}",
-             "", f"N={n}, H={h}, V={v}, {dtype_name}; forward+backward of 0.5 CE + 0.5 ToDi (T=2); "
+             "", f"N={n}, H={hs}{'' if ht == hs else f' (teacher H={ht})'}, V={v}, {dtype_name}; forward+backward of 0.5 CE + 0.5 ToDi (T=2); "
              f"median of {args.repeats}.", "",
              "| impl | median ms | min ms | peak extra MiB | time / materialised | memory / materialised |",
              "|---|---|---|---|---|---|"]
@@ -176,7 +189,7 @@ def main():
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(stem + ".json", "w") as f:
-        json.dump({"device": device, "machine": machine, "torch": torch.__version__, "shape": [n, h, v],
+        json.dump({"device": device, "machine": machine, "torch": torch.__version__, "shape": [n, hs, ht, v],
                    "dtype": dtype_name, "rows": rows}, f, indent=1)
     print("\n".join(lines))
 

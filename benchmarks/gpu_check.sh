@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# GPU verification in one call, for a CUDA machine that already has torch,
-# nvcc, CMake, ninja, scikit-build-core and pytest (the device
-# tool's machines; nothing is downloaded). In order of importance, each stage
-# under its own time limit so that one slow stage cannot eat the others:
-#   1. build todi_ext from source against the installed torch (CUDA required),
-#   2. the CUDA tests and the build tests,
-#   3. the benchmark: N = 8192, V in {32000, 128256, 262144}, bf16 and fp32,
-#      todi_ext vs eager, torch.compile, Liger's JSD and the HBM floor,
-#   4. compute-sanitizer memcheck, then racecheck, on small cases of every
-#      kernel (after 5),
-#   5. the register-row kernel against the streamed kernel and the floor
-#      (benchmarks/bench_kernels.py),
-#   6. vocab-parallel phases on one NCCL rank vs the fused kernel (ToDi, AKL),
-#   7. fused linear + distillation vs the materialised path and Liger,
-#   8. every divergence against eager (GPU_CHECK_DIVERGENCES=0 skips it).
-# Logs and results are packed after every stage into $OUT/gpu-check.tar.gz
-# (the device tool brings back few files), with a one-page $OUT/summary.txt.
+# The GPU round in one call, for a CUDA machine that already has torch, nvcc,
+# CMake, ninja, scikit-build-core and pytest (the device tool's machines;
+# nothing can be downloaded there: benchmarks/gpu_wheels.sh, run here first,
+# puts into .whl/ what they lack, and the call carries it). Stages in the order
+# of issue 22, each under its own time limit so that one slow stage cannot eat
+# the others, the results packed after each (the call's own limit may end the
+# run at any stage):
+#   1. install todi_ext's wheel from .whl/ (built here; the one-wheel claim
+#      under the GPU machine's torch), or build from source when there is
+#      none or it does not load; the CUDA and build tests; compute-sanitizer
+#      memcheck on small cases of every kernel,
+#   2. the benchmark: N = 8192, V in {32000, 128256, 262144}, bf16 and fp32,
+#      todi_ext vs eager, torch.compile, Liger's JSD and the floor; the
+#      register-row kernel (v2) vs the streamed kernel (bench_kernels.py);
+#      every divergence at bf16 V = 128256 (GPU_CHECK_DIVERGENCES=0 skips it),
+#   3. fused linear + distillation vs the materialised path and Liger,
+#   4. vocab-parallel phases on one NCCL rank vs the fused kernel (ToDi, AKL;
+#      GPU_CHECK_VOCAB_PARALLEL=0 skips it); the Hugging Face trainer on the GPU
+#      (a bf16 tiny Llama, fused_linear=True against False),
+#   5. ncu metrics of one launch of each kernel (where ncu is installed),
+# then racecheck. Logs and results go into $OUT/gpu-check.tar.gz (the device
+# tool brings back few files), with a one-page $OUT/summary.txt.
 #
 #   OUT=/tmp/gpu benchmarks/gpu_check.sh         # device tool: run with $OUT set
 set -uo pipefail
@@ -56,42 +61,47 @@ stage() {
 } > "$WORK/env.txt" 2>&1
 cat "$WORK/env.txt" | tee -a "$WORK/summary.txt"
 
-# Liger-Kernel (pure Python over Triton) is not on the GPU machines: carry its
-# wheel in .whl/ (git-ignored), e.g. fetched here with
-#   pip download --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
+# What .whl/ brings (benchmarks/gpu_wheels.sh): Liger-Kernel, in a folder of
+# its own on every stage's path; transformers and its dependencies in another,
+# on the trainer stage's path only (they would shadow the machine's packages).
 if ls .whl/liger_kernel-*.whl > /dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/liger_kernel-*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site-liger .whl/liger_kernel-*.whl \
+    && export PYTHONPATH=/tmp/site-liger${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ls .whl/deps/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site-trainer .whl/deps/*.whl
 fi
 
-if ! stage build 240 "$PY" -m pip install -v --no-build-isolation --no-deps .; then
+# The CUDA module must load (import todi_ext refuses a broken one) and register the op's CUDA kernel.
+loads() {
+  "$PY" -c 'import torch, todi_ext; print(todi_ext.build_info()); assert torch.cuda.is_available(), "no GPU"
+assert torch._C._dispatch_has_kernel_for_dispatch_key("todi_ext::distill_forward", "CUDA"), "no CUDA kernel"' \
+    >> "$WORK/$1.log" 2>&1 || { note "$1: todi_ext does not load, see $1.log"; failed+=("$1-load"); return 1; }
+}
+installed=
+if ls .whl/todi_ext-*.whl > /dev/null 2>&1; then
+  stage install 120 "$PY" -m pip install --no-index --no-deps --force-reinstall .whl/todi_ext-*.whl \
+    && loads install && installed="the wheel built elsewhere"
+fi
+if [ -z "$installed" ]; then
+  stage build 300 "$PY" -m pip install -v --no-build-isolation --no-deps . && loads build && installed="source"
+fi
+if [ -z "$installed" ]; then
+  pack
   echo "BUILD FAILED"
   exit 1
 fi
-"$PY" -c "import todi_ext; print(todi_ext.build_info())" | tee -a "$WORK/summary.txt"
+note "todi_ext from $installed: $("$PY" -c 'import todi_ext; print(todi_ext.build_info())')"
+pack
 
+# 1. The CUDA tests (the vocab-parallel and fused-linear ones included) and the build tests, then
+# compute-sanitizer on small cases of every kernel: register rows in one CTA (V=1000, fp32 and bf16 V=3001
+# with a partial last word), over a cluster of 16 (bf16 V=70001), streamed (the same rows one element off,
+# the teacher's gradient too), the generic mixed-dtype kernel, scale_grad (reduction "none"); ToDi and AKL
+# (extra passes).
 stage tests "${GPU_CHECK_TESTS_S:-180}" "$PY" -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py tests/test_build.py \
   tests/test_fused_linear_cuda.py
 grep -E "passed|failed" "$WORK/tests.log" | tail -1 >> "$WORK/summary.txt"; pack
-
-# The issue's grid: N = 8192, three vocabularies, bf16 and fp32; forward alone
-# and forward+backward are both in the tables.
-stage bench "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 float32 \
-  --out "$WORK/bench" --repeats "${GPU_CHECK_REPEATS:-10}" --impl todi_ext eager compile liger_jsd \
-  --shapes 8192x32000 8192x128256 8192x262144
-[ -f "$WORK/bench/bench-cuda.md" ] && cp "$WORK/bench/bench-cuda.md" "$OUT/" && cat "$WORK/bench/bench-cuda.md" >> "$WORK/summary.txt"
-pack
-
-# A/B: the register-row kernel (aligned rows) against the streamed kernel (rows one element off) and the floor.
-stage bench-kernels "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench_kernels.py --out "$WORK/bench-kernels" \
-  --repeats "${GPU_CHECK_REPEATS:-10}"
-[ -f "$WORK/bench-kernels/kernels-cuda.md" ] && cp "$WORK/bench-kernels/kernels-cuda.md" "$OUT/" && \
-  cat "$WORK/bench-kernels/kernels-cuda.md" >> "$WORK/summary.txt"
-pack
-
-# Small cases of every kernel: register rows in one CTA (V=1000, fp32 and bf16 V=3001 with a partial last
-# word), over a cluster of 16 (bf16 V=70001), streamed (the same rows one element off, the teacher's gradient
-# too), the generic mixed-dtype kernel, scale_grad (reduction "none"); ToDi and AKL (extra passes).
 cat > "$WORK/sanitize_cases.py" <<'PYEOF'
 import sys, torch, todi_ext
 cases = [((7, 1000), torch.float32, torch.float32), ((5, 3001), torch.bfloat16, torch.bfloat16),
@@ -111,15 +121,36 @@ torch.cuda.synchronize()
 print("sanitizer cases ran")
 PYEOF
 stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" "$WORK/sanitize_cases.py" memcheck
-stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" "$WORK/sanitize_cases.py" racecheck
 
-# Fused linear + distillation (issue 15's GPU target): N = 8192, H = 4096,
-# V = 128256, bf16, against the materialised path and Liger's chunked
-# LigerFusedLinearJSDLoss.
-# Vocabulary-parallel phases on the GPU (issue 16): one NCCL rank, the phased
-# path against the fused kernel on the same rows (its overhead; scaling needs
-# more GPUs). Its correctness tests are in tests/test_cuda.py above.
-# GPU_CHECK_VOCAB_PARALLEL=0 skips it.
+# 2. The issue's grid: N = 8192, three vocabularies, bf16 and fp32; forward alone and forward+backward
+# are both in the tables. Then kernel v2 against the streamed kernel (aligned rows against rows one
+# element off) and the floor, every divergence included; then every divergence against eager.
+stage bench "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 float32 \
+  --out "$WORK/bench" --repeats "${GPU_CHECK_REPEATS:-10}" --impl todi_ext eager compile liger_jsd \
+  --shapes 8192x32000 8192x128256 8192x262144
+[ -f "$WORK/bench/bench-cuda.md" ] && cp "$WORK/bench/bench-cuda.md" "$OUT/" && cat "$WORK/bench/bench-cuda.md" >> "$WORK/summary.txt"
+pack
+stage bench-kernels "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench_kernels.py --out "$WORK/bench-kernels" \
+  --repeats "${GPU_CHECK_REPEATS:-10}"
+[ -f "$WORK/bench-kernels/kernels-cuda.md" ] && cp "$WORK/bench-kernels/kernels-cuda.md" "$OUT/" && \
+  cat "$WORK/bench-kernels/kernels-cuda.md" >> "$WORK/summary.txt"
+pack
+if [ "${GPU_CHECK_DIVERGENCES:-1}" = 1 ]; then
+  stage divergences "${GPU_CHECK_DIVERGENCES_S:-120}" "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 \
+    --out "$WORK/divergences" --no-plots --repeats 5 --impl todi_ext eager --shapes 8192x128256 \
+    --divergence todi fkl rkl js tvd skl srkl akl gjsd
+fi
+
+# 3. Fused linear + distillation: N = 8192, student H = 2048, teacher H = 4096, V = 128256, bf16, against
+# the materialised path and Liger's chunked LigerFusedLinearJSDLoss.
+stage fused-linear "${GPU_CHECK_FUSED_LINEAR_S:-180}" "$PY" benchmarks/bench_fused_linear.py --device cuda \
+  --out "$WORK/fused-linear" --repeats 5
+[ -f "$WORK/fused-linear/fused-linear-cuda.md" ] && cat "$WORK/fused-linear/fused-linear-cuda.md" >> "$WORK/summary.txt"
+pack
+
+# 4. Vocabulary-parallel phases on one NCCL rank, the phased path against the fused kernel on the same
+# rows (its overhead; scaling needs more GPUs; its correctness tests ran in stage 1). Then the trainer
+# on the GPU, with the transformers that .whl/deps brought.
 if [ "${GPU_CHECK_VOCAB_PARALLEL:-1}" = 1 ]; then
   for div in todi akl; do
     stage "vocab-parallel-$div" "${GPU_CHECK_VOCAB_PARALLEL_S:-90}" "$PY" benchmarks/bench_vocab_parallel.py \
@@ -127,16 +158,37 @@ if [ "${GPU_CHECK_VOCAB_PARALLEL:-1}" = 1 ]; then
   done
   cat "$WORK"/vocab-parallel/*.md >> "$WORK/summary.txt" 2>/dev/null; pack
 fi
+PYTHONPATH=/tmp/site-trainer${PYTHONPATH:+:$PYTHONPATH} stage trainer "${GPU_CHECK_TRAINER_S:-120}" \
+  "$PY" -m pytest -q -p no:cacheprovider -rfs tests/test_transformers_trainer.py -k bf16
+grep -E "passed|failed|skipped" "$WORK/trainer.log" | tail -1 >> "$WORK/summary.txt"; pack
 
-stage fused-linear "${GPU_CHECK_FUSED_LINEAR_S:-180}" "$PY" benchmarks/bench_fused_linear.py --device cuda \
-  --out "$WORK/fused-linear" --repeats 5
-[ -f "$WORK/fused-linear/fused-linear-cuda.md" ] && cat "$WORK/fused-linear/fused-linear-cuda.md" >> "$WORK/summary.txt"
-pack
-
-if [ "${GPU_CHECK_DIVERGENCES:-1}" = 1 ]; then
-  stage divergences "${GPU_CHECK_DIVERGENCES_S:-150}" "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --out "$WORK/divergences" --no-plots \
-    --repeats 5 --impl todi_ext eager --shapes 8192x32000 8192x128256 --divergence todi fkl rkl js tvd skl srkl akl gjsd
+# 5. ncu: one launch of each kernel at N = 2048, bf16 V = 128256 (register rows: aligned rows; streamed:
+# rows one element off). benchmarks/NOTES.md's time model predicts, per entry, ~4 B of DRAM reads (both
+# bf16 inputs once) and ~70-80 instructions (register rows) against more reads and ~120 (streamed).
+if command -v ncu > /dev/null; then
+  cat > "$WORK/ncu_case.py" <<'PYEOF'
+import sys, torch, todi_ext
+offset = int(sys.argv[1])
+z = torch.randn(2048, 128264, device="cuda").bfloat16()[:, offset:offset + 128256].detach().requires_grad_()
+s = torch.randn(2048, 128264, device="cuda").bfloat16()[:, offset:offset + 128256]
+for _ in range(2):
+    todi_ext.distill_loss(z, s, divergence="todi", temperature=2.0).backward()
+torch.cuda.synchronize()
+PYEOF
+  metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__inst_executed.sum
+  metrics+=,sm__inst_executed_pipe_xu.sum,sm__warps_active.avg.pct_of_peak_sustained_active,lts__t_sector_hit_rate.pct
+  for offset in 0 1; do
+    stage "ncu-offset$offset" 90 ncu --clock-control none --launch-skip 1 --launch-count 1 \
+      -k regex:"register_rows|distill_forward" --metrics "$metrics" "$PY" "$WORK/ncu_case.py" "$offset"
+    grep -E "register_rows|distill_forward|gpu__time|dram__|sm__inst|sm__warps|lts__" "$WORK/ncu-offset$offset.log" \
+      >> "$WORK/summary.txt"
+  done
+  pack
+else
+  note "ncu: not installed"
 fi
+
+stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" "$WORK/sanitize_cases.py" racecheck
 
 note "elapsed $(( $(date +%s) - start )) s"
 pack
