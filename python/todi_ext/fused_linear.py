@@ -305,6 +305,9 @@ def _fused_linear_distill_forward(
                     grad_weight.addmm_(g.t(), h.to(math))
             if bias_grad:
                 grad_bias.add_(grad_logits.sum(0))
+            # A loop's locals outlive its iteration: without this, the chunk's (rows, V) gradient would still
+            # be held while the next chunk's logits are formed, one chunk buffer more at the peak.
+            del grad_logits, g
     if grad_scale is not None:
         if weight_grad:
             grad_weight.mul_(grad_scale)
