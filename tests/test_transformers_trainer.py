@@ -116,15 +116,11 @@ def test_a_bf16_model_is_as_accurate_on_the_fused_path_as_on_the_logits_path(tmp
     # test_accuracy.py. The logits path rounds the logits to bf16, the fused path keeps them in
     # float32, so the fused path may not be the less accurate; then both train.
     inputs = batch()
-    exact = {}
-    for dtype in (torch.bfloat16, torch.float64):
-        student = llama(32, seed=0).to(torch.bfloat16).to(device, dtype)
-        teacher = llama(48, seed=1).to(torch.bfloat16).to(device, dtype)
-        on_device = {k: v.to(device) for k, v in inputs.items()}
-        if dtype == torch.float64:
-            loss = by_hand(student, teacher, on_device)
-            loss.backward()
-            exact = {"loss": loss.detach(), **{n: p.grad for n, p in student.named_parameters()}}
+    student = llama(32, seed=0).to(torch.bfloat16).to(device, torch.float64)
+    teacher = llama(48, seed=1).to(torch.bfloat16).to(device, torch.float64)
+    loss = by_hand(student, teacher, {k: v.to(device) for k, v in inputs.items()})
+    loss.backward()
+    exact = {"loss": loss.detach(), **{n: p.grad for n, p in student.named_parameters()}}
     errors = {}
     for fused_linear in (True, False):
         student = llama(32, seed=0).to(device, torch.bfloat16)
