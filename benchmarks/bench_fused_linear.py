@@ -171,8 +171,9 @@ def main():
             torch.cuda.empty_cache()
 
     base = next((r for r in rows if r["impl"] == "materialised" and not r.get("oom")), None)
+    hidden_sizes = f"H={hs}" if ht == hs else f"H={hs} (teacher H={ht})"
     lines = [f"# Fused linear + distillation, {device} ({machine}), torch {torch.__version__}",
-             "", f"N={n}, H={hs}{'' if ht == hs else f' (teacher H={ht})'}, V={v}, {dtype_name}; forward+backward of 0.5 CE + 0.5 ToDi (T=2); "
+             "", f"N={n}, {hidden_sizes}, V={v}, {dtype_name}; forward+backward of 0.5 CE + 0.5 ToDi (T=2); "
              f"median of {args.repeats}.", "",
              "| impl | median ms | min ms | peak extra MiB | time / materialised | memory / materialised |",
              "|---|---|---|---|---|---|"]

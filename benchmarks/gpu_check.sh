@@ -38,6 +38,10 @@ pack() {
   { echo "elapsed $(( $(date +%s) - start )) s; failed: ${failed[*]:-none}"; cat "$WORK/summary.txt" 2>/dev/null; } > "$OUT/summary.txt"
 }
 note() { echo "$*" | tee -a "$WORK/summary.txt"; }
+# tables FILE...: each table a stage wrote that exists goes to $OUT and into the summary.
+tables() { local f; for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/" && cat "$f" >> "$WORK/summary.txt"; done; pack; }
+# tally NAME: a pytest stage's last count line into the summary.
+tally() { grep -E "passed|failed|skipped" "$WORK/$1.log" | tail -1 >> "$WORK/summary.txt"; pack; }
 # stage NAME SECONDS COMMAND...: runs with a time limit, logs to $WORK/NAME.log
 stage() {
   local name=$1 limit=$2; shift 2
@@ -73,25 +77,28 @@ if ls .whl/deps/*.whl > /dev/null 2>&1; then
 fi
 
 # The CUDA module must load (import todi_ext refuses a broken one) and register the op's CUDA kernel.
+# Its last line in the stage's log is todi_ext.build_info().
 loads() {
-  "$PY" -c 'import torch, todi_ext; print(todi_ext.build_info()); assert torch.cuda.is_available(), "no GPU"
-assert torch._C._dispatch_has_kernel_for_dispatch_key("todi_ext::distill_forward", "CUDA"), "no CUDA kernel"' \
+  "$PY" -c 'import torch, todi_ext; assert torch.cuda.is_available(), "no GPU"
+assert torch._C._dispatch_has_kernel_for_dispatch_key("todi_ext::distill_forward", "CUDA"), "no CUDA kernel"
+print(todi_ext.build_info())' \
     >> "$WORK/$1.log" 2>&1 || { note "$1: todi_ext does not load, see $1.log"; failed+=("$1-load"); return 1; }
 }
 installed=
 if ls .whl/todi_ext-*.whl > /dev/null 2>&1; then
   stage install 120 "$PY" -m pip install --no-index --no-deps --force-reinstall .whl/todi_ext-*.whl \
-    && loads install && installed="the wheel built elsewhere"
+    && loads install && installed="the wheel built elsewhere" && log=install
 fi
 if [ -z "$installed" ]; then
-  stage build 300 "$PY" -m pip install -v --no-build-isolation --no-deps . && loads build && installed="source"
+  stage build 300 "$PY" -m pip install -v --no-build-isolation --no-deps . && loads build && installed="source" \
+    && log=build
 fi
 if [ -z "$installed" ]; then
   pack
   echo "BUILD FAILED"
   exit 1
 fi
-note "todi_ext from $installed: $("$PY" -c 'import todi_ext; print(todi_ext.build_info())')"
+note "todi_ext from $installed: $(tail -1 "$WORK/$log.log")"
 pack
 
 # 1. The CUDA tests (the vocab-parallel and fused-linear ones included) and the build tests, then
@@ -101,7 +108,7 @@ pack
 # (extra passes).
 stage tests "${GPU_CHECK_TESTS_S:-180}" "$PY" -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py tests/test_build.py \
   tests/test_fused_linear_cuda.py
-grep -E "passed|failed" "$WORK/tests.log" | tail -1 >> "$WORK/summary.txt"; pack
+tally tests
 cat > "$WORK/sanitize_cases.py" <<'PYEOF'
 import sys, torch, todi_ext
 cases = [((7, 1000), torch.float32, torch.float32), ((5, 3001), torch.bfloat16, torch.bfloat16),
@@ -128,13 +135,10 @@ stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" "$W
 stage bench "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 float32 \
   --out "$WORK/bench" --repeats "${GPU_CHECK_REPEATS:-10}" --impl todi_ext eager compile liger_jsd \
   --shapes 8192x32000 8192x128256 8192x262144
-[ -f "$WORK/bench/bench-cuda.md" ] && cp "$WORK/bench/bench-cuda.md" "$OUT/" && cat "$WORK/bench/bench-cuda.md" >> "$WORK/summary.txt"
-pack
+tables "$WORK/bench/bench-cuda.md"
 stage bench-kernels "${GPU_CHECK_BENCH_S:-240}" "$PY" benchmarks/bench_kernels.py --out "$WORK/bench-kernels" \
   --repeats "${GPU_CHECK_REPEATS:-10}"
-[ -f "$WORK/bench-kernels/kernels-cuda.md" ] && cp "$WORK/bench-kernels/kernels-cuda.md" "$OUT/" && \
-  cat "$WORK/bench-kernels/kernels-cuda.md" >> "$WORK/summary.txt"
-pack
+tables "$WORK/bench-kernels/kernels-cuda.md"
 if [ "${GPU_CHECK_DIVERGENCES:-1}" = 1 ]; then
   stage divergences "${GPU_CHECK_DIVERGENCES_S:-120}" "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 \
     --out "$WORK/divergences" --no-plots --repeats 5 --impl todi_ext eager --shapes 8192x128256 \
@@ -145,8 +149,7 @@ fi
 # the materialised path and Liger's chunked LigerFusedLinearJSDLoss.
 stage fused-linear "${GPU_CHECK_FUSED_LINEAR_S:-180}" "$PY" benchmarks/bench_fused_linear.py --device cuda \
   --out "$WORK/fused-linear" --repeats 5
-[ -f "$WORK/fused-linear/fused-linear-cuda.md" ] && cat "$WORK/fused-linear/fused-linear-cuda.md" >> "$WORK/summary.txt"
-pack
+tables "$WORK/fused-linear/fused-linear-cuda.md"
 
 # 4. Vocabulary-parallel phases on one NCCL rank, the phased path against the fused kernel on the same
 # rows (its overhead; scaling needs more GPUs; its correctness tests ran in stage 1). Then the trainer
@@ -156,11 +159,11 @@ if [ "${GPU_CHECK_VOCAB_PARALLEL:-1}" = 1 ]; then
     stage "vocab-parallel-$div" "${GPU_CHECK_VOCAB_PARALLEL_S:-90}" "$PY" benchmarks/bench_vocab_parallel.py \
       --device cuda --divergence "$div" --rows 8192 --vocab 128256 --repeats 5 --out "$WORK/vocab-parallel"
   done
-  cat "$WORK"/vocab-parallel/*.md >> "$WORK/summary.txt" 2>/dev/null; pack
+  tables "$WORK"/vocab-parallel/*.md
 fi
 PYTHONPATH=/tmp/site-trainer${PYTHONPATH:+:$PYTHONPATH} stage trainer "${GPU_CHECK_TRAINER_S:-120}" \
   "$PY" -m pytest -q -p no:cacheprovider -rfs tests/test_transformers_trainer.py -k bf16
-grep -E "passed|failed|skipped" "$WORK/trainer.log" | tail -1 >> "$WORK/summary.txt"; pack
+tally trainer
 
 # 5. ncu: one launch of each kernel at N = 2048, bf16 V = 128256 (register rows: aligned rows; streamed:
 # rows one element off). benchmarks/NOTES.md's time model predicts, per entry, ~4 B of DRAM reads (both

@@ -139,7 +139,8 @@ def test_a_bf16_model_is_as_accurate_on_the_fused_path_as_on_the_logits_path(tmp
     for name, exact_value in exact.items():
         scale = float(exact_value.norm())
         fused, logits_path = errors[True][name], errors[False][name]
-        assert fused <= 4 * logits_path + 1e-6 * scale, f"{name}: error {fused:.3e} vs the logits path's {logits_path:.3e}"
+        assert fused <= 4 * logits_path + 1e-6 * scale, (
+            f"{name}: error {fused:.3e} vs the logits path's {logits_path:.3e}")
 
 
 def test_training_changes_the_student_not_the_teacher(tmp_path):
