@@ -261,7 +261,7 @@ class _VocabParallelLoss(torch.autograd.Function):
          hard_label_weight) = params
         rows = student.numel() // student.shape[-1]
         z, s = student.reshape(rows, student.shape[-1]), teacher.reshape(rows, teacher.shape[-1])
-        inv_t = ops.scalar_tensor(1.0 / temperature, z)
+        inv_t = ops.inverse_temperature_tensor(temperature, z)
         beta_t = ops.scalar_tensor(beta, z)
         # (soft, hard) as the gradients op reads them: tensors, so that a schedule is a graph input.
         label_weights = torch.stack([ops.scalar_tensor(soft_label_weight, z), ops.scalar_tensor(hard_label_weight, z)])

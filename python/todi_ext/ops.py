@@ -59,8 +59,8 @@ def distill_forward(
     """
     return torch.ops.todi_ext.distill_forward.default(
         student_logits, teacher_logits, labels, divergence, scalar_tensor(beta, student_logits), skew_lambda, akl_mu,
-        jsd_beta, scalar_tensor(1.0 / temperature, student_logits), ignore_index, reduction, student_grad, teacher_grad,
-        soft_label_weight, hard_label_weight,
+        jsd_beta, inverse_temperature_tensor(temperature, student_logits), ignore_index, reduction, student_grad,
+        teacher_grad, soft_label_weight, hard_label_weight,
     )
 
 
@@ -74,6 +74,16 @@ def scalar_tensor(value, like: Tensor) -> Tensor:
         # (torch.full with it would specialise the graph on its value).
         return torch.zeros((), dtype=torch.float64, device=like.device) + value
     return torch.full((), value, dtype=torch.float64, device=like.device)
+
+
+def inverse_temperature_tensor(temperature, like: Tensor) -> Tensor:
+    """1/T as the op takes it: scalar_tensor of 1.0 / temperature. Under
+    torch.compile the division is the tensor's, not Python's: torch 2.11 and 2.12
+    specialise the graph on a Python quotient of a float input (a recompile
+    for every temperature). Both are one correctly rounded float64 division."""
+    if torch.compiler.is_compiling():
+        return torch.reciprocal(scalar_tensor(temperature, like))
+    return scalar_tensor(1.0 / temperature, like)
 
 
 def scale_grad_(grad: Tensor, scale: Tensor) -> None:
@@ -275,7 +285,7 @@ def fused_linear_distill_forward(
     return torch.ops.todi_ext.fused_linear_distill_forward.default(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
         divergence, scalar_tensor(beta, student_hidden), skew_lambda, akl_mu, jsd_beta,
-        scalar_tensor(1.0 / temperature, student_hidden), ignore_index, reduction, soft_label_weight,
+        inverse_temperature_tensor(temperature, student_hidden), ignore_index, reduction, soft_label_weight,
         hard_label_weight, chunk_size, row_weights, hidden_grad, weight_grad, bias_grad,
     )
 
