@@ -5,6 +5,9 @@ call, checked in C++ on the stable ABI, raises ValueError for every bad
 argument (the stable ABI carries no TypeError). Where each rule is checked:
 python/todi_ext/_validation.py."""
 
+import fractions
+
+import numpy
 import pytest
 import torch
 
@@ -42,6 +45,11 @@ CASES = [
     ("nan temperature", lambda s, t: dict(temperature=float("nan")), ValueError, "temperature must be finite"),
     ("infinite beta", lambda s, t: dict(beta=float("inf")), ValueError, "beta must be finite"),
     ("nan beta", lambda s, t: dict(beta=float("nan")), ValueError, "beta must be finite"),
+    ("beta past float32", lambda s, t: dict(beta=1e39), ValueError, "beta must be finite and within float32's range"),
+    ("temperature past float64", lambda s, t: dict(temperature=10**400), ValueError, "temperature must be finite"),
+    ("sparse student", lambda s, t: dict(student_logits=s.to_sparse()), TypeError, "student_logits must be a dense"),
+    ("sparse labels", lambda s, t: dict(labels=torch.zeros(4, dtype=torch.long).to_sparse()), TypeError,
+     "labels must be a dense"),
     ("tensor beta", lambda s, t: dict(beta=torch.tensor(1.0)), TypeError, "beta must be a real number"),
     ("unknown reduction", lambda s, t: dict(reduction="avg"), ValueError, "reduction must be one of"),
     ("float ignore_index", lambda s, t: dict(ignore_index=-100.0), TypeError, "ignore_index must be an int"),
@@ -98,6 +106,8 @@ def test_module_checks_its_arguments_at_construction():
         ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", torch.tensor(1.0), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), ValueError, "beta must be a 0-dim float64 tensor"),
         ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(float("nan")), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), ValueError, "beta must be finite"),
         ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(-2.0), -100, "mean", False, False), ValueError, r"inv_temperature \(1 / T\) must be finite and > 0"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(1e39), 0.1, 0.5, 0.5, _s(1.0), -100, "mean", False, False), ValueError, "beta must be finite and within float32's range"),
+        ((make_logits((3, 8)), make_logits((3, 8)), None, "todi", _s(1.0), 0.1, 0.5, 0.5, _s(1e-50), -100, "mean", False, False), ValueError, r"inv_temperature \(1 / T\) must be .* a normal float32"),
     ],
 )
 def test_direct_op_calls_are_checked_in_cpp(args, exc, fragment):
@@ -183,6 +193,60 @@ def test_scale_grad_checks_its_arguments():
         torch.ops.todi_ext.scale_grad_(make_logits((3, 8)), torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match="unit stride"):
         torch.ops.todi_ext.scale_grad_(make_logits((8, 3)).t(), torch.ones(3))
+
+
+def test_scale_grad_in_place_refuses_a_grad_whose_entries_share_memory():
+    # Scaled in place, a shared entry would be multiplied once per alias.
+    for grad in (torch.ones(1, 7).expand(4, 7), torch.ones(10).as_strided((4, 7), (1, 1))):
+        with pytest.raises(ValueError, match="grad must not have entries that share memory"):
+            torch.ops.todi_ext.scale_grad_(grad, torch.tensor(2.0))
+        out = torch.ops.todi_ext.scale_grad(grad, torch.tensor([2.0, 3.0, 5.0, 7.0]))  # a new tensor: fine
+        torch.testing.assert_close(out, grad * torch.tensor([2.0, 3.0, 5.0, 7.0]).unsqueeze(-1), rtol=0, atol=0)
+    # Distinct entries in another order than row-major are scaled as usual.
+    base = make_logits((3, 4, 7))
+    grad = base.clone().transpose(0, 1)
+    torch.ops.todi_ext.scale_grad_(grad, torch.tensor(2.0))
+    torch.testing.assert_close(grad, 2.0 * base.transpose(0, 1), rtol=0, atol=0)
+
+
+def _distill_args(**changes):
+    args = dict(student_logits=make_logits((3, 8)), teacher_logits=make_logits((3, 8), seed=1), labels=None,
+                divergence="todi", beta=_s(1.0), skew_lambda=0.1, akl_mu=0.5, jsd_beta=0.5, inv_temperature=_s(1.0),
+                ignore_index=-100, reduction="none", student_grad=True, teacher_grad=False)
+    return {**args, **changes}
+
+
+META_BESIDE_CPU = [
+    # (description, op call, message): a meta tensor sends the call to the op's fake.
+    ("beta", lambda: torch.ops.todi_ext.distill_forward(**_distill_args(beta=_s(1.0).to("meta"))),
+     "beta is on meta but student_logits is on cpu"),
+    ("inv_temperature", lambda: torch.ops.todi_ext.distill_forward(**_distill_args(inv_temperature=_s(1.0).to("meta"))),
+     "inv_temperature is on meta but student_logits is on cpu"),
+    ("scale, in place", lambda: torch.ops.todi_ext.scale_grad_(make_logits((3, 8)), torch.tensor(2.0, device="meta")),
+     "scale is on meta but grad is on cpu"),
+    ("scale", lambda: torch.ops.todi_ext.scale_grad(make_logits((3, 8)), torch.tensor(2.0, device="meta")),
+     "scale is on meta but grad is on cpu"),
+    ("vocab-parallel inv_temperature",
+     lambda: torch.ops.todi_ext.vocab_parallel_row_stats(make_logits((3, 8)), make_logits((3, 8)), None,
+                                                         _s(1.0).to("meta"), -100, False),
+     "inv_temperature is on meta but student_logits is on cpu"),
+]
+
+
+@pytest.mark.parametrize("case", META_BESIDE_CPU, ids=[c[0] for c in META_BESIDE_CPU])
+def test_a_meta_tensor_beside_cpu_tensors_is_refused(case):
+    # Once returned uninitialised CPU tensors (a loss of 1e10) or left the grad unscaled.
+    _, call, message = case
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_scalars_of_any_real_type_give_the_same_loss():
+    student, teacher = _inputs()
+    expected = todi_ext.todi_loss(student, teacher, beta=0.5, temperature=2.0)
+    for beta, temperature in ((fractions.Fraction(1, 2), fractions.Fraction(2)), (numpy.float32(0.5), numpy.int64(2))):
+        got = todi_ext.todi_loss(student, teacher, beta=beta, temperature=temperature)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_module_arguments_are_keyword_only():

@@ -163,6 +163,14 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+def test_a_hidden_size_of_zero_gives_the_loss_of_the_biases():
+    # h @ W.T of H = 0 is all zeros: every row's logits are the (random)
+    # bias; the bias gradient is the one that is not empty.
+    problem = make_problem(lead=(2, 3), hs=0, ht=0, seed=80)
+    for reduction in ("mean", "none"):
+        assert_matches_oracle(problem, torch.float32, reduction, hard_label_weight=0.5, soft_label_weight=0.5)
+
+
 def test_bad_inputs_name_what_is_wrong():
     hidden, weight, bias, th, tw, tb, labels = make_problem(seed=90)
     f = todi_ext.fused_linear_distill_loss
@@ -191,6 +199,12 @@ def test_bad_inputs_name_what_is_wrong():
         f(hidden, weight, th, tw, labels, chunk_size=2.0)
     with pytest.raises(ValueError, match=r"labels must have shape \(3, 5\) \(student_hidden without its last"):
         f(hidden, weight, th, tw, labels[0])
+    with pytest.raises(ValueError, match="chunk_size must be below 2\\*\\*63"):
+        f(hidden, weight, th, tw, labels, chunk_size=2**70)
+    with pytest.raises(ValueError, match=r"student_weight must have shape \(V, 24\)"):  # V = 0, chunk_size chosen
+        f(hidden, weight[:0], th, tw[:0], None)
+    with pytest.raises(TypeError, match="student_hidden must be a dense"):
+        f(hidden.to_sparse(), weight, th, tw, labels)
     # A direct op call gets the op's own checks, which name the argument too.
     args = [hidden.reshape(15, 24), weight, None, th.reshape(15, 40), tw[:699], None, None, "todi", _s(1.0), 0.1,
             0.5, 0.5, _s(1.0), -100, "mean", 1.0, 0.0, 4, None, False, False, False]

@@ -7,8 +7,10 @@
 #include <cmath>
 #include <cstdint>
 #include <iterator>
+#include <limits>
 #include <string>
 #include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -223,8 +225,14 @@ void check_scalar_values(const Tensor& beta, const Tensor& inv_temperature) {
   if (!beta.is_cpu()) return;
   const double b = *beta.const_data_ptr<double>();
   const double inv_t = *inv_temperature.const_data_ptr<double>();
-  TODI_CHECK(std::isfinite(b), "beta must be finite, got ", b);
-  TODI_CHECK(std::isfinite(inv_t) && inv_t > 0, "inv_temperature (1 / T) must be finite and > 0, got ", inv_t);
+  // The kernels compute in float32 (float64 inputs aside; one rule for every
+  // dtype, as the API's): beta and 1/T must be float32 numbers there (an inf
+  // beta makes inf * 0 a NaN; a subnormal 1/T loses digits).
+  constexpr double kFloatMax = std::numeric_limits<float>::max(), kFloatMin = std::numeric_limits<float>::min();
+  TODI_CHECK(std::abs(b) <= kFloatMax,  // false for NaN too
+             "beta must be finite and within float32's range (|beta| <= 3.4e38), got ", b);
+  TODI_CHECK(inv_t >= kFloatMin && inv_t <= kFloatMax,
+             "inv_temperature (1 / T) must be finite and > 0, a normal float32 (1.2e-38 to 3.4e38), got ", inv_t);
 }
 
 math::Divergence parse_divergence(std::string_view name, double skew_lambda, double akl_mu, double jsd_beta,
@@ -369,10 +377,31 @@ void check_scale_grad_args(const Tensor& grad, const Tensor& scale) {
              RowLayout::kMaxDims, " leading dimensions unless it is contiguous, got ", grad.dim() - 1);
 }
 
+// Whether no two entries of x share memory, by a sufficient rule: with the
+// dimensions ordered by stride, each one's stride clears the span of those
+// inside it. It refuses expanded (stride 0) and overlapping as_strided views,
+// which an in-place scale would multiply more than once.
+bool entries_are_distinct(const Tensor& x) {
+  if (x.numel() == 0) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) > 1) dims.emplace_back(x.stride(d), x.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;  // elements from the first entry to one past the last, of the dimensions so far
+  for (const auto& [stride, size] : dims) {
+    if (stride < span) return false;
+    span = stride * (size - 1) + span;
+  }
+  return true;
+}
+
 }  // namespace
 
 ScaleGradCall scale_grad_call(const Tensor& grad, const Tensor& scale, const Tensor* out) {
   check_scale_grad_args(grad, scale);
+  TODI_CHECK(out != nullptr || entries_are_distinct(grad),
+             "grad must not have entries that share memory (an expanded or overlapping view): it is scaled in place");
   ScaleGradCall call;
   // A contiguous grad with more leading dimensions than RowLayout indexes is
   // viewed as (rows, V).

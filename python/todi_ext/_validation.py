@@ -29,9 +29,18 @@ def check_types(student_logits, teacher_logits, labels):
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        check_dense(name, x)
         if x.dtype not in LOGIT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16 (or float64), got {x.dtype}")
     check_label_type(labels)
+
+
+def check_dense(name, x):
+    """A strided tensor: the kernels index rows by strides (a sparse or
+    nested one would reach the dispatcher's "no kernel for SparseCPU")."""
+    if x.layout != torch.strided or x.is_nested:
+        layout = "nested" if x.is_nested else str(x.layout)
+        raise TypeError(f"{name} must be a dense (torch.strided) tensor, got a {layout} tensor")
 
 
 def check_labels_are_a_tensor(labels):
@@ -45,6 +54,8 @@ def _is_integer(dtype):
 
 def check_label_type(labels):
     check_labels_are_a_tensor(labels)
+    if labels is not None:
+        check_dense("labels", labels)
     if labels is not None and not _is_integer(labels.dtype):
         raise TypeError(f"labels must be an integer tensor (e.g. torch.int64), got {labels.dtype}")
 
@@ -71,6 +82,13 @@ def check_ignore_index_fits(labels, ignore_index):
 def _check_real_type(name, value):
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    # An int (or Fraction) past float64's range passes every comparison
+    # below and then fails to convert (OverflowError).
+    if not torch.compiler.is_compiling() and not isinstance(value, float):
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"{name} must be finite, got a {type(value).__name__} too large for a float") from None
 
 
 def _check_finite(name, value):
@@ -83,6 +101,10 @@ def check_scalars(beta, temperature, ignore_index, reduction="mean"):
     """The API's scalars. beta and 1/T reach the op as device tensors, whose
     values it cannot read without a sync; it gets 1/T, not T."""
     _check_finite("beta", beta)
+    # The kernels compute beta * r in float32: a beta past float32's range
+    # would be inf there, and inf * 0 a NaN loss.
+    if not -_FLOAT32_MAX <= beta <= _FLOAT32_MAX:
+        raise ValueError(f"beta must be finite and within float32's range (|beta| <= 3.4e38), got {beta}")
     _check_finite("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -273,6 +295,8 @@ def check_fused_linear_inputs(student_hidden, student_weight, student_bias, teac
         if not isinstance(t, torch.Tensor) and not (t is None and name.endswith("bias")):
             or_none = " or None" if name.endswith("bias") else ""
             raise TypeError(f"{name} must be a torch.Tensor{or_none}, got {type(t).__name__}")
+        if t is not None:
+            check_dense(name, t)
     for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
         if hidden.dim() < 1:
             raise ValueError(f"{name} must have shape (..., H), got {tuple(hidden.shape)}")

@@ -23,7 +23,7 @@ def default_chunk_size(vocab: int, math_dtype: torch.dtype, weight_dtype: torch.
     """Rows per chunk for this call (see CHUNK_MEMORY_BUDGET)."""
     math_bytes = 8 if math_dtype == torch.float64 else 4
     low_precision_copy = 2 if device.type == "cuda" and weight_dtype != math_dtype else 0
-    per_row = vocab * (3 * math_bytes + low_precision_copy)
+    per_row = max(1, vocab) * (3 * math_bytes + low_precision_copy)  # V = 0: the op refuses it
     budget = CHUNK_MEMORY_BUDGET.get(device.type, CHUNK_MEMORY_BUDGET["cpu"])
     return max(1, budget // per_row)
 
@@ -83,14 +83,17 @@ def fused_linear_distill_loss(
         chunk_size = default_chunk_size(student_weight.shape[0], math, student_weight.dtype, student_hidden.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):  # its range: the op's (check_op_args)
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    elif chunk_size >= 2**63:  # the op's int is an int64
+        raise ValueError(f"chunk_size must be below 2**63, got {chunk_size}")
 
+    rows = student_hidden.shape[:-1].numel()  # not reshape(-1, H): H = 0 leaves -1 undefined
     kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
     grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": gradients in backward
     loss, _, _, _ = ops.fused_linear_distill_forward(
-        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_hidden.reshape(rows, student_hidden.shape[-1]),
         student_weight,
         student_bias,
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_hidden.reshape(rows, teacher_hidden.shape[-1]),
         teacher_weight,
         teacher_bias,
         labels.reshape(-1) if labels is not None else None,

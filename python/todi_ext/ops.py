@@ -12,6 +12,7 @@ and CUDA graphs.
 """
 
 import collections
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -28,6 +29,29 @@ def _schema_args(op_name):
     arguments = getattr(torch.ops.todi_ext, op_name).default._schema.arguments
     defaults = [a.default_value for a in arguments if a.has_default_value()]
     return collections.namedtuple(f"{op_name}_args", [a.name for a in arguments], defaults=defaults)
+
+
+def _register_fake(op_name):
+    """torch.library.register_fake for todi_ext::op_name, checking first the
+    op's rule that every tensor argument is on the first one's device. Real
+    tensors reach a fake when one of them is on meta (the Meta key outranks
+    the CPU's), where the op's C++ checks never run: without this, a meta
+    beta beside CPU logits returned uninitialised CPU tensors."""
+    names = [a.name for a in getattr(torch.ops.todi_ext, op_name).default._schema.arguments]
+
+    def register(fake):
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            tensors = [(n, t) for n, t in (*zip(names, args), *kwargs.items()) if isinstance(t, Tensor)]
+            for name, t in tensors[1:]:
+                if t.device != tensors[0][1].device:
+                    raise ValueError(f"{name} is on {t.device} but {tensors[0][0]} is on {tensors[0][1].device}")
+            return fake(*args, **kwargs)
+
+        torch.library.register_fake(f"todi_ext::{op_name}")(checked)
+        return fake
+
+    return register
 
 
 _ForwardArgs = _schema_args("distill_forward")
@@ -73,7 +97,7 @@ def scalar_tensor(value, like: Tensor) -> Tensor:
         # A float input becomes a graph input only through tensor arithmetic
         # (torch.full with it would specialise the graph on its value).
         return torch.zeros((), dtype=torch.float64, device=like.device) + value
-    return torch.full((), value, dtype=torch.float64, device=like.device)
+    return torch.full((), float(value), dtype=torch.float64, device=like.device)  # float(): a Fraction, say
 
 
 def inverse_temperature_tensor(temperature, like: Tensor) -> Tensor:
@@ -91,7 +115,7 @@ def scale_grad_(grad: Tensor, scale: Tensor) -> None:
     torch.ops.todi_ext.scale_grad_.default(grad, scale)
 
 
-@torch.library.register_fake("todi_ext::distill_forward")
+@_register_fake("distill_forward")
 def _distill_forward_fake(
     student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta, inv_temperature,
     ignore_index, reduction, student_grad, teacher_grad, soft_label_weight=1.0, hard_label_weight=0.0,
@@ -114,12 +138,12 @@ def scale_grad(grad: Tensor, scale: Tensor) -> Tensor:
     return torch.ops.todi_ext.scale_grad.default(grad, scale)
 
 
-@torch.library.register_fake("todi_ext::scale_grad_")
+@_register_fake("scale_grad_")
 def _scale_grad_inplace_fake(grad, scale):
     pass
 
 
-@torch.library.register_fake("todi_ext::scale_grad")
+@_register_fake("scale_grad")
 def _scale_grad_fake(grad, scale):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
@@ -139,14 +163,14 @@ def _check_in_cpp(*args):
     torch.ops.todi_ext.check_distill_args.default.redispatch(_CHECK_KERNEL_KEYS, *args)
 
 
-@torch.library.register_fake("todi_ext::check_distill_args")
+@_register_fake("check_distill_args")
 def _check_distill_args_fake(student_logits, teacher_logits, labels, *args):
     # Traced, the check is a node of the graph that runs with the real tensors.
     if not _is_traced(student_logits, teacher_logits, labels):
         _check_in_cpp(student_logits, teacher_logits, labels, *args)
 
 
-@torch.library.register_fake("todi_ext::check_label_range")
+@_register_fake("check_label_range")
 def _check_label_range_fake(labels, vocab, ignore_index):
     pass  # the values are not known while tracing
 
@@ -290,7 +314,7 @@ def fused_linear_distill_forward(
     )
 
 
-@torch.library.register_fake("todi_ext::fused_linear_distill_forward")
+@_register_fake("fused_linear_distill_forward")
 def _fused_linear_fake(*inputs):
     from .fused_linear import check_op_args  # fused_linear imports this module
 
@@ -368,18 +392,18 @@ def _rows(logits):
     return logits.numel() // logits.shape[-1] if logits.shape[-1] else 0
 
 
-@torch.library.register_fake("todi_ext::vocab_parallel_row_stats")
+@_register_fake("vocab_parallel_row_stats")
 def _row_stats_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, with_hard_label_term):
     return student_logits.new_empty((_rows(student_logits), 6), dtype=torch.float64)
 
 
-@torch.library.register_fake("todi_ext::vocab_parallel_partial_sums")
+@_register_fake("vocab_parallel_partial_sums")
 def _partial_sums_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
                        inv_temperature, ignore_index, global_stats, with_hard_label_term, akl_gaps=None):
     return student_logits.new_empty((_rows(student_logits), 4), dtype=torch.float64)
 
 
-@torch.library.register_fake("todi_ext::vocab_parallel_gradients")
+@_register_fake("vocab_parallel_gradients")
 def _gradients_fake(student_logits, teacher_logits, labels, divergence, beta, skew_lambda, akl_mu, jsd_beta,
                     inv_temperature, ignore_index, global_stats, global_sums, grad_scale, label_weights,
                     with_hard_label_term, student_grad, teacher_grad, akl_gaps=None):
@@ -387,12 +411,12 @@ def _gradients_fake(student_logits, teacher_logits, labels, divergence, beta, sk
             teacher_logits.new_empty(teacher_logits.shape if teacher_grad else _EMPTY))
 
 
-@torch.library.register_fake("todi_ext::vocab_parallel_akl_walk")
+@_register_fake("vocab_parallel_akl_walk")
 def _akl_walk_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats, tail_key,
                    remaining_bits):
     return student_logits.new_empty((_rows(student_logits), 15), dtype=torch.float64)
 
 
-@torch.library.register_fake("todi_ext::vocab_parallel_akl_gaps")
+@_register_fake("vocab_parallel_akl_gaps")
 def _akl_gaps_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats, tail_key):
     return student_logits.new_empty((_rows(student_logits), 2), dtype=torch.float64)
