@@ -102,7 +102,7 @@ def scalar_tensor(value, like: Tensor) -> Tensor:
 
 def inverse_temperature_tensor(temperature, like: Tensor) -> Tensor:
     """1/T as the op takes it: scalar_tensor of 1.0 / temperature. Under
-    torch.compile the division is the tensor's, not Python's: torch 2.11 and 2.12
+    torch.compile the division is the tensor's, not Python's: torch 2.10-2.12
     specialise the graph on a Python quotient of a float input (a recompile
     for every temperature). Both are one correctly rounded float64 division."""
     if torch.compiler.is_compiling():
