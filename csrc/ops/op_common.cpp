@@ -382,7 +382,7 @@ void check_scale_grad_args(const Tensor& grad, const Tensor& scale) {
 // inside it. It refuses expanded (stride 0) and overlapping as_strided views,
 // which an in-place scale would multiply more than once.
 bool entries_are_distinct(const Tensor& x) {
-  if (x.numel() == 0) return true;
+  if (x.numel() == 0 || x.is_contiguous()) return true;
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
   for (int64_t d = 0; d < x.dim(); ++d) {
     if (x.size(d) > 1) dims.emplace_back(x.stride(d), x.size(d));
