@@ -182,6 +182,52 @@ def test_checkpoint_has_no_teacher_weights(tmp_path):
     assert all(48 not in t.shape for t in state.values())  # nothing of the teacher's width
 
 
+@pytest.mark.parametrize("fused_linear", [True, False])
+def test_a_batch_with_no_counted_token_leaves_the_weights_finite(tmp_path, fused_linear):
+    # Once 0 / 0: a NaN gradient in every weight, while the logged loss read 0.
+    student, teacher = llama(32, seed=0), llama(48, seed=1)
+    trainer = make_trainer(tmp_path, student, teacher, fused_linear=fused_linear, args=dict(max_steps=1))
+    inputs = batch(4, seed=3)
+    inputs["labels"][:] = -100
+    loss = trainer.compute_loss(student, inputs, num_items_in_batch=torch.tensor(0))
+    loss.backward()
+    assert loss.item() == 0
+    assert all(p.grad is None or not p.grad.any() for p in student.parameters())
+    student.zero_grad()
+    trainer.train_dataset = Rows(inputs)
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_setups_that_cannot_work_are_named(tmp_path):
+    student, teacher = llama(32, seed=0), llama(48, seed=1)
+    with pytest.raises(ValueError, match="teacher_model is the student model itself"):
+        make_trainer(tmp_path, student, student)
+    with pytest.raises(TypeError, match="fused_linear must be a bool, got str"):
+        make_trainer(tmp_path, student, teacher, fused_linear="no")
+    with pytest.raises(ValueError, match=r"label_smoothing_factor must be in \[0, 1\], got 1.5"):
+        make_trainer(tmp_path, student, teacher, args=dict(label_smoothing_factor=1.5))
+    trainer = make_trainer(tmp_path, student, teacher)
+    inputs = batch(2)
+    del inputs["labels"]
+    with pytest.raises(ValueError, match="DistillationTrainer needs labels in every batch"):
+        trainer.compute_loss(student, inputs)
+
+
+def test_the_teacher_runs_in_eval_mode_even_if_switched_back(tmp_path):
+    student, teacher = llama(32, seed=0), llama(48, seed=1)
+    teacher.config.attention_dropout = 0.5
+    for layer in teacher.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    trainer = make_trainer(tmp_path, student, teacher)
+    teacher.train()  # e.g. a callback that trains it elsewhere
+    inputs = batch(2)
+    first = trainer.compute_loss(student, inputs).item()
+    teacher.train()
+    assert trainer.compute_loss(student, inputs).item() == first
+    assert not teacher.training
+
+
 def test_a_teacher_with_another_vocabulary_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"teacher's vocabulary size \(300\) differs from the student's \(211\)"):
         make_trainer(tmp_path, llama(32, seed=0), llama(48, seed=1, vocab=300))

@@ -144,6 +144,11 @@ class DistillationTrainer(Trainer):
                  fused_linear: bool = True, **kwargs):
         if teacher_model is None:
             raise ValueError("DistillationTrainer needs teacher_model")
+        if teacher_model is model:
+            raise ValueError("teacher_model is the student model itself: the teacher is frozen, so nothing would "
+                             "train; pass a separate model (e.g. a copy.deepcopy of it)")
+        if not isinstance(fused_linear, bool):
+            raise TypeError(f"fused_linear must be a bool, got {type(fused_linear).__name__}")
         _validation.check_module_config(divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, -100, "mean",
                                         soft_label_weight, hard_label_weight)
         super().__init__(model=model, args=args, **kwargs)
@@ -159,6 +164,8 @@ class DistillationTrainer(Trainer):
                                 soft_label_weight=soft_label_weight)
         self.fused_linear = fused_linear
         self._logits_wanted = True  # False inside a loss-only prediction_step
+        if not 0 <= self.args.label_smoothing_factor <= 1:
+            raise ValueError(f"label_smoothing_factor must be in [0, 1], got {self.args.label_smoothing_factor}")
         if self.args.label_smoothing_factor != 0 and hard_label_weight == 0:
             raise ValueError(
                 f"label_smoothing_factor={self.args.label_smoothing_factor} smooths the hard-label cross-entropy, "
@@ -251,7 +258,12 @@ class DistillationTrainer(Trainer):
         return self.loss_params["hard_label_weight"] * self.args.label_smoothing_factor * total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("DistillationTrainer needs labels in every batch (unshifted, -100 where ignored), "
+                             "e.g. from DataCollatorForLanguageModeling(tokenizer, mlm=False)")
+        if self.teacher_model.training:  # user code switched it back to train mode (dropout)
+            self.teacher_model.eval()
         shifted = labels[..., 1:]
         reduction = "sum" if num_items_in_batch is not None else "mean"
         use_fused = self.fused_linear and not (return_outputs and self._logits_wanted)
@@ -271,7 +283,11 @@ class DistillationTrainer(Trainer):
                 mean_logit = student_logits.mean(-1, dtype=torch.float32)
                 loss = loss + self._label_smoothing(label_logit, mean_logit, shifted, reduction)
         if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
+            # A batch with no counted token: a zero loss with a zero gradient
+            # (as reduction="mean" gives), not 0 / 0, whose NaN gradient would
+            # reach every weight while the logged loss reads 0.
+            loss = loss / (num_items_in_batch.clamp(min=1) if isinstance(num_items_in_batch, torch.Tensor)
+                           else max(num_items_in_batch, 1))
             if self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every process's tokens and DDP averages the
                 # gradients: undo the average, as Trainer.compute_loss does.
