@@ -241,6 +241,11 @@ def test_a_meta_tensor_beside_cpu_tensors_is_refused(case):
         call()
 
 
+def test_a_divergence_that_is_not_a_str_is_named():
+    with pytest.raises(TypeError, match="divergence must be a str, one of 'todi'.*got list"):
+        todi_ext.distill_loss(*_inputs(), divergence=["todi"])
+
+
 def test_scalars_of_any_real_type_give_the_same_loss():
     student, teacher = _inputs()
     expected = todi_ext.todi_loss(student, teacher, beta=0.5, temperature=2.0)

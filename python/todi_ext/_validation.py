@@ -201,6 +201,9 @@ def check_label_weight_types(soft_label_weight, hard_label_weight):
 def check_divergence(divergence, **params):
     """The API's divergence name, and that only its own parameters differ
     from their defaults (their ranges are the op's rules: check_op_args)."""
+    if not isinstance(divergence, str):
+        raise TypeError(f"divergence must be a str, one of {', '.join(map(repr, DIVERGENCES))}, "
+                        f"got {type(divergence).__name__}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}")
     own = DIVERGENCES[divergence][1]
