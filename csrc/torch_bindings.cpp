@@ -60,6 +60,13 @@ STABLE_TORCH_LIBRARY(todi_ext, m) {
   // The schemas: vocab_parallel_ops.h (the CUDA host-emulation harness
   // registers the same ops under its own namespace).
   for (const char* schema : todi_ext::vocab_parallel::kSchemas) m.def(schema);
+  // The compiled vocabulary-parallel loss's agreement check (Python,
+  // python/todi_ext/distributed.py): value, returned once agree - computed by
+  // every rank from the same gathered table - has been checked (a
+  // RuntimeError with message on the CPU, a device-side assert on CUDA). Its
+  // output feeds the first phase op, so a compiled graph cannot reach the
+  // next collective (whose sizes may differ between ranks) before it.
+  m.def("vocab_parallel_agreement(Tensor agree, Tensor value, str message) -> Tensor");
   // grad *= scale, in place, with float32 (float64) arithmetic: the backward
   // of distill_forward. scale is a scalar (0-dim) or one value per row; rows
   // whose scale is exactly 1 are not touched, so the usual loss.backward()

@@ -125,6 +125,17 @@ def _check_bad_inputs(rank, world):
     # are told (they would otherwise wait for it in the first collective).
     with pytest.raises(ValueError, match="akl_mu must be in" if rank == 1 else r"rank\(s\) \[1\] rejected"):
         td.vocab_parallel_distill_loss(z, s, divergence="akl", akl_mu=1.5 if rank == 1 else 0.5)
+    # With the hard-label term under Inductor, the assert once ran after the next collective: ranks with
+    # different row counts aborted gloo, a divergence mismatch left rank 0 waiting for rank 1.
+    hard = torch.compile(lambda z, s, y, d: td.vocab_parallel_distill_loss(
+        z, s, y, divergence=d, hard_label_weight=0.5, soft_label_weight=0.5), fullgraph=True)
+    with pytest.raises(RuntimeError, match="ranks disagree"):
+        hard(z, s, torch.tensor([1, 2, 3, 4]), "todi" if rank == 0 else "akl")
+    with pytest.raises(RuntimeError, match="ranks disagree"):
+        hard(make_logits((rows, 10)), make_logits((rows, 10), seed=1), torch.arange(rows), "todi")
+    # A rank whose logits are on meta (nothing a collective can send) still tells the others.
+    with pytest.raises((NotImplementedError, ValueError), match="got meta" if rank == 1 else r"rank\(s\) \[1\]"):
+        td.vocab_parallel_distill_loss(z.to("meta") if rank == 1 else z, s.to("meta") if rank == 1 else s)
     with pytest.raises(RuntimeError, match="hard label is outside"):
         torch.compile(td.vocab_parallel_distill_loss, fullgraph=True)(z, s, torch.tensor([1, 2, 3, 10 * world]),
                                                                         hard_label_weight=1.0)
@@ -261,6 +272,16 @@ def test_loss_and_slice_gradients_equal_the_single_process_ones(world, tmp_path)
 @pytest.mark.slow
 def test_bad_inputs_fail_on_every_rank_without_hanging(tmp_path):
     _spawn(2, tmp_path, "bad")
+
+
+def test_the_agreement_op_passes_opcheck_and_raises_on_disagreement():
+    op = torch.ops.todi_ext.vocab_parallel_agreement.default
+    value = torch.tensor(0.5, dtype=torch.float64)
+    torch.library.opcheck(op, (torch.tensor(True), value, "ranks disagree"))
+    out = op(torch.tensor(True), value, "ranks disagree")
+    assert out.item() == 0.5 and out.data_ptr() != value.data_ptr()  # a new tensor: no alias of an input
+    with pytest.raises(RuntimeError, match="ranks disagree here"):
+        op(torch.tensor(False), value, "ranks disagree here")
 
 
 def test_phase_ops_pass_opcheck_and_check_their_tables():

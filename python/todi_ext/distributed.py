@@ -114,7 +114,9 @@ def _float_bits(values, like: Tensor) -> Tensor:
 def _report_bad_input(student, group):
     """This rank's inputs failed validation: its part of the agreement
     all-gather, flagged, so the other ranks raise instead of waiting."""
-    device = student.device if isinstance(student, Tensor) else torch.device("cpu")
+    device = student.device if isinstance(student, Tensor) else None
+    if device is None or device.type not in ("cpu", "cuda"):  # e.g. meta: nothing a collective can send
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     meta = torch.zeros(_META_SIZE, dtype=torch.int64, device=device)
     meta[_BAD_INPUT] = 1
     fc.wait_tensor(_all_gather(meta, group))  # nobody reads it here: wait, so the collective completes
@@ -130,9 +132,23 @@ def _describe(name, column: Tensor):
     return values
 
 
-def _check_ranks_agree(student, teacher, labels, divergence, reduction, ignore_index, scalars, group):
+def _agreement(agree: Tensor, value: Tensor, message: str) -> Tensor:
+    """todi_ext::vocab_parallel_agreement's kernel (CPU and CUDA)."""
+    if agree.device.type == "cpu":
+        if not bool(agree):
+            raise RuntimeError(message)
+    else:
+        torch._assert_async(agree, message)
+    return value.clone()
+
+
+torch.library.impl("todi_ext::vocab_parallel_agreement", ["cpu", "cuda"], _agreement)
+
+
+def _check_ranks_agree(student, teacher, labels, divergence, reduction, ignore_index, scalars, inv_t, group):
     """Step 0: gathers what every rank must agree on; returns the slice sizes
-    (a tensor, one per rank). scalars: the _FLOAT_META values, in order."""
+    (a tensor, one per rank) and inv_t, which compiled carries the check to
+    the first phase op. scalars: the _FLOAT_META values, in order."""
     rows = student.numel() // student.shape[-1]
     device = student.device  # NCCL gathers device tensors only
     ints = torch.tensor([rows, student.shape[-1], _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype],
@@ -147,15 +163,17 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, ignore_i
         # The table cannot be read on the host inside a graph: a mismatch
         # fails an assert instead (every rank holds the same table, so every
         # rank raises; on CUDA it is a device-side assert). Likewise a
-        # hard label outside the whole vocabulary.
+        # hard label outside the whole vocabulary. The assert is an op whose
+        # output (1/T) the first phase op reads: a separate _assert_async
+        # ran after the next collective under Inductor, where ranks with
+        # different row counts crashed gloo or waited on each other.
         same = torch.cat([table[:, :1], table[:, 2:]], dim=1)  # slices may differ in size
         ok = (same == same[:1]).all()
         if labels is not None and hard_label_weight != 0:
             flat = labels.reshape(-1).to(torch.int64)
             in_range = (flat >= 0) & (flat < table[:, 1].sum())
             ok = ok & ((flat == ignore_index) | in_range).all()
-        torch._assert_async(ok, _COMPILED_MISMATCH)
-        return table[:, 1]
+        return table[:, 1], torch.ops.todi_ext.vocab_parallel_agreement(ok, inv_t, _COMPILED_MISMATCH)
     rows_of_table = table.tolist()  # one device-to-host copy
     bad = [r for r, row in enumerate(rows_of_table) if row[_BAD_INPUT]]
     if bad:
@@ -170,7 +188,7 @@ def _check_ranks_agree(student, teacher, labels, divergence, reduction, ignore_i
                 "every rank must pass the same rows, dtypes, divergence and its parameters, reduction, "
                 "ignore_index, label weights and (global) labels"
             )
-    return table[:, 1]
+    return table[:, 1], inv_t
 
 
 def merge_row_stats(stats: Tensor) -> Tensor:
@@ -256,12 +274,10 @@ def _from_dtensors(student, teacher, labels, group):
 
 class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels_local, ignored, params, group):
-        (divergence, beta, skew_lambda, akl_mu, jsd_beta, temperature, reduction, soft_label_weight,
-         hard_label_weight) = params
+    def forward(ctx, student, teacher, labels_local, ignored, inv_t, params, group):
+        divergence, beta, skew_lambda, akl_mu, jsd_beta, reduction, soft_label_weight, hard_label_weight = params
         rows = student.numel() // student.shape[-1]
         z, s = student.reshape(rows, student.shape[-1]), teacher.reshape(rows, teacher.shape[-1])
-        inv_t = ops.inverse_temperature_tensor(temperature, z)
         beta_t = ops.scalar_tensor(beta, z)
         # (soft, hard) as the gradients op reads them: tensors, so that a schedule is a graph input.
         label_weights = torch.stack([ops.scalar_tensor(soft_label_weight, z), ops.scalar_tensor(hard_label_weight, z)])
@@ -315,7 +331,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         if grad_loss.dim() > 0:
             grad_loss = grad_loss.reshape(saved[0].shape[:-1] if wanted[0] else saved[1].shape[:-1])
         grads = ops.scaled_saved_gradients(saved, grad_loss, wanted)
-        return grads[0], grads[1], None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None
 
 
 def vocab_parallel_distill_loss(
@@ -370,9 +386,10 @@ def vocab_parallel_distill_loss(
         # all-gather: join it with a flag, so that they raise too.
         _report_bad_input(student_logits, group)
         raise
-    slices = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction, ignore_index,
-                                (temperature, beta, skew_lambda, akl_mu, jsd_beta, soft_label_weight,
-                                 hard_label_weight), group)
+    slices, inv_t = _check_ranks_agree(student_logits, teacher_logits, labels, divergence, reduction, ignore_index,
+                                       (temperature, beta, skew_lambda, akl_mu, jsd_beta, soft_label_weight,
+                                        hard_label_weight), ops.inverse_temperature_tensor(temperature, student_logits),
+                                       group)
     rank = dist.get_rank(group)
     local_vocab = student_logits.shape[-1]
     labels_local = ignored = None
@@ -388,8 +405,8 @@ def vocab_parallel_distill_loss(
         labels_local = torch.where(ignored, torch.full_like(local, _LOCAL_IGNORE),
                                    torch.where(here, local, torch.full_like(local, local_vocab)))
     kernel_divergence, kernel_jsd_beta = _validation.kernel_divergence(divergence, jsd_beta)
-    # temperature, beta and the label weights go on as given (under torch.compile:
+    # beta and the label weights go on as given (under torch.compile:
     # symbolic), so that the ops' tensors made from them are graph inputs.
-    params = (kernel_divergence, beta, float(skew_lambda), float(akl_mu), kernel_jsd_beta, temperature,
-              reduction, soft_label_weight, hard_label_weight)
-    return _VocabParallelLoss.apply(student_logits, teacher_logits, labels_local, ignored, params, group)
+    params = (kernel_divergence, beta, float(skew_lambda), float(akl_mu), kernel_jsd_beta, reduction,
+              soft_label_weight, hard_label_weight)
+    return _VocabParallelLoss.apply(student_logits, teacher_logits, labels_local, ignored, inv_t, params, group)

@@ -417,6 +417,11 @@ def _akl_walk_fake(student_logits, teacher_logits, labels, inv_temperature, igno
     return student_logits.new_empty((_rows(student_logits), 15), dtype=torch.float64)
 
 
+@_register_fake("vocab_parallel_agreement")
+def _agreement_fake(agree, value, message):
+    return torch.empty_like(value)
+
+
 @_register_fake("vocab_parallel_akl_gaps")
 def _akl_gaps_fake(student_logits, teacher_logits, labels, inv_temperature, ignore_index, global_stats, tail_key):
     return student_logits.new_empty((_rows(student_logits), 2), dtype=torch.float64)
