@@ -27,10 +27,10 @@ build_wheel() {  # build_wheel DIR [pip wheel options]
 }
 build_wheel dist/releases/default
 wheel_cuda=$(.venv/bin/python - "$(wheel_of dist/releases/default)" <<'EOF'
-import re, sys, zipfile
+import ast, re, sys, zipfile
 config = zipfile.ZipFile(sys.argv[1]).read("todi_ext/_build_config.py").decode()
-version = re.search(r"^CUDA_VERSION = (.*)$", config, re.M).group(1)
-print(eval(version).split(".")[0] if eval(version) else "")
+version = ast.literal_eval(re.search(r"^CUDA_VERSION = (.*)$", config, re.M).group(1))  # "13.0.88" or None
+print(version.split(".")[0] if version else "")
 EOF
 )
 

@@ -54,9 +54,10 @@ def _is_integer(dtype):
 
 def check_label_type(labels):
     check_labels_are_a_tensor(labels)
-    if labels is not None:
-        check_dense("labels", labels)
-    if labels is not None and not _is_integer(labels.dtype):
+    if labels is None:
+        return
+    check_dense("labels", labels)
+    if not _is_integer(labels.dtype):
         raise TypeError(f"labels must be an integer tensor (e.g. torch.int64), got {labels.dtype}")
 
 
